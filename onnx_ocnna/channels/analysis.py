@@ -1,0 +1,252 @@
+"""Channel-group analysis: walk the graph once, let each operator's handler say how channels
+flow and tie, then gather producers whose channels are tied into groups (SPEC section 1)."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_ocnna.channels.context import AnalysisContext, KeepFn
+from onnx_ocnna.channels.registry import handler_for
+
+# Ops a filter's activation is followed through before it is measured (SPEC section 1).
+_CHAIN_OPS = {
+    "BatchNormalization", "InstanceNormalization", "Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish",
+    "Elu", "Selu", "Celu", "Gelu", "Mish", "Softplus", "Tanh", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "GlobalMaxPool", "LpPool", "Pad", "Dropout", "Identity", "Cast",
+}
+_GATES = {"Sigmoid", "HardSigmoid"}
+
+
+@dataclass
+class ChannelGroup:
+    """Producer output channels that must be removed together.
+
+    Attributes:
+        id: index of the group in the analysis.
+        members: names of the producer nodes (Conv), the anchor (the member that shows every
+            channel) first, then in graph order.
+        channels: number of removable channels (equivalence classes) of the group.
+        member_channels: member -> group channel index of each of its output channels, [C_m].
+        frozen: per group channel, the reason it cannot be removed ("" when it can), [channels].
+        measured: member -> name of the tensor its activation is measured on.
+        roots: class representative of each group channel, [channels].
+    """
+
+    id: int
+    members: list[str]
+    channels: int
+    member_channels: dict[str, np.ndarray]
+    frozen: list[str]
+    measured: dict[str, str]
+    roots: np.ndarray
+
+    @property
+    def prunable(self) -> bool:
+        return any(not reason for reason in self.frozen)
+
+    @property
+    def frozen_reason(self) -> str:
+        """The reason shared by the frozen channels, or ''."""
+        reasons = [r for r in self.frozen if r]
+        return reasons[0] if reasons else ""
+
+    def removable(self) -> np.ndarray:
+        """Indices of the channels that may be removed, [n]."""
+        return np.array([i for i, r in enumerate(self.frozen) if not r], dtype=np.int64)
+
+
+@dataclass
+class ChannelAnalysis:
+    """The result of analysing one model: its graph, channel layouts, edits and groups."""
+
+    graph: gs.Graph
+    context: AnalysisContext
+    groups: list[ChannelGroup]
+    opset: int
+    _member_group: dict[str, int] = field(default_factory=dict)
+
+    def group_of(self, member: str) -> ChannelGroup | None:
+        index = self._member_group.get(member)
+        return None if index is None else self.groups[index]
+
+    def keep_fn(self, removed: dict[int, np.ndarray]) -> KeepFn:
+        """The keep mask for element ids once ``removed`` (group id -> channel indices) is applied."""
+        dropped = set()
+        for gid, channels in removed.items():
+            dropped.update(int(r) for r in self.groups[gid].roots[np.asarray(channels, dtype=np.int64)])
+        space = self.context.space
+
+        def keep(ids: np.ndarray) -> np.ndarray:
+            return np.array([space.find(int(i)) not in dropped for i in np.ravel(ids)], dtype=bool)
+
+        return keep
+
+    def excluded(self, patterns: list[str]) -> set[int]:
+        """Ids of groups with a member node or member weight matching one of the glob patterns."""
+        hits = set()
+        nodes = {n.name: n for n in self.graph.nodes}
+        for group in self.groups:
+            names = []
+            for member in group.members:
+                names.append(member)
+                names.extend(t.name for t in nodes[member].inputs[1:] if t.name)
+            if any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns):
+                hits.add(group.id)
+        return hits
+
+
+def prepare_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Constant-fold and shape-infer a model into a graph-surgeon graph in topological order.
+
+    Folding turns exporter-built constant subgraphs (the Pad amounts of option-A shortcuts,
+    Reshape targets) into constants the handlers can read and rewrite.
+    """
+    graph = gs.import_onnx(_infer(model))
+    try:
+        graph.fold_constants(size_threshold=16 * 1024 * 1024, error_ok=True)
+    except Exception:  # folding is an optimisation; analysis still works without it
+        pass
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+    _restore_model_fields(exported, model)
+    graph = gs.import_onnx(_infer(exported))
+    return graph
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    cleared = onnx.ModelProto()
+    cleared.CopyFrom(model)
+    del cleared.graph.value_info[:]
+    try:
+        return onnx.shape_inference.infer_shapes(cleared, data_prop=True)
+    except Exception:
+        return onnx.shape_inference.infer_shapes(cleared)
+
+
+def _restore_model_fields(target: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    target.ir_version = source.ir_version
+    target.producer_name = source.producer_name
+    target.producer_version = source.producer_version
+    del target.opset_import[:]
+    target.opset_import.extend(source.opset_import)
+    del target.metadata_props[:]
+    target.metadata_props.extend(source.metadata_props)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 1
+
+
+def analyse(model: onnx.ModelProto, graph: gs.Graph | None = None) -> ChannelAnalysis:
+    """Find the channel groups of ``model``.
+
+    Args:
+        model: the ONNX model (used for its opset and as the source of ``graph``).
+        graph: a graph from :func:`prepare_graph` (built here when omitted). Surgery edits
+            this graph's nodes, so analyse a fresh graph for each rewrite.
+    """
+    graph = graph if graph is not None else prepare_graph(model)
+    opset = default_opset(model)
+    ctx = AnalysisContext(graph=graph, opset=opset)
+    for node in graph.nodes:
+        handler_for(node)(ctx, node)
+        for subgraph_attr in node.attrs.values():
+            if isinstance(subgraph_attr, gs.Graph):
+                ctx.opaque(node, f"{node.op} '{node.name}' has a subgraph")
+    for output in graph.outputs:
+        ctx.freeze_layout(ctx.layout(output), f"reaches the graph output '{output.name}'")
+    groups, member_group = _build_groups(ctx)
+    return ChannelAnalysis(graph=graph, context=ctx, groups=groups, opset=opset, _member_group=member_group)
+
+
+def _build_groups(ctx: AnalysisContext) -> tuple[list[ChannelGroup], dict[str, int]]:
+    space = ctx.space
+    producer_roots = [space.roots(p.ids) for p in ctx.producers]
+    # Producers sharing any class belong to one group: union-find over producer indices.
+    parent = list(range(len(ctx.producers)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_owner: dict[int, int] = {}
+    for index, roots in enumerate(producer_roots):
+        for root in np.unique(roots).tolist():
+            if root in first_owner:
+                a, b = find(first_owner[root]), find(index)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                first_owner[root] = index
+
+    components: dict[int, list[int]] = {}
+    for index in range(len(ctx.producers)):
+        components.setdefault(find(index), []).append(index)
+
+    groups: list[ChannelGroup] = []
+    member_group: dict[str, int] = {}
+    for indices in components.values():
+        anchor = max(indices, key=lambda i: (len(np.unique(producer_roots[i])), -i))
+        ordered = [anchor] + [i for i in indices if i != anchor]
+        order: dict[int, int] = {}
+        for i in ordered:
+            for root in producer_roots[i].tolist():
+                order.setdefault(root, len(order))
+        roots = np.array(list(order), dtype=np.int64)
+        members = [ctx.producers[i].node.name for i in ordered]
+        group = ChannelGroup(
+            id=len(groups),
+            members=members,
+            channels=len(roots),
+            member_channels={ctx.producers[i].node.name: np.array([order[r] for r in producer_roots[i].tolist()])
+                             for i in ordered},
+            frozen=[space.frozen_reason(int(r)) or "" for r in roots],
+            measured={ctx.producers[i].node.name: measured_tensor(ctx, ctx.producers[i].node).name for i in ordered},
+            roots=roots,
+        )
+        for name in members:
+            member_group[name] = group.id
+        groups.append(group)
+    return groups, member_group
+
+
+def measured_tensor(ctx: AnalysisContext, producer: gs.Node) -> gs.Tensor:
+    """The end of the channel-preserving chain after ``producer``: the tensor its consumers read."""
+    tensor = producer.outputs[0]
+    graph_outputs = {t.name for t in ctx.graph.outputs}
+    while tensor.name not in graph_outputs:
+        consumers = list(tensor.outputs)
+        if len(consumers) == 1 and consumers[0].op in _CHAIN_OPS and consumers[0].inputs[0] is tensor:
+            nxt = consumers[0].outputs[0]
+        elif len(consumers) == 2 and _self_gate(tensor, consumers) is not None:
+            nxt = _self_gate(tensor, consumers)
+        else:
+            break
+        if ctx.layout(nxt) is None or ctx.layout(nxt).axis != 1:
+            break
+        tensor = nxt
+    return tensor
+
+
+def _self_gate(tensor: gs.Tensor, consumers: list[gs.Node]) -> gs.Tensor | None:
+    """x * sigmoid(x) (SiLU) or x * hardsigmoid(x) (HardSwish) built from two nodes."""
+    gates = [n for n in consumers if n.op in _GATES]
+    muls = [n for n in consumers if n.op == "Mul"]
+    if len(gates) != 1 or len(muls) != 1:
+        return None
+    gate, mul = gates[0], muls[0]
+    if {t.name for t in mul.inputs} != {tensor.name, gate.outputs[0].name}:
+        return None
+    if len(gate.outputs[0].outputs) != 1:
+        return None
+    return mul.outputs[0]

@@ -1,0 +1,292 @@
+"""Handlers for operators that move, merge or read the channel axis: Transpose, Flatten,
+Reshape, Squeeze/Unsqueeze, reductions, Softmax, Resize, Shape."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnx_ocnna.channels.context import AnalysisContext, RewriteInput, describe
+from onnx_ocnna.channels.ops_elementwise import ints_from
+from onnx_ocnna.channels.space import Layout
+
+
+def transpose(ctx: AnalysisContext, node: gs.Node) -> None:
+    layout = ctx.layout(node.inputs[0])
+    if layout is None:
+        return
+    perm = node.attrs.get("perm")
+    perm = list(perm) if perm is not None else list(reversed(range(layout.rank)))
+    ctx.set_layout(node.outputs[0], Layout(perm.index(layout.axis), layout.rank, layout.ids))
+
+
+def _merged_layout(layout: Layout, dims: list, start: int, stop: int) -> np.ndarray | None:
+    """Element ids along one axis made by merging input axes [start, stop) (C order).
+
+    Every merged axis other than the channel axis must be static; each channel then
+    occupies several positions (Flatten before Gemm: channel x spatial positions).
+    """
+    merged = dims[start:stop]
+    if any(not isinstance(d, int) for i, d in enumerate(merged) if start + i != layout.axis):
+        return None
+    shape = [1] * len(merged)
+    shape[layout.axis - start] = layout.size
+    full = [layout.size if start + i == layout.axis else d for i, d in enumerate(merged)]
+    return np.broadcast_to(layout.ids.reshape(shape), full).reshape(-1)
+
+
+def flatten(ctx: AnalysisContext, node: gs.Node) -> None:
+    layout = ctx.layout(node.inputs[0])
+    if layout is None:
+        return
+    dims = ctx.shape(node.inputs[0])
+    axis = int(node.attrs.get("axis", 1)) % (layout.rank + 1) if layout.rank else 0
+    if dims is None or layout.axis < axis:
+        ctx.opaque(node, f"{describe(node)} merges the channel axis into the batch axis")
+        return
+    ids = _merged_layout(layout, dims, axis, layout.rank)
+    if ids is None:
+        ctx.opaque(node, f"{describe(node)} flattens channels with dynamic spatial dims")
+        return
+    ctx.set_layout(node.outputs[0], Layout(1, 2, ids))
+
+
+def _static_prod(dims: list) -> int | None:
+    return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def reshape(ctx: AnalysisContext, node: gs.Node) -> None:
+    """Reshape keeps or merges the channel axis; a Reshape that splits it (channel shuffle)
+    is not followed. A shape constant that names the channel count is rewritten."""
+    layout = ctx.layout(node.inputs[0])
+    if layout is None:
+        return
+    in_dims, out_dims = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    if in_dims is not None and (out_dims is None or not all(isinstance(d, int) for d in out_dims[1:])):
+        out_dims = _target_dims(ctx, node, in_dims) or out_dims
+    if in_dims is None or out_dims is None:
+        ctx.opaque(node, f"{describe(node)} has tensors of unknown shape")
+        return
+    match = None
+    for start in range(layout.axis, -1, -1):
+        for stop in range(layout.axis + 1, len(in_dims) + 1):
+            merged = _static_prod([layout.size if i == layout.axis else in_dims[i] for i in range(start, stop)])
+            tail = _static_prod(in_dims[stop:])
+            if merged is None or tail is None:
+                continue
+            for b, dim in enumerate(out_dims):
+                if dim == merged and _static_prod(out_dims[b + 1:]) == tail:
+                    match = (start, stop, b)
+                    break
+            if match:
+                break
+        if match:
+            break
+    if match is None:
+        ctx.opaque(node, f"{describe(node)} splits or scatters the channel axis (e.g. a channel shuffle)")
+        return
+    start, stop, b = match
+    ids = _merged_layout(layout, in_dims, start, stop)
+    if ids is None:
+        ctx.opaque(node, f"{describe(node)} merges channels with dynamic dims")
+        return
+    if not _shape_entry_rewritable(ctx, node, b, ids, start == stop - 1 == b):
+        return
+    ctx.set_layout(node.outputs[0], Layout(b, len(out_dims), ids))
+
+
+def _target_entries(ctx: AnalysisContext, node: gs.Node) -> list[int | None] | None:
+    """The Reshape target entry by entry: an int where it is constant, None where it is
+    computed at run time (a Concat of Shape-derived and constant pieces)."""
+    target = ctx.constant(node.inputs[1])
+    if target is not None:
+        return [int(v) for v in target.ravel()]
+    producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+    if producer is None or producer.op != "Concat":
+        return None
+    entries: list[int | None] = []
+    for piece in producer.inputs:
+        piece_shape = ctx.shape(piece)
+        if piece_shape is None or len(piece_shape) != 1 or not isinstance(piece_shape[0], int):
+            return None
+        value = ctx.constant(piece)
+        entries.extend([int(v) for v in value.ravel()] if value is not None else [None] * piece_shape[0])
+    return entries
+
+
+def _target_dims(ctx: AnalysisContext, node: gs.Node, in_dims: list) -> list | None:
+    """Output dims of a Reshape when shape inference left them unknown: 0 copies, -1 takes
+    the static remainder, run-time entries stay symbolic."""
+    entries = _target_entries(ctx, node)
+    if entries is None or int(node.attrs.get("allowzero", 0)):
+        return None
+    dims: list = [in_dims[i] if e == 0 and i < len(in_dims) else e for i, e in enumerate(entries)]
+    if dims.count(-1) == 1:
+        known = [d for d in dims if isinstance(d, int) and d != -1]
+        # The remainder is static only if everything it is divided out of is static.
+        dynamic_in = [d for d in in_dims if not isinstance(d, int)]
+        dynamic_out = [d for d in dims if d is None or not isinstance(d, int)]
+        if len(dynamic_in) == len(dynamic_out) <= 1 and _static_prod([d for d in in_dims if isinstance(d, int)]):
+            total = _static_prod([d for d in in_dims if isinstance(d, int)])
+            dims[dims.index(-1)] = total // max(_static_prod(known) or 1, 1)
+        else:
+            return None
+    return [d if d is not None else f"dyn{i}" for i, d in enumerate(dims)]
+
+
+def _shape_entry_rewritable(ctx: AnalysisContext, node: gs.Node, b: int, ids: np.ndarray, copies: bool) -> bool:
+    """Record how entry ``b`` of the Reshape's target shape changes; False if it cannot."""
+    target = ctx.constant(node.inputs[1])
+    if target is not None:
+        entry = int(target[b])
+        if entry == -1 or (entry == 0 and copies):
+            return True
+        if entry == 0:
+            ctx.opaque(node, f"{describe(node)} copies a dimension that changes meaning")
+            return False
+
+        def value(keep, target=target.copy()):
+            out = target.astype(np.int64)
+            out[b] = int(keep(ids).sum())
+            return out
+
+        ctx.add_edit(RewriteInput(node, 1, value))
+        return True
+    # A shape built at run time (Concat of Shape-derived and constant pieces, as the
+    # TorchScript exporter writes x.view(x.size(0), -1)): find the piece holding entry b.
+    producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+    if producer is not None and producer.op == "Concat":
+        offset = 0
+        for piece in producer.inputs:
+            piece_shape = ctx.shape(piece)
+            if piece_shape is None or len(piece_shape) != 1 or not isinstance(piece_shape[0], int):
+                break
+            if offset <= b < offset + piece_shape[0]:
+                value = ctx.constant(piece)
+                if value is not None and int(value[b - offset]) == -1:
+                    return True
+                break
+            offset += piece_shape[0]
+    ctx.opaque(node, f"{describe(node)} reshapes channels to a shape computed at run time")
+    return False
+
+
+def squeeze_unsqueeze(ctx: AnalysisContext, node: gs.Node) -> None:
+    layout = ctx.layout(node.inputs[0])
+    if layout is None:
+        return
+    out_rank = ctx.rank(node.outputs[0])
+    axes = ints_from(ctx, node, 1, "axes")
+    if out_rank is None:
+        ctx.opaque(node, f"{describe(node)} has an output of unknown rank")
+        return
+    if node.op == "Squeeze":
+        if axes is None:
+            dims = ctx.shape(node.inputs[0])
+            axes = [i for i, d in enumerate(dims or []) if d == 1]
+        axes = [a % layout.rank for a in axes]
+        if layout.axis in axes:
+            ctx.opaque(node, f"{describe(node)} removes the channel axis")
+            return
+        new_axis = layout.axis - sum(a < layout.axis for a in axes)
+    else:
+        if axes is None:
+            ctx.opaque(node, f"{describe(node)} has non-constant axes")
+            return
+        axes = sorted(a % out_rank for a in axes)
+        new_axis = layout.axis
+        for a in axes:
+            if a <= new_axis:
+                new_axis += 1
+    ctx.set_layout(node.outputs[0], Layout(new_axis, out_rank, layout.ids))
+
+
+def reduce(ctx: AnalysisContext, node: gs.Node) -> None:
+    """ReduceMean/Max/Sum/...: fine over other axes, cross-channel over the channel axis."""
+    layout = ctx.layout(node.inputs[0])
+    if layout is None:
+        return
+    axes = ints_from(ctx, node, 1, "axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
+        ctx.opaque(node, f"{describe(node)} has non-constant axes")
+        return
+    if not axes:
+        if int(node.attrs.get("noop_with_empty_axes", 0)):
+            ctx.set_layout(node.outputs[0], layout)
+            return
+        axes = list(range(layout.rank))
+    axes = [a % layout.rank for a in axes]
+    if layout.axis in axes:
+        ctx.opaque(node, f"{describe(node)} reduces over the channel axis")
+        return
+    if int(node.attrs.get("keepdims", 1)):
+        ctx.set_layout(node.outputs[0], layout)
+    else:
+        new_axis = layout.axis - sum(a < layout.axis for a in axes)
+        ctx.set_layout(node.outputs[0], Layout(new_axis, layout.rank - len(axes), layout.ids))
+
+
+def softmax(ctx: AnalysisContext, node: gs.Node) -> None:
+    layout = ctx.layout(node.inputs[0])
+    if layout is None:
+        return
+    axis = int(node.attrs.get("axis", -1 if ctx.opset >= 13 else 1)) % layout.rank
+    cross = layout.axis == axis if ctx.opset >= 13 else layout.axis >= axis
+    if cross:
+        ctx.opaque(node, f"{describe(node)} normalises across channels")
+        return
+    ctx.set_layout(node.outputs[0], layout)
+
+
+def resize(ctx: AnalysisContext, node: gs.Node) -> None:
+    """Resize/Upsample: spatial scaling passes channels through if the channel scale is 1."""
+    layout = ctx.layout(node.inputs[0])
+    if layout is None:
+        return
+    for index in range(1, len(node.inputs)):
+        tensor = node.inputs[index]
+        if not tensor.name:
+            continue
+        value = ctx.constant(tensor)
+        if value is None:
+            ctx.opaque(node, f"{describe(node)} has non-constant scales or sizes")
+            return
+        value = np.asarray(value).ravel()
+        if value.size == layout.rank and value.dtype.kind == "f" and value[layout.axis] != 1:
+            ctx.opaque(node, f"{describe(node)} scales the channel axis")
+            return
+        if value.size == layout.rank and value.dtype.kind == "i":
+            ctx.opaque(node, f"{describe(node)} names output sizes including the channel count")
+            return
+    ctx.set_layout(node.outputs[0], layout)
+
+
+def shape(ctx: AnalysisContext, node: gs.Node) -> None:
+    """Shape reads dims: harmless when only other dims are used (the batch size for a
+    Flatten); anything that might read the channel count freezes the channels."""
+    layout = ctx.layout(node.inputs[0])
+    if layout is None:
+        return
+    start = int(node.attrs.get("start", 0)) % (layout.rank or 1) if "start" in node.attrs else 0
+    end = int(node.attrs.get("end", layout.rank))
+    end = end % layout.rank if end < 0 else min(end, layout.rank)
+    if not (start <= layout.axis < end):
+        return
+    position = layout.axis - start
+    for consumer in node.outputs[0].outputs:
+        if consumer.op == "Gather" and int(consumer.attrs.get("axis", 0)) == 0:
+            indices = ctx.constant(consumer.inputs[1])
+            if indices is not None and position not in {int(i) % (end - start) for i in np.ravel(indices)}:
+                continue
+        if consumer.op == "Slice":
+            starts, ends = ctx.constant(consumer.inputs[1]), ctx.constant(consumer.inputs[2])
+            if starts is not None and ends is not None and starts.size == 1:
+                lo, hi = int(starts[0]), int(ends[0])
+                n = end - start
+                lo, hi = (lo + n if lo < 0 else lo), (hi + n if hi < 0 else min(hi, n))
+                if not (lo <= position < hi):
+                    continue
+        ctx.freeze_layout(layout, f"{describe(node)} reads the channel count (used by {describe(consumer)})")
+        return

@@ -1,0 +1,89 @@
+"""Model size and cost figures (SPEC section 9): parameters, MACs, nodes, file size."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from onnx_ocnna.channels.analysis import _infer
+
+
+@dataclass
+class ModelStats:
+    """Parameters: float initializer elements the graph uses. MACs: batch 1, from inferred shapes."""
+
+    parameters: int
+    macs: int
+    nodes: int
+    file_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    used = {name for node in model.graph.node for name in node.input}
+    total = 0
+    for init in model.graph.initializer:
+        if init.name in used and onnx.helper.tensor_dtype_to_np_dtype(init.data_type).kind == "f":
+            total += math.prod(init.dims)
+    for node in model.graph.node:  # Constant nodes holding weights (some exporters)
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and onnx.helper.tensor_dtype_to_np_dtype(attr.t.data_type).kind == "f":
+                    size = math.prod(attr.t.dims)
+                    total += size if size > 1 else 0
+    return total
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    inferred = _infer(model)
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = []
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            # Batch 1: symbolic leading dims count as 1, other symbolic dims are unknown.
+            dims.append(dim.dim_value if dim.HasField("dim_value") else (1 if i == 0 else -1))
+        shapes[value.name] = dims
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def count_macs(model: onnx.ModelProto) -> int:
+    """Multiply-accumulates at batch 1 for Conv, ConvTranspose, Gemm and MatMul."""
+    shapes = _static_shapes(model)
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            weight, out = shapes.get(node.input[1]), shapes.get(node.output[0])
+            if weight is None or out is None or min(out) < 0:
+                continue
+            if node.op_type == "Conv":
+                # Cout*Hout*Wout*(Cin/g)*kh*kw
+                total += math.prod(out[1:]) * math.prod(weight[1:])
+            else:
+                source = shapes.get(node.input[0])
+                if source is None or min(source) < 0:
+                    continue
+                total += math.prod(source[1:]) * math.prod(weight[1:])
+        elif node.op_type in ("Gemm", "MatMul"):
+            a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+            if not a or not out or min(a) < 0 or min(out) < 0:
+                continue
+            k = a[0] if node.op_type == "Gemm" and any(
+                at.name == "transA" and at.i for at in node.attribute) else a[-1]
+            total += math.prod(out) * k
+    return total
+
+
+def model_stats(model: onnx.ModelProto) -> ModelStats:
+    return ModelStats(
+        parameters=count_parameters(model),
+        macs=count_macs(model),
+        nodes=len(model.graph.node),
+        file_bytes=model.ByteSize(),
+    )

@@ -1,0 +1,177 @@
+"""Load, validate and atomically save ONNX models (external data included)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_ocnna.errors import InputError, ValidationError
+
+# Above this size a model must be saved with external data (protobuf's 2 GiB limit).
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX model, with its external data, or raise ``InputError`` with one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: file is not readable")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: external data file missing ({exc.filename or exc})") from None
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not model.graph.node:
+        raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or a different format?)")
+    if not model.graph.output:
+        raise InputError(f"{path}: the ONNX graph has no outputs")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise InputError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
+    return model
+
+
+def model_sha256(model: onnx.ModelProto) -> str:
+    """SHA-256 of the model's graph structure and weights (independent of external-data layout)."""
+    digest = hashlib.sha256()
+    for node in model.graph.node:
+        digest.update(node.SerializeToString(deterministic=True))
+    for init in sorted(model.graph.initializer, key=lambda t: t.name):
+        digest.update(init.name.encode())
+        digest.update(onnx.numpy_helper.to_array(init).tobytes())
+    return digest.hexdigest()
+
+
+def sample_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input; symbolic dims become ``batch`` on axis 0, else 1... .
+
+    Returns:
+        input name -> array with the model's dtype; float inputs are N(0, 1).
+    """
+    rng = np.random.default_rng(seed)
+    initializers = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        ttype = value.type.tensor_type
+        dims = []
+        for axis, dim in enumerate(ttype.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                dims.append(dim.dim_value)
+            else:
+                dims.append(batch if axis == 0 else 1)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.integers(0, 2, dims).astype(dtype)
+        else:
+            feeds[value.name] = rng.integers(0, 2, dims).astype(dtype)
+    return feeds
+
+
+def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None, optimize: bool = True):
+    """An ONNX Runtime CPU session for a model held in memory or on disk."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
+            raise ValidationError("model too large to run from memory; save it first")
+        source = model.SerializeToString()
+    else:
+        source = str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def validate_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Full checker, strict shape inference, an ONNX Runtime session and one run.
+
+    Returns the outputs of the run. Raises ``ValidationError`` naming the failed step.
+    """
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ValidationError(f"rewritten model fails onnx.checker: {_first_line(exc)}") from None
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise ValidationError(f"rewritten model fails shape inference: {_first_line(exc)}") from None
+    try:
+        session = ort_session(model)
+    except Exception as exc:
+        raise ValidationError(f"ONNX Runtime cannot load the rewritten model: {_first_line(exc)}") from None
+    try:
+        return session.run(None, feeds if feeds is not None else sample_feeds(model))
+    except Exception as exc:
+        raise ValidationError(f"ONNX Runtime cannot run the rewritten model: {_first_line(exc)}") from None
+
+
+def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> Path:
+    """Refuse to write over the input or into a missing directory."""
+    out = Path(output_path)
+    if Path(input_path).resolve() == out.resolve():
+        raise InputError(f"output path {out} is the input model; choose another file name")
+    if out.exists() and out.is_dir():
+        raise InputError(f"output path {out} is a directory")
+    if not out.resolve().parent.is_dir():
+        raise InputError(f"output directory {out.parent} does not exist")
+    return out
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Write ``model`` atomically: into a temporary directory beside ``path``, then rename.
+
+    Args:
+        external_data: store tensors in ``<name>.data`` beside the model; by default only when
+            the model is too large for a single protobuf file.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".ocnna-", dir=path.resolve().parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        data_name = path.name + ".data"
+        if external_data:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(tmp_model), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any initializer of the model was stored outside the protobuf file."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
