@@ -1,0 +1,260 @@
+"""The Python API: inspect, score, apply_plan and compress. The CLI is a thin layer over it.
+
+Example::
+
+    import onnx_ocnna
+    model, report = onnx_ocnna.compress("in.onnx", "images/", percentile=40, preprocess="imagenet")
+    onnx_ocnna.save_model(model, "out.onnx")
+    print(report.table())
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_ocnna.calibration import CalibrationSource, open_calibration
+from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
+from onnx_ocnna.collect import collect, member_scores_to_group
+from onnx_ocnna.criteria import MemberInfo, get_criterion
+from onnx_ocnna.errors import InputError, ValidationError
+from onnx_ocnna.metrics import model_stats
+from onnx_ocnna.model_io import load_model, model_sha256, sample_feeds, validate_model
+from onnx_ocnna.plan import build_plan, resolve_plan
+from onnx_ocnna.report import Report, group_rows
+from onnx_ocnna.select import SelectionOptions, select
+from onnx_ocnna.surgery import apply_removal
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+
+def as_model(model: ModelLike) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+
+
+def as_source(data: Any, model: onnx.ModelProto, **options) -> CalibrationSource:
+    """A calibration source from a path, array, reader or an already opened source."""
+    if isinstance(data, CalibrationSource):
+        return data
+    return open_calibration(data, model, **{k: v for k, v in options.items() if v is not None})
+
+
+@dataclass
+class Scores:
+    """Per-group channel importances of one model.
+
+    Attributes:
+        analysis: the channel analysis the scores index.
+        groups: group id -> importance per group channel, [channels]; higher = keep.
+        criterion: name of the criterion.
+        samples: calibration samples seen (0 for weight-only criteria).
+        seconds: wall time of scoring.
+    """
+
+    analysis: ChannelAnalysis
+    groups: dict[int, np.ndarray]
+    criterion: str
+    samples: int = 0
+    seconds: float = 0.0
+    member_scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Pruner:
+    """One model prepared for repeated rewrites (a target search applies many removals)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        graph = prepare_graph(model)
+        self._prepared = gs.export_onnx(graph, do_type_check=False)
+        _restore_model_fields(self._prepared, model)
+        self.analysis = analyse(model, gs.import_onnx(self._prepared))
+        self.sha256 = model_sha256(model)
+
+    def fresh_analysis(self) -> ChannelAnalysis:
+        return analyse(self.model, gs.import_onnx(self._prepared))
+
+    def prepared_model(self) -> onnx.ModelProto:
+        """The constant-folded model whose tensor names the analysis uses."""
+        return self._prepared
+
+    def rewrite(self, removed: dict[int, np.ndarray]) -> onnx.ModelProto:
+        return apply_removal(self.model, self.fresh_analysis(), removed)
+
+
+def member_info(analysis: ChannelAnalysis, name: str) -> MemberInfo:
+    producer = next(p for p in analysis.context.producers if p.node.name == name)
+    weight = np.asarray(analysis.context.constant(producer.node.inputs[1]))
+    if producer.weight_axis:
+        weight = np.moveaxis(weight, producer.weight_axis, 0)
+    return MemberInfo(name=name, weight=weight, channels=len(producer.ids))
+
+
+def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna",
+          criterion_options: dict | None = None, calibration_options: dict | None = None,
+          progress: bool = True, pruner: Pruner | None = None) -> Scores:
+    """Score every channel of every prunable group.
+
+    Args:
+        calibration: images folder, .npy/.npz, array, ORT CalibrationDataReader or a
+            CalibrationSource; required by data-driven criteria.
+        criterion_options: e.g. ``{"pca_variance": 0.95, "invert": False, "seed": 0}``.
+        calibration_options: passed to :func:`open_calibration` (preprocess, mean, std, ...).
+    """
+    model = as_model(model)
+    pruner = pruner or Pruner(model)
+    analysis = pruner.analysis
+    crit = get_criterion(criterion, **(criterion_options or {}))
+    members = [m for g in analysis.groups if g.prunable for m in g.members]
+    start = time.perf_counter()
+    samples = 0
+    if crit.needs_data:
+        if calibration is None:
+            raise InputError(f"the {criterion} criterion needs calibration data (--calib)")
+        source = as_source(calibration, model, **(calibration_options or {}))
+        if crit.needs_labels and not source.has_labels:
+            raise InputError(f"the {criterion} criterion needs labelled calibration data (class sub-folders or npz 'labels')")
+        accumulators = {m: crit.new_accumulator(member_info(analysis, m)) for m in members}
+        try:
+            total = len(source)
+        except TypeError:
+            total = None
+        if accumulators:
+            samples = collect(pruner.prepared_model(), analysis, crit, accumulators, source.batches(),
+                              total=total, progress=progress)
+        member_scores = {m: acc.scores() for m, acc in accumulators.items()}
+    else:
+        member_scores = {m: crit.weight_scores(member_info(analysis, m)) for m in members}
+    groups = {g.id: member_scores_to_group(g, {m: member_scores[m] for m in g.members})
+              for g in analysis.groups if g.prunable}
+    return Scores(analysis, groups, criterion, samples, time.perf_counter() - start, member_scores)
+
+
+def inspect(model: ModelLike) -> dict:
+    """Groups, prunability with reasons, and size figures of a model."""
+    model = as_model(model)
+    analysis = analyse(model)
+    stats = model_stats(model)
+    return {
+        "stats": stats.as_dict(),
+        "groups": group_rows(analysis, {}),
+        "prunable_channels": int(sum(len(g.removable()) for g in analysis.groups)),
+        "opset": analysis.opset,
+    }
+
+
+def _finish(model: onnx.ModelProto, pruned: onnx.ModelProto, pruner: Pruner, removed: dict, settings: dict,
+            notes: list[str]) -> tuple[onnx.ModelProto, Report]:
+    feeds = sample_feeds(model)
+    expected = validate_model(model, feeds)
+    actual = validate_model(pruned, feeds)
+    for e, a, out in zip(expected, actual, model.graph.output):
+        if np.shape(e) != np.shape(a):
+            raise ValidationError(f"output '{out.name}' changed shape from {np.shape(e)} to {np.shape(a)}")
+    report = Report(before=model_stats(model), after=model_stats(pruned),
+                    groups=group_rows(pruner.analysis, removed), settings=settings, notes=notes)
+    return pruned, report
+
+
+def apply_plan(model: ModelLike, plan: dict) -> tuple[onnx.ModelProto, Report]:
+    """Rewrite ``model`` as ``plan`` says (SPEC section 6)."""
+    model = as_model(model)
+    pruner = Pruner(model)
+    removed = resolve_plan(plan, pruner.analysis, pruner.sha256)
+    from onnx_ocnna.surgery import check_removal
+
+    check_removal(pruner.analysis, removed)
+    if not removed:
+        return model, Report(model_stats(model), model_stats(model), group_rows(pruner.analysis, {}),
+                             {"plan": True}, ["the plan removes no channel; the model is unchanged"])
+    return _finish(model, pruner.rewrite(removed), pruner, removed, {"plan": True}, [])
+
+
+def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 40.0, criterion: str = "ocnna",
+             scope: str = "per-group", min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
+             target_params: float | None = None, target_macs: float | None = None,
+             criterion_options: dict | None = None, calibration_options: dict | None = None,
+             progress: bool = True, scores: Scores | None = None) -> tuple[onnx.ModelProto, Report]:
+    """Score, select and rewrite. Returns the pruned model (validated) and its report.
+
+    With ``target_params`` (or ``target_macs``) R, the percentile is searched so the result
+    keeps at most R of the parameters (MACs); ``percentile`` is then ignored.
+    """
+    model = as_model(model)
+    timings = {}
+    start = time.perf_counter()
+    pruner = Pruner(model)
+    if scores is None:
+        scores = score(model, calibration, criterion=criterion, criterion_options=criterion_options,
+                       calibration_options=calibration_options, progress=progress, pruner=pruner)
+    timings["score_s"] = scores.seconds
+    options = SelectionOptions(percentile=percentile, scope=scope, min_channels=min_channels, round_to=round_to,
+                               exclude=pruner.analysis.excluded(exclude or []))
+    options.validate()
+    settings = {"criterion": criterion, "percentile": percentile, "scope": scope, "min_channels": min_channels,
+                "round_to": round_to, "exclude": exclude or [], "criterion_options": criterion_options or {},
+                "calibration_samples": scores.samples}
+    notes: list[str] = []
+    if not any(g.prunable and g.id not in options.exclude for g in pruner.analysis.groups):
+        reasons = sorted({g.frozen_reason for g in pruner.analysis.groups if g.frozen_reason})
+        why = "; ".join(reasons[:5]) if reasons else "the model has no Conv filters whose channels can be removed"
+        notes.append(f"nothing prunable, model written unchanged: {why}")
+        report = Report(model_stats(model), model_stats(model), group_rows(pruner.analysis, {}), settings, notes)
+        return model, report
+
+    if target_params is not None or target_macs is not None:
+        removed, pruned = _search_target(model, pruner, scores, options, target_params, target_macs)
+        settings["percentile"] = options.percentile
+        notes.append(f"percentile {options.percentile:.2f} meets the target")
+    else:
+        removed = select(pruner.analysis, scores.groups, options)
+        pruned = pruner.rewrite(removed) if removed else model
+    if not removed:
+        notes.append("the selection removes no channel at this percentile; the model is unchanged")
+    timings["rewrite_s"] = time.perf_counter() - start - scores.seconds
+    pruned, report = _finish(model, pruned, pruner, removed, settings, notes)
+    report.timings = timings
+    report.extra["plan"] = build_plan(pruner.analysis, removed, pruner.sha256, scores.groups)
+    return pruned, report
+
+
+def _search_target(model, pruner: Pruner, scores: Scores, options: SelectionOptions,
+                   target_params: float | None, target_macs: float | None):
+    """Smallest percentile (bisection to 0.1) whose rewrite meets the ratio targets."""
+    before = model_stats(model)
+    for name, value in (("--target-params", target_params), ("--target-macs", target_macs)):
+        if value is not None and not 0 < value <= 1:
+            raise InputError(f"{name} must be a ratio in (0, 1], got {value:g}")
+
+    def attempt(k: float):
+        options.percentile = k
+        removed = select(pruner.analysis, scores.groups, options)
+        pruned = pruner.rewrite(removed) if removed else model
+        stats = model_stats(pruned)
+        ok = (target_params is None or stats.parameters <= target_params * before.parameters) and \
+             (target_macs is None or stats.macs <= target_macs * before.macs)
+        return ok, removed, pruned
+
+    lo, hi = 0.0, 99.9
+    ok, removed, pruned = attempt(hi)
+    if not ok:
+        raise InputError("the target cannot be reached even at percentile 99.9 (frozen groups keep too much)")
+    best = (hi, removed, pruned)
+    ok0, removed0, pruned0 = attempt(lo)
+    if ok0:
+        options.percentile = lo
+        return removed0, pruned0
+    while hi - lo > 0.1:
+        mid = (lo + hi) / 2
+        ok, removed, pruned = attempt(mid)
+        if ok:
+            hi, best = mid, (mid, removed, pruned)
+        else:
+            lo = mid
+    options.percentile = best[0]
+    return best[1], best[2]

@@ -1,0 +1,241 @@
+"""Command line: ``onnx-ocnna IN OUT [options]`` and the subcommands, a thin layer over api.py.
+
+Every failure the user can cause ends with one line on stderr and a non-zero exit status;
+nothing is written unless the result passed validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from onnx_ocnna import __version__
+from onnx_ocnna.errors import OcnnaError
+
+CRITERIA_CHOICES = ["ocnna", "l1", "l2", "apoz", "mean-activation", "random", "si"]
+EXIT_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_calibration_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    group = parser.add_argument_group("calibration data")
+    group.add_argument("--calib", metavar="DATA", required=required,
+                       help="image folder (class sub-folders give labels), .npy, or .npz keyed by input name")
+    group.add_argument("--preprocess", metavar="NAME|FILE", help="image preset (imagenet, cifar10, raw) or a JSON file")
+    group.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean on 0-1 pixels")
+    group.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per-channel std on 0-1 pixels")
+    group.add_argument("--size", type=_ints, metavar="H,W", help="image size when the model's is dynamic")
+    group.add_argument("--max-samples", type=_positive_int, metavar="N", help="use a seeded subset of N samples")
+    group.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="batch size (default 32)")
+
+
+def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("importance")
+    group.add_argument("--criterion", choices=CRITERIA_CHOICES, default="ocnna", help="importance criterion (default ocnna)")
+    group.add_argument("--pca-variance", type=float, default=0.95, metavar="TAU",
+                       help="ocnna: variance share the PCA keeps (default 0.95; 1.0 = plain Frobenius norm)")
+    group.add_argument("--invert", action="store_true", help="ocnna: keep high-CV filters instead of low-CV ones")
+    group.add_argument("--seed", type=int, default=0, help="seed for random and for sample subsets (default 0)")
+
+
+def build_parser() -> dict[str, argparse.ArgumentParser]:
+    main = _Parser(prog="onnx-ocnna", description="Prune the filters of a CNN in an ONNX model.",
+                   epilog="subcommands: inspect, score, demo, distill, quantize, sweep (onnx-ocnna SUBCOMMAND --help)")
+    main.add_argument("input", type=Path, help="input .onnx model")
+    main.add_argument("output", type=Path, help="output .onnx model (never the input)")
+    main.add_argument("--version", action="version", version=f"onnx-ocnna {__version__}")
+    _add_calibration_options(main)
+    _add_scoring_options(main)
+    sel = main.add_argument_group("selection")
+    sel.add_argument("--percentile", type=float, default=40.0, metavar="K",
+                     help="remove the K %% least important channels of each group (default 40)")
+    sel.add_argument("--scope", choices=["per-group", "global"], default="per-group")
+    sel.add_argument("--min-channels", type=_positive_int, default=1, metavar="N")
+    sel.add_argument("--round-to", type=_positive_int, default=1, metavar="N", help="keep a multiple of N channels")
+    sel.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                     help="leave groups whose Conv or weight name matches (repeatable)")
+    sel.add_argument("--target-params", type=float, metavar="R", help="search K so that RPR <= R")
+    sel.add_argument("--target-macs", type=float, metavar="R", help="search K so that MACs ratio <= R")
+    sel.add_argument("--plan", type=Path, metavar="plan.json", help="apply this plan instead of scoring")
+    out = main.add_argument_group("output")
+    out.add_argument("--report", type=Path, metavar="report.json", help="write the report as JSON")
+    out.add_argument("--save-plan", type=Path, metavar="plan.json", help="also write the plan that was applied")
+    out.add_argument("--eval", metavar="DATA", help="held-out data: top-1 before/after (or agreement without labels)")
+    out.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency before/after")
+    out.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    inspect = _Parser(prog="onnx-ocnna inspect", description="Show channel groups, what is prunable and why not.")
+    inspect.add_argument("input", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    score = _Parser(prog="onnx-ocnna score", description="Score every channel and write a plan (SPEC section 6).")
+    score.add_argument("input", type=Path)
+    score.add_argument("-o", "--output", type=Path, required=True, metavar="plan.json")
+    _add_calibration_options(score)
+    _add_scoring_options(score)
+    score.add_argument("--percentile", type=float, default=40.0, metavar="K")
+    score.add_argument("--scope", choices=["per-group", "global"], default="per-group")
+    score.add_argument("--min-channels", type=_positive_int, default=1, metavar="N")
+    score.add_argument("--round-to", type=_positive_int, default=1, metavar="N")
+    score.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    score.add_argument("--overwrite", action="store_true")
+    score.add_argument("--quiet", action="store_true")
+    return {"main": main, "inspect": inspect, "score": score}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parsers = build_parser()
+    command = argv[0] if argv and argv[0] in parsers and argv[0] != "main" else "main"
+    args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
+    try:
+        return {"main": _run_main, "inspect": _run_inspect, "score": _run_score}[command](args)
+    except OcnnaError as exc:
+        print(f"onnx-ocnna: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("onnx-ocnna: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _calibration_options(args) -> dict:
+    return {"preprocess": args.preprocess, "mean": args.mean, "std": args.std, "size": args.size,
+            "max_samples": args.max_samples, "batch_size": args.batch_size, "seed": args.seed}
+
+
+def _criterion_options(args) -> dict:
+    if args.criterion == "ocnna":
+        return {"pca_variance": args.pca_variance, "invert": args.invert}
+    if args.criterion == "random":
+        return {"seed": args.seed}
+    return {}
+
+
+def _check_output(args, path: Path) -> None:
+    from onnx_ocnna.errors import InputError
+    from onnx_ocnna.model_io import check_output_path
+
+    check_output_path(args.input, path)
+    if path.exists() and not args.overwrite:
+        raise InputError(f"{path} exists; pass --overwrite to replace it")
+
+
+def _run_main(args) -> int:
+    from onnx_ocnna import api
+    from onnx_ocnna.model_io import save_model
+    from onnx_ocnna.plan import load_plan, save_plan
+
+    _check_output(args, args.output)
+    for extra in (args.report, args.save_plan):
+        if extra is not None:
+            _check_output(args, extra)
+    model = api.as_model(args.input)
+    if args.plan is not None:
+        pruned, report = api.apply_plan(model, load_plan(args.plan))
+    else:
+        pruned, report = api.compress(
+            model, args.calib, percentile=args.percentile, criterion=args.criterion, scope=args.scope,
+            min_channels=args.min_channels, round_to=args.round_to, exclude=args.exclude,
+            target_params=args.target_params, target_macs=args.target_macs,
+            criterion_options=_criterion_options(args), calibration_options=_calibration_options(args),
+            progress=not args.quiet)
+    if args.eval:
+        from onnx_ocnna.evaluate import compare_accuracy
+
+        source = api.as_source(args.eval, model, **_calibration_options(args))
+        report.accuracy = compare_accuracy(model, pruned, source.batches).as_dict()
+    if args.bench:
+        from onnx_ocnna.evaluate import compare_latency
+
+        report.latency = compare_latency(model, pruned)
+    save_model(pruned, args.output)
+    if args.save_plan is not None and "plan" in report.extra:
+        save_plan(report.extra["plan"], args.save_plan)
+    if args.report is not None:
+        report.save(args.report)
+    print(report.table())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _run_inspect(args) -> int:
+    from onnx_ocnna import api
+
+    info = api.inspect(args.input)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    stats = info["stats"]
+    print(f"{args.input}: opset {info['opset']}, {stats['nodes']} nodes, {stats['parameters']:,} parameters, "
+          f"{stats['macs']:,} MACs (batch 1)")
+    print(f"{'group':>5}  {'channels':>8}  {'members':>7}  status")
+    for group in info["groups"]:
+        status = "prunable" if group["prunable"] else f"frozen: {group['frozen']}"
+        if group["prunable"] and group["frozen"]:
+            status += f" (some channels frozen: {group['frozen']})"
+        first = group["members"][0] + (f" +{len(group['members']) - 1}" if len(group["members"]) > 1 else "")
+        print(f"{group['id']:>5}  {group['channels']:>8}  {len(group['members']):>7}  {status}  [{first}]")
+    prunable = sum(g["prunable"] for g in info["groups"])
+    print(f"{prunable} of {len(info['groups'])} groups prunable, {info['prunable_channels']} removable channels")
+    return 0
+
+
+def _run_score(args) -> int:
+    from onnx_ocnna import api
+    from onnx_ocnna.plan import build_plan, save_plan
+    from onnx_ocnna.select import SelectionOptions, select
+
+    _check_output(args, args.output)
+    model = api.as_model(args.input)
+    pruner = api.Pruner(model)
+    scores = api.score(model, args.calib, criterion=args.criterion, criterion_options=_criterion_options(args),
+                       calibration_options=_calibration_options(args), progress=not args.quiet, pruner=pruner)
+    options = SelectionOptions(percentile=args.percentile, scope=args.scope, min_channels=args.min_channels,
+                               round_to=args.round_to, exclude=pruner.analysis.excluded(args.exclude))
+    removed = select(pruner.analysis, scores.groups, options)
+    plan = build_plan(pruner.analysis, removed, pruner.sha256, scores.groups,
+                      extra={"criterion": args.criterion, "percentile": args.percentile,
+                             "calibration_samples": scores.samples})
+    save_plan(plan, args.output)
+    removed_count = sum(len(v) for v in removed.values())
+    print(f"scored {sum(g.prunable for g in pruner.analysis.groups)} groups on {scores.samples} samples "
+          f"in {scores.seconds:.1f} s; the plan removes {removed_count} channels at k = {args.percentile:g}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Streaming activation collection: one ONNX Runtime session that also returns every
+measured tensor, run batch by batch; each batch is folded into per-member accumulators and
+dropped, so memory does not grow with the calibration set."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from onnx_ocnna.calibration import Batch
+from onnx_ocnna.channels.analysis import ChannelAnalysis
+from onnx_ocnna.criteria.base import Accumulator, Criterion
+from onnx_ocnna.errors import InputError
+from onnx_ocnna.model_io import ort_session
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the tensors ``names`` (types left to inference)."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    present = {o.name for o in extended.graph.output}
+    for name in names:
+        if name not in present:
+            extended.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return extended
+
+
+def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criterion,
+            accumulators: dict[str, Accumulator], batches: Iterable[Batch], *,
+            total: int | None = None, progress: bool = True, threads: int | None = None) -> int:
+    """Run ``model`` over ``batches`` and update ``accumulators`` (member name -> accumulator).
+
+    Inference of the next batch overlaps with the statistics of the current one (ONNX
+    Runtime and numpy both release the GIL). Returns the number of samples seen.
+    """
+    from tqdm.auto import tqdm
+
+    groups = {m: analysis.group_of(m) for m in accumulators}
+    measured = {m: groups[m].measured[m] for m in accumulators}
+    names = sorted(set(measured.values()))
+    graph_model = _analysis_model(model, analysis)
+    session = ort_session(with_outputs(graph_model, names), threads=threads)
+    output_index = {o.name: i for i, o in enumerate(session.get_outputs())}
+    feeds_names = {i.name for i in session.get_inputs()}
+
+    results: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def infer() -> None:
+        try:
+            for batch in batches:
+                feeds = {k: v for k, v in batch.feeds.items() if k in feeds_names}
+                outputs = session.run([session.get_outputs()[output_index[n]].name for n in names], feeds)
+                results.put((batch.labels, dict(zip(names, outputs))))
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+        finally:
+            results.put(None)
+
+    worker = threading.Thread(target=infer, daemon=True)
+    worker.start()
+    seen = 0
+    bar = tqdm(total=total, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress, leave=False)
+    try:
+        while (item := results.get()) is not None:
+            labels, outputs = item
+            for member, accumulator in accumulators.items():
+                accumulator.update(outputs[measured[member]], labels)
+            seen += len(next(iter(outputs.values()))) if outputs else 0
+            bar.update(1)
+    finally:
+        bar.close()
+        worker.join()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, InputError):
+            raise exc
+        raise InputError(f"calibration run failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if seen == 0:
+        raise InputError("the calibration data produced no batches")
+    return seen
+
+
+def _analysis_model(model: onnx.ModelProto, analysis: ChannelAnalysis) -> onnx.ModelProto:
+    """The constant-folded model the analysis names tensors in."""
+    import onnx_graphsurgeon as gs
+
+    from onnx_ocnna.channels.analysis import _restore_model_fields
+
+    exported = gs.export_onnx(analysis.graph.copy(), do_type_check=False)
+    _restore_model_fields(exported, model)
+    return exported
+
+
+def member_scores_to_group(group, member_scores: dict[str, np.ndarray]) -> np.ndarray:
+    """SPEC section 1: each member's scores divided by that member's mean, then averaged per
+    group channel over the members that carry it. Returns [group.channels] float64."""
+    total = np.zeros(group.channels)
+    count = np.zeros(group.channels)
+    for member, scores in member_scores.items():
+        scores = np.asarray(scores, dtype=np.float64)
+        finite = scores[np.isfinite(scores)]
+        scale = finite.mean() if finite.size and finite.mean() > 0 else 1.0
+        index = group.member_channels[member]
+        np.add.at(total, index, scores / scale)
+        np.add.at(count, index, 1)
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), 0.0)
