@@ -55,7 +55,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     _add_calibration_options(main)
     _add_scoring_options(main)
     sel = main.add_argument_group("selection")
-    sel.add_argument("--percentile", type=float, default=40.0, metavar="K",
+    sel.add_argument("--percentile", type=_percentile, default=40.0, metavar="K",
                      help="remove the K %% least important channels of each group (default 40)")
     sel.add_argument("--scope", choices=["per-group", "global"], default="per-group")
     sel.add_argument("--min-channels", type=_positive_int, default=1, metavar="N")
@@ -82,7 +82,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     score.add_argument("-o", "--output", type=Path, required=True, metavar="plan.json")
     _add_calibration_options(score)
     _add_scoring_options(score)
-    score.add_argument("--percentile", type=float, default=40.0, metavar="K")
+    score.add_argument("--percentile", type=_percentile, default=40.0, metavar="K")
     score.add_argument("--scope", choices=["per-group", "global"], default="per-group")
     score.add_argument("--min-channels", type=_positive_int, default=1, metavar="N")
     score.add_argument("--round-to", type=_positive_int, default=1, metavar="N")
@@ -131,7 +131,7 @@ def _check_output(args, path: Path) -> None:
 
 def _run_main(args) -> int:
     from onnx_ocnna import api
-    from onnx_ocnna.model_io import save_model
+    from onnx_ocnna.model_io import save_model, uses_external_data
     from onnx_ocnna.plan import load_plan, save_plan
 
     _check_output(args, args.output)
@@ -157,7 +157,7 @@ def _run_main(args) -> int:
         from onnx_ocnna.evaluate import compare_latency
 
         report.latency = compare_latency(model, pruned)
-    save_model(pruned, args.output)
+    save_model(pruned, args.output, external_data=uses_external_data(args.input) or None)
     if args.save_plan is not None and "plan" in report.extra:
         save_plan(report.extra["plan"], args.save_plan)
     if args.report is not None:
@@ -225,6 +225,16 @@ def _ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _percentile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 100), got {text!r}") from None
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 100), got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -167,8 +167,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     return path
 
 
-def has_external_data(model: onnx.ModelProto) -> bool:
-    """Whether any initializer of the model was stored outside the protobuf file."""
+def uses_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file keeps any initializer in an external data file."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 

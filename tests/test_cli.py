@@ -1,0 +1,209 @@
+"""The command line: bad input gives one clear line and writes nothing; plans apply."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from graphs import GraphBuilder
+
+from onnx_ocnna.cli import main
+from onnx_ocnna.model_io import load_model, ort_session, sample_feeds, save_model
+
+
+def _small_model() -> onnx.ModelProto:
+    g = GraphBuilder()
+    a = g.relu(g.bn(g.conv("x", 3, 8, name="conv_a"), 8))
+    b = g.relu(g.conv(a, 8, 6, name="conv_b"))
+    out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [b])[0]])[0], 6, 4, name="fc")
+    return g.model(["N", 3, 8, 8], out)
+
+
+@pytest.fixture
+def model_path(tmp_path) -> Path:
+    path = tmp_path / "in.onnx"
+    save_model(_small_model(), path)
+    return path
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(code, err):
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["missing", "not_onnx", "truncated", "directory"])
+def test_unreadable_inputs(case, tmp_path, capsys):
+    path = tmp_path / "bad.onnx"
+    if case == "not_onnx":
+        path.write_text("this is not a model\n" * 10)
+    elif case == "truncated":
+        data = _small_model().SerializeToString()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "directory":
+        path.mkdir()
+    before = _snapshot(tmp_path)
+    code, _, err = _run([path, tmp_path / "out.onnx", "--criterion", "l1"], capsys)
+    line = _one_line_error(code, err)
+    assert str(path) in line
+    assert _snapshot(tmp_path) == before
+
+
+def test_output_equal_to_input_is_refused(model_path, capsys):
+    before = model_path.read_bytes()
+    code, _, err = _run([model_path, model_path, "--criterion", "l1"], capsys)
+    assert "is the input model" in _one_line_error(code, err)
+    assert model_path.read_bytes() == before
+
+
+def test_existing_output_needs_overwrite(model_path, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"keep me")
+    code, _, err = _run([model_path, out, "--criterion", "l1"], capsys)
+    assert "--overwrite" in _one_line_error(code, err)
+    assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("argv", [["--criterion", "nonsense"], ["--scope", "everything"], ["--percentile", "abc"],
+                                  ["--percentile", "150", "--criterion", "l1"], ["--percentile", "100"],
+                                  ["--batch-size", "0"]])
+def test_bad_option_values(argv, model_path, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(model_path), str(tmp_path / "out.onnx"), *argv])
+        raise SystemExit(0)
+    err = capsys.readouterr().err
+    if info.value.code == 0:
+        pytest.fail("accepted a bad option value")
+    _one_line_error(info.value.code, err)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_data_criterion_without_calibration(model_path, tmp_path, capsys):
+    code, _, err = _run([model_path, tmp_path / "out.onnx"], capsys)
+    assert "calibration" in _one_line_error(code, err)
+
+
+def _write_plan(tmp_path, groups, **extra) -> Path:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": "onnx-ocnna-plan", "version": 1, "groups": groups, **extra}))
+    return path
+
+
+@pytest.mark.parametrize("groups,extra,message", [
+    ([{"members": ["no_such_conv"], "remove": [0]}], {}, "not a Conv of this model"),
+    ([{"members": ["conv_a"], "remove": [8]}], {}, "has 8 channels"),
+    ([{"members": ["conv_a"], "remove": list(range(8))}], {}, "every channel"),
+    ([{"members": ["conv_a"], "remove": [0]}], {"model_sha256": "0" * 64}, "another model"),
+    ([{"members": ["conv_a"], "remove": ["x"]}], {}, "list of channel indices"),
+])
+def test_bad_plans(groups, extra, message, model_path, tmp_path, capsys):
+    plan = _write_plan(tmp_path, groups, **extra)
+    out = tmp_path / "out.onnx"
+    code, _, err = _run([model_path, out, "--plan", plan], capsys)
+    assert message in _one_line_error(code, err)
+    assert not out.exists()
+
+
+def test_hand_written_plan_removes_channels(model_path, tmp_path, capsys):
+    plan = _write_plan(tmp_path, [{"members": ["conv_a"], "remove": [1, 5]}])
+    out = tmp_path / "out.onnx"
+    report = tmp_path / "report.json"
+    code, stdout, err = _run([model_path, out, "--plan", plan, "--report", report], capsys)
+    assert code == 0, err
+    assert "parameters" in stdout
+    pruned = load_model(out)
+    shapes = {i.name: tuple(i.dims) for i in pruned.graph.initializer}
+    assert shapes["conv_a.w"][0] == 6 and shapes["conv_b.w"][1] == 6
+    data = json.loads(report.read_text())
+    assert data["rpr"] < 1 and data["after"]["parameters"] < data["before"]["parameters"]
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_l1_compress_and_score_plan_round_trip(model_path, tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    code, stdout, err = _run(["score", model_path, "--criterion", "l1", "-o", plan_path, "--percentile", "50"], capsys)
+    assert code == 0, err
+    plan = json.loads(plan_path.read_text())
+    assert plan["format"] == "onnx-ocnna-plan" and plan["model_sha256"]
+    by_member = {g["members"][0]: g for g in plan["groups"]}
+    assert len(by_member["conv_a"]["remove"]) == 4 and len(by_member["conv_a"]["scores"]) == 8
+    # The removed channels are those with the lowest L1 norm.
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in load_model(model_path).graph.initializer}
+    l1 = np.abs(weights["conv_a.w"]).reshape(8, -1).sum(axis=1)
+    assert sorted(by_member["conv_a"]["remove"]) == sorted(np.argsort(l1)[:4].tolist())
+    out_plan, out_direct = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert _run([model_path, out_plan, "--plan", plan_path], capsys)[0] == 0
+    assert _run([model_path, out_direct, "--criterion", "l1", "--percentile", "50"], capsys)[0] == 0
+    feeds = sample_feeds(load_model(model_path))
+    a = ort_session(load_model(out_plan)).run(None, feeds)[0]
+    b = ort_session(load_model(out_direct)).run(None, feeds)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_inspect_lists_groups_and_reasons(tmp_path, capsys):
+    g = GraphBuilder()
+    a = g.relu(g.conv("x", 3, 6, name="a"))
+    odd = g.node("LpNormalization", [a], axis=1)[0]
+    out = g.node("Flatten", [g.node("GlobalAveragePool", [g.conv(odd, 6, 4, name="b")])[0]])[0]
+    path = tmp_path / "m.onnx"
+    save_model(g.model([1, 3, 6, 6], out), path)
+    code, stdout, _ = _run(["inspect", path], capsys)
+    assert code == 0
+    assert "frozen" in stdout and "LpNormalization" in stdout and "not supported" in stdout
+    code, stdout, _ = _run(["inspect", path, "--json"], capsys)
+    info = json.loads(stdout)
+    assert info["groups"][0]["members"] == ["a"] and not info["groups"][0]["prunable"]
+
+
+def test_nothing_prunable_is_written_unchanged(tmp_path, capsys):
+    g = GraphBuilder()
+    a = g.conv("x", 3, 6, name="only")
+    model = g.model([1, 3, 6, 6], a)
+    path = tmp_path / "m.onnx"
+    save_model(model, path)
+    out = tmp_path / "out.onnx"
+    code, stdout, err = _run([path, out, "--criterion", "l1", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    assert "nothing prunable" in stdout
+    assert load_model(out).graph == load_model(path).graph
+    assert "nothing prunable" in json.loads((tmp_path / "r.json").read_text())["notes"][0]
+
+
+def test_console_script_exit_code(model_path, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "onnx_ocnna.cli", str(tmp_path / "missing.onnx"),
+                             str(tmp_path / "o.onnx")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no such file" in result.stderr
+
+
+def test_external_data_model_round_trip(tmp_path, capsys):
+    model = _small_model()
+    path = tmp_path / "ext.onnx"
+    save_model(model, path, external_data=True)
+    assert (tmp_path / "ext.onnx.data").exists()
+    out = tmp_path / "out.onnx"
+    code, _, err = _run([path, out, "--criterion", "l1"], capsys)
+    assert code == 0, err
+    feeds = sample_feeds(model)
+    assert ort_session(out).run(None, feeds)[0].shape == ort_session(model).run(None, feeds)[0].shape
+    assert (tmp_path / "out.onnx.data").exists()  # external data in, external data out
+    leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".ocnna-")]
+    assert not leftovers
