@@ -207,6 +207,8 @@ def _float_list(value: Any, what: str) -> list[float]:
 
 def _size_pair(value: Any, what: str) -> tuple[int, int]:
     pair = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(pair, (list, tuple)) and len(pair) == 1:  # "--size 32" from the CLI
+        pair = [pair[0], pair[0]]
     if (
         not isinstance(pair, (list, tuple))
         or len(pair) != 2

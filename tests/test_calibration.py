@@ -168,6 +168,8 @@ def test_symbolic_spatial_dims_need_a_size(tmp_path):
     with pytest.raises(InputError, match="symbolic height/width"):
         open_calibration(tmp_path, model)
     assert all_batches(open_calibration(tmp_path, model, size=4))[0].feeds["x"].shape == (1, 3, 4, 4)
+    assert all_batches(open_calibration(tmp_path, model, size=[5]))[0].feeds["x"].shape == (1, 3, 5, 5)
+    assert all_batches(open_calibration(tmp_path, model, size=[5, 6]))[0].feeds["x"].shape == (1, 3, 5, 6)
     assert all_batches(open_calibration(tmp_path, model, preprocess="cifar10"))[0].feeds["x"].shape == (1, 3, 32, 32)
 
 
