@@ -157,7 +157,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.save_model(copy, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
             os.replace(tmp_dir / data_name, path.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
