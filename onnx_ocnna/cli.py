@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnx-ocnna: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user error: one line, the traceback on request
+        if os.environ.get("ONNX_OCNNA_DEBUG"):
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"onnx-ocnna: internal error: {type(exc).__name__}: {text} (set ONNX_OCNNA_DEBUG=1 for the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
 
 
 def _calibration_options(args) -> dict:

@@ -53,6 +53,10 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
+def _known(*shapes) -> bool:
+    return all(shape and min(shape) >= 0 for shape in shapes)
+
+
 def count_macs(model: onnx.ModelProto) -> int:
     """Multiply-accumulates at batch 1 for Conv, ConvTranspose, Gemm and MatMul."""
     shapes = _static_shapes(model)
@@ -60,19 +64,19 @@ def count_macs(model: onnx.ModelProto) -> int:
     for node in model.graph.node:
         if node.op_type in ("Conv", "ConvTranspose"):
             weight, out = shapes.get(node.input[1]), shapes.get(node.output[0])
-            if weight is None or out is None or min(out) < 0:
+            if not _known(weight, out):
                 continue
             if node.op_type == "Conv":
                 # Cout*Hout*Wout*(Cin/g)*kh*kw
                 total += math.prod(out[1:]) * math.prod(weight[1:])
             else:
                 source = shapes.get(node.input[0])
-                if source is None or min(source) < 0:
+                if not _known(source):
                     continue
                 total += math.prod(source[1:]) * math.prod(weight[1:])
         elif node.op_type in ("Gemm", "MatMul"):
             a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
-            if not a or not out or min(a) < 0 or min(out) < 0:
+            if not _known(a, out):
                 continue
             k = a[0] if node.op_type == "Gemm" and any(
                 at.name == "transA" and at.i for at in node.attribute) else a[-1]

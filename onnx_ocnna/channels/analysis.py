@@ -108,6 +108,9 @@ def prepare_graph(model: onnx.ModelProto) -> gs.Graph:
     """
     graph = gs.import_onnx(_infer(model))
     try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # folding runs ORT; its optimiser warnings are noise here
         graph.fold_constants(size_threshold=16 * 1024 * 1024, error_ok=True)
     except Exception:  # folding is an optimisation; analysis still works without it
         pass
