@@ -1,0 +1,207 @@
+"""Static INT8 quantization with ONNX Runtime (SPEC section 8).
+
+Choices (each an argument of :func:`quantize_int8`):
+
+* **Format** QDQ (QuantizeLinear/DequantizeLinear pairs around float ops): ONNX Runtime's
+  recommended format for CPU since 1.11; the file stays a standard ONNX graph.
+* **Types**: weights QInt8 (symmetric, per output channel by default), activations QUInt8
+  (asymmetric), the pairing ``quantize_static``'s own guidance gives for x86/x64 CPUs.
+  ``activation_type="int8"`` gives S8S8, which its guidance prefers on ARM. ``reduce_range``
+  (7-bit weights) is off: it only helps x86 CPUs without VNNI, where U8S8 products can saturate.
+* **Calibration**: MinMax by default. Its augmented graph returns only per-tensor ReduceMin /
+  ReduceMax values per batch, so memory stays small without ``CalibMaxIntermediateOutputs``
+  (which in ORT 1.31 discards every full block of batches instead of merging it, so it is not
+  used). "entropy" and "percentile" keep whole activations of every batch in memory: use
+  ``max_batches`` with them.
+* **Pre-processing**: ORT's ``quant_pre_process`` (shape inference + basic graph optimisation,
+  which folds BatchNormalization into Conv so the folded weights are quantized once) runs first.
+  If it fails on a model, the model is quantized as given and a warning says so.
+* **Fixed batch**: when the model fixes its batch dimension to B0, calibration batches are cut
+  into slices of B0 samples (a remainder smaller than B0 is skipped).
+* The result is written to a temporary file next to ``out_path``, loaded and run in ONNX Runtime
+  on one calibration batch, and only then moved into place (``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from onnx_ocnna.calibration import Batch, CalibrationSource, model_input_spec
+from onnx_ocnna.errors import InputError, ValidationError
+
+# Protobuf's 2 GiB limit, with headroom: above it the temporary copies use external data.
+_INLINE_LIMIT = 1_900_000_000
+_ACTIVATION_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+
+
+class SourceReader(CalibrationDataReader):
+    """ORT ``CalibrationDataReader`` over a :class:`CalibrationSource`.
+
+    Yields feeds {input name: array [B0, ...]} cut to the model's fixed batch size B0 when it
+    has one, for at most ``max_batches`` batches of the source.
+    """
+
+    def __init__(self, source: CalibrationSource, fixed_batch: int | None = None, max_batches: int | None = None):
+        self.source = source
+        self.fixed_batch = fixed_batch
+        self.max_batches = max_batches
+        self.first: dict[str, np.ndarray] | None = None  # kept to test-run the result
+        self.exhausted = False
+        self._feeds: Iterator[dict[str, np.ndarray]] | None = None
+
+    def _generate(self) -> Iterator[dict[str, np.ndarray]]:
+        for index, batch in enumerate(self.source.batches()):
+            if self.max_batches is not None and index >= self.max_batches:
+                break
+            yield from split_feeds(batch, self.fixed_batch)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._feeds is None:
+            self._feeds = self._generate()
+        feeds = next(self._feeds, None)
+        if feeds is None:
+            self.exhausted = True
+        elif self.first is None:
+            self.first = feeds
+        return feeds
+
+    def rewind(self) -> None:
+        self._feeds = None
+
+
+def split_feeds(batch: Batch, fixed_batch: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """The batch's feeds as they are, or cut into slices of ``fixed_batch`` samples."""
+    sizes = {len(v) for v in batch.feeds.values()}
+    size = sizes.pop() if len(sizes) == 1 else None
+    if fixed_batch is None or size is None or size == fixed_batch:
+        yield dict(batch.feeds)
+        return
+    for start in range(0, size - fixed_batch + 1, fixed_batch):
+        yield {k: v[start : start + fixed_batch] for k, v in batch.feeds.items()}
+
+
+def quantize_int8(
+    model: onnx.ModelProto | str | os.PathLike,
+    calibration: CalibrationSource,
+    out_path: str | os.PathLike,
+    *,
+    per_channel: bool = True,
+    max_batches: int | None = None,
+    activation_type: str = "uint8",
+    reduce_range: bool = False,
+    calibrate_method: str = "minmax",
+    preprocess: bool = True,
+    nodes_to_exclude: list[str] | None = None,
+) -> Path:
+    """Quantize ``model`` to INT8 (QDQ) with ranges calibrated on ``calibration``; write ``out_path``.
+
+    Args:
+        model: the float model, in memory or as a path (external data next to it is read).
+        calibration: batches whose ``feeds`` match the model's inputs.
+        out_path: where the quantized model goes (replaced atomically).
+        per_channel: one weight scale per output channel (else per tensor).
+        max_batches: use at most this many batches of ``calibration``.
+        activation_type: "uint8" (asymmetric, default) or "int8" (symmetric range of int8).
+        reduce_range: 7-bit weights, for x86 CPUs without VNNI.
+        calibrate_method: "minmax", "entropy" or "percentile".
+        preprocess: run ORT's ``quant_pre_process`` first.
+        nodes_to_exclude: node names left in float.
+
+    Returns:
+        ``out_path`` as a Path.
+    """
+    if activation_type not in _ACTIVATION_TYPES:
+        raise InputError(f"activation_type must be one of {sorted(_ACTIVATION_TYPES)}, got {activation_type!r}")
+    if calibrate_method not in _METHODS:
+        raise InputError(f"calibrate_method must be one of {sorted(_METHODS)}, got {calibrate_method!r}")
+    if max_batches is not None and max_batches < 1:
+        raise InputError(f"max_batches must be a positive integer, got {max_batches!r}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(os.fspath(model)) if not isinstance(model, onnx.ModelProto) else model
+    fixed = _fixed_batch(proto)
+
+    with tempfile.TemporaryDirectory(prefix="ocnna-quant-") as work:
+        # ORT's tools are given files: with a ModelProto they move its initializers out of the
+        # proto in place (the caller's model) and then fail on constants shape inference reads.
+        source_model = os.path.join(work, "input.onnx")
+        onnx.save_model(proto, source_model, save_as_external_data=proto.ByteSize() > _INLINE_LIMIT)
+        if preprocess:
+            prepared = os.path.join(work, "prepared.onnx")
+            try:
+                # ONNX shape inference covers CNN graphs; the symbolic pass targets transformers.
+                quant_pre_process(source_model, prepared, skip_symbolic_shape=True,
+                                  save_as_external_data=proto.ByteSize() > _INLINE_LIMIT)  # fmt: skip
+                source_model = prepared
+            except Exception as exc:  # ORT raises assorted types for graphs its tools reject
+                warnings.warn(f"quantization pre-processing failed ({exc}); quantizing the model as given",
+                              stacklevel=2)
+
+        reader = SourceReader(calibration, fixed, max_batches)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+        os.close(fd)
+        try:
+            try:
+                quantize_static(
+                    source_model,
+                    tmp,
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    activation_type=_ACTIVATION_TYPES[activation_type],
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=_METHODS[calibrate_method],
+                    nodes_to_exclude=nodes_to_exclude,
+                )
+            except Exception as exc:  # onnxruntime raises assorted types
+                if reader.exhausted and reader.first is None:
+                    raise InputError("the calibration data produced no batch to calibrate the quantizer with") from exc
+                raise ValidationError(f"ONNX Runtime could not quantize the model: {exc}") from exc
+            _check_runs(tmp, reader.first)
+            os.replace(tmp, out_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return out_path
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's inputs fix, or None when it is symbolic."""
+    fixed = {spec.shape[0] for spec in model_input_spec(model) if spec.shape and spec.shape[0] is not None}
+    if len(fixed) > 1:
+        raise InputError(f"the model's inputs fix different batch sizes {sorted(fixed)}")
+    return fixed.pop() if fixed else None
+
+
+def _check_runs(path: str, feeds: dict[str, np.ndarray]) -> None:
+    """Load the quantized model and run it on ``feeds``; ValidationError if that fails."""
+    try:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        outputs = session.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception classes
+        raise ValidationError(f"the quantized model does not run in ONNX Runtime: {exc}") from exc
+    for info, value in zip(session.get_outputs(), outputs):
+        if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value)):
+            raise ValidationError(f"the quantized model's output {info.name!r} is not finite")
