@@ -70,7 +70,12 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     out.add_argument("--report", type=Path, metavar="report.json", help="write the report as JSON")
     out.add_argument("--save-plan", type=Path, metavar="plan.json", help="also write the plan that was applied")
     out.add_argument("--eval", metavar="DATA", help="held-out data: top-1 before/after (or agreement without labels)")
+    out.add_argument("--eval-samples", type=_positive_int, metavar="N",
+                     help="evaluate on a seeded class-balanced subset of N held-out samples (default: all)")
     out.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency before/after")
+    out.add_argument("--quantize", choices=["int8"],
+                     help="write OUT as an INT8 (QDQ) model calibrated on --calib; the float pruned model "
+                          "goes to OUT's name with .fp32.onnx")
     out.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -90,7 +95,17 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     score.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     score.add_argument("--overwrite", action="store_true")
     score.add_argument("--quiet", action="store_true")
-    return {"main": main, "inspect": inspect, "score": score}
+    quantize = _Parser(prog="onnx-ocnna quantize",
+                       description="ONNX Runtime static INT8 quantization (QDQ, per-channel weights).")
+    quantize.add_argument("input", type=Path)
+    quantize.add_argument("output", type=Path)
+    _add_calibration_options(quantize, required=True)
+    quantize.add_argument("--seed", type=int, default=0)
+    quantize.add_argument("--eval", metavar="DATA", help="held-out data: top-1 of float vs INT8")
+    quantize.add_argument("--eval-samples", type=_positive_int, metavar="N")
+    quantize.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency float vs INT8")
+    quantize.add_argument("--overwrite", action="store_true")
+    return {"main": main, "inspect": inspect, "score": score, "quantize": quantize}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in parsers and argv[0] != "main" else "main"
     args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
     try:
-        return {"main": _run_main, "inspect": _run_inspect, "score": _run_score}[command](args)
+        runners = {"main": _run_main, "inspect": _run_inspect, "score": _run_score, "quantize": _run_quantize}
+        return runners[command](args)
     except OcnnaError as exc:
         print(f"onnx-ocnna: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -118,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
 def _calibration_options(args) -> dict:
     return {"preprocess": args.preprocess, "mean": args.mean, "std": args.std, "size": args.size,
             "max_samples": args.max_samples, "batch_size": args.batch_size, "seed": args.seed}
+
+
+def _eval_source(args, model):
+    """Held-out data, read like the calibration data but with its own sample limit."""
+    from onnx_ocnna import api
+
+    options = {**_calibration_options(args), "max_samples": getattr(args, "eval_samples", None)}
+    return api.as_source(args.eval, model, **options)
 
 
 def _criterion_options(args) -> dict:
@@ -143,9 +167,14 @@ def _run_main(args) -> int:
     from onnx_ocnna.plan import load_plan, save_plan
 
     _check_output(args, args.output)
-    for extra in (args.report, args.save_plan):
+    fp32_path = args.output.with_name(args.output.stem + ".fp32.onnx") if args.quantize else None
+    for extra in (args.report, args.save_plan, fp32_path):
         if extra is not None:
             _check_output(args, extra)
+    if args.quantize and not args.calib:
+        from onnx_ocnna.errors import InputError
+
+        raise InputError("--quantize int8 needs calibration data (--calib)")
     model = api.as_model(args.input)
     if args.plan is not None:
         pruned, report = api.apply_plan(model, load_plan(args.plan))
@@ -159,18 +188,90 @@ def _run_main(args) -> int:
     if args.eval:
         from onnx_ocnna.evaluate import compare_accuracy
 
-        source = api.as_source(args.eval, model, **_calibration_options(args))
-        report.accuracy = compare_accuracy(model, pruned, source.batches).as_dict()
+        report.accuracy = compare_accuracy(model, pruned, _eval_source(args, model).batches).as_dict()
     if args.bench:
         from onnx_ocnna.evaluate import compare_latency
 
         report.latency = compare_latency(model, pruned)
-    save_model(pruned, args.output, external_data=uses_external_data(args.input) or None)
+    external = uses_external_data(args.input) or None
+    if args.quantize:
+        _quantize_into(args, model, pruned, fp32_path, report, external)
+    else:
+        save_model(pruned, args.output, external_data=external)
     if args.save_plan is not None and "plan" in report.extra:
         save_plan(report.extra["plan"], args.save_plan)
     if args.report is not None:
         report.save(args.report)
     print(report.table())
+    if args.quantize:
+        print(_quantized_table(report.extra["int8"]))
+        print(f"wrote {fp32_path} (float) and {args.output} (INT8)")
+    else:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _quantize_into(args, model, pruned, fp32_path: Path, report, external) -> None:
+    """Save the float pruned model, quantize it into OUT, and measure both."""
+    from onnx_ocnna import api
+    from onnx_ocnna.model_io import load_model, save_model
+    from onnx_ocnna.quantize import quantize_int8
+
+    save_model(pruned, fp32_path, external_data=external)
+    source = api.as_source(args.calib, model, **_calibration_options(args))
+    quantize_int8(fp32_path, source, args.output)
+    int8 = load_model(args.output)
+    info = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": args.output.stat().st_size}
+    info["size_ratio"] = info["int8_bytes"] / info["fp32_bytes"]
+    if args.eval:
+        from onnx_ocnna.evaluate import compare_accuracy
+
+        info["accuracy"] = compare_accuracy(model, int8, _eval_source(args, model).batches).as_dict()
+    if args.bench:
+        from onnx_ocnna.evaluate import compare_latency
+
+        info["latency"] = compare_latency(pruned, int8)
+    report.extra["int8"] = info
+
+
+def _quantized_table(info: dict) -> str:
+    lines = [f"INT8 (QDQ): file {info['int8_bytes'] / 1024:.1f} KiB = {info['size_ratio']:.3f} x the float pruned file"]
+    acc = info.get("accuracy")
+    if acc:
+        if acc.get("top1_after") is not None:
+            lines.append(f"INT8 top-1 {100 * acc['top1_after']:.2f} % (original {100 * acc['top1_before']:.2f} %)")
+        lines.append(f"INT8 agreement with the original {100 * acc['agreement']:.2f} %")
+    for row in info.get("latency", []):
+        lines.append(f"latency b{row['batch']} t{row['threads']}: float pruned {row['before_ms']:.2f} ms, "
+                     f"INT8 {row['after_ms']:.2f} ms ({row['speedup']:.2f}x)")
+    return "\n".join(lines)
+
+
+def _run_quantize(args) -> int:
+    from onnx_ocnna import api
+    from onnx_ocnna.model_io import load_model
+    from onnx_ocnna.quantize import quantize_int8
+
+    _check_output(args, args.output)
+    model = api.as_model(args.input)
+    source = api.as_source(args.calib, model, **_calibration_options(args))
+    quantize_int8(args.input, source, args.output)
+    int8 = load_model(args.output)
+    before, after = args.input.stat().st_size, args.output.stat().st_size
+    print(f"INT8 (QDQ) model: {after / 1024:.1f} KiB, {after / before:.3f} x the input file")
+    if args.eval:
+        from onnx_ocnna.evaluate import compare_accuracy
+
+        acc = compare_accuracy(model, int8, _eval_source(args, model).batches)
+        if acc.top1_before is not None:
+            print(f"top-1: float {100 * acc.top1_before:.2f} %, INT8 {100 * acc.top1_after:.2f} %")
+        print(f"agreement with the float model: {100 * acc.agreement:.2f} % (n={acc.samples})")
+    if args.bench:
+        from onnx_ocnna.evaluate import compare_latency
+
+        for row in compare_latency(model, int8):
+            print(f"latency b{row['batch']} t{row['threads']}: float {row['before_ms']:.2f} ms, "
+                  f"INT8 {row['after_ms']:.2f} ms ({row['speedup']:.2f}x)")
     print(f"wrote {args.output}")
     return 0
 
