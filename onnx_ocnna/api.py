@@ -258,3 +258,25 @@ def _search_target(model, pruner: Pruner, scores: Scores, options: SelectionOpti
             lo = mid
     options.percentile = best[0]
     return best[1], best[2]
+
+
+def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int = 1, lr: float = 0.01,
+            temperature: float = 4.0, alpha: float = 0.5, augment: bool = True, hflip: bool = True,
+            eval_data: Any = None, calibration_options: dict | None = None, eval_options: dict | None = None,
+            progress: bool = True, seed: int = 0):
+    """Knowledge distillation (SPEC section 7): the pruned ``student`` learns from ``teacher``.
+
+    Args:
+        train: training data, read like calibration data (labels optional).
+        eval_data: held-out data for per-epoch accuracy (or agreement without labels).
+    Returns:
+        (the student with trained initializers, same graph structure; a DistillReport).
+    """
+    from onnx_ocnna.distill import distill as run_distill
+
+    student, teacher = as_model(student), as_model(teacher)
+    source = as_source(train, teacher, **(calibration_options or {}))
+    held_out = as_source(eval_data, teacher, **(eval_options or calibration_options or {})) if eval_data is not None else None
+    return run_distill(student, teacher, source.batches, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
+                       augment=augment, hflip=hflip, eval_batches=held_out.batches if held_out else None,
+                       progress=progress, seed=seed)

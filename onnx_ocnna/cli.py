@@ -47,6 +47,18 @@ def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed for random and for sample subsets (default 0)")
 
 
+def _add_distill_options(group, flag: bool = True) -> None:
+    if flag:
+        group.add_argument("--distill", action="store_true", help="fine-tune the pruned model by distillation")
+    group.add_argument("--train", metavar="DATA", help="training data (default: the calibration data)")
+    group.add_argument("--epochs", type=_positive_int, default=3, help="distillation epochs (default 3)")
+    group.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine schedule (default 0.01)")
+    group.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default 4)")
+    group.add_argument("--alpha", type=float, default=0.5, help="weight of cross-entropy when labels exist (default 0.5)")
+    group.add_argument("--no-augment", action="store_true", help="no random crop / horizontal flip")
+    group.add_argument("--no-flip", action="store_true", help="random crop only (for digits, text, ...)")
+
+
 def build_parser() -> dict[str, argparse.ArgumentParser]:
     main = _Parser(prog="onnx-ocnna", description="Prune the filters of a CNN in an ONNX model.",
                    epilog="subcommands: inspect, score, demo, distill, quantize, sweep (onnx-ocnna SUBCOMMAND --help)")
@@ -66,6 +78,8 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     sel.add_argument("--target-params", type=float, metavar="R", help="search K so that RPR <= R")
     sel.add_argument("--target-macs", type=float, metavar="R", help="search K so that MACs ratio <= R")
     sel.add_argument("--plan", type=Path, metavar="plan.json", help="apply this plan instead of scoring")
+    kd = main.add_argument_group("knowledge distillation (PyTorch; the original model teaches)")
+    _add_distill_options(kd)
     out = main.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="report.json", help="write the report as JSON")
     out.add_argument("--save-plan", type=Path, metavar="plan.json", help="also write the plan that was applied")
@@ -105,7 +119,26 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     quantize.add_argument("--eval-samples", type=_positive_int, metavar="N")
     quantize.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency float vs INT8")
     quantize.add_argument("--overwrite", action="store_true")
-    return {"main": main, "inspect": inspect, "score": score, "quantize": quantize}
+    distill = _Parser(prog="onnx-ocnna distill",
+                      description="Distil an already pruned model; the original model is the teacher.")
+    distill.add_argument("input", type=Path, help="pruned .onnx model (the student)")
+    distill.add_argument("output", type=Path)
+    distill.add_argument("--teacher", type=Path, required=True, help="the original .onnx model")
+    _add_calibration_options(distill)
+    _add_distill_options(distill, flag=False)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--eval", metavar="DATA")
+    distill.add_argument("--eval-samples", type=_positive_int, metavar="N")
+    distill.add_argument("--overwrite", action="store_true")
+    distill.add_argument("--quiet", action="store_true")
+
+    demo = _Parser(prog="onnx-ocnna demo",
+                   description="Compress and distil the digits CNN shipped in the package (no network needed).")
+    demo.add_argument("--percentile", type=_percentile, default=40.0)
+    demo.add_argument("--epochs", type=_positive_int, default=20)
+    demo.add_argument("--output", type=Path, help="also write the compressed model here")
+    demo.add_argument("--quiet", action="store_true")
+    return {"main": main, "inspect": inspect, "score": score, "quantize": quantize, "distill": distill, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in parsers and argv[0] != "main" else "main"
     args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
     try:
-        runners = {"main": _run_main, "inspect": _run_inspect, "score": _run_score, "quantize": _run_quantize}
+        runners = {"main": _run_main, "inspect": _run_inspect, "score": _run_score, "quantize": _run_quantize,
+                   "distill": _run_distill, "demo": _run_demo}
         return runners[command](args)
     except OcnnaError as exc:
         print(f"onnx-ocnna: error: {exc}", file=sys.stderr)
@@ -185,6 +219,9 @@ def _run_main(args) -> int:
             target_params=args.target_params, target_macs=args.target_macs,
             criterion_options=_criterion_options(args), calibration_options=_calibration_options(args),
             progress=not args.quiet)
+    if args.distill:
+        pruned, kd = _distill(args, pruned, model)
+        report.extra["distillation"] = kd.to_dict()
     if args.eval:
         from onnx_ocnna.evaluate import compare_accuracy
 
@@ -208,6 +245,48 @@ def _run_main(args) -> int:
         print(f"wrote {fp32_path} (float) and {args.output} (INT8)")
     else:
         print(f"wrote {args.output}")
+    return 0
+
+
+def _distill(args, student, teacher):
+    from onnx_ocnna import api
+    from onnx_ocnna.errors import InputError
+
+    train = args.train or args.calib
+    if train is None:
+        raise InputError("distillation needs training data (--train or --calib)")
+    options = _calibration_options(args)
+    options["max_samples"] = None if args.train else options["max_samples"]
+    eval_options = {**_calibration_options(args), "max_samples": args.eval_samples}
+    return api.distill(student, teacher, train, epochs=args.epochs, lr=args.lr, temperature=args.temperature,
+                       alpha=args.alpha, augment=not args.no_augment, hflip=not args.no_flip,
+                       eval_data=args.eval, calibration_options=options, eval_options=eval_options,
+                       progress=not args.quiet, seed=args.seed)
+
+
+def _run_distill(args) -> int:
+    from onnx_ocnna import api
+    from onnx_ocnna.metrics import model_stats
+    from onnx_ocnna.model_io import save_model, uses_external_data
+
+    _check_output(args, args.output)
+    student, teacher = api.as_model(args.input), api.as_model(args.teacher)
+    if model_stats(student).parameters > model_stats(teacher).parameters:
+        print("onnx-ocnna: note: the student has more parameters than the teacher", file=sys.stderr)
+    distilled, kd = _distill(args, student, teacher)
+    save_model(distilled, args.output, external_data=uses_external_data(args.input) or None)
+    for epoch in kd.epochs:
+        acc = f", held-out top-1 {100 * epoch.eval_accuracy:.2f} %" if epoch.eval_accuracy is not None else ""
+        agree = f", agreement {100 * epoch.eval_agreement:.2f} %" if epoch.eval_agreement is not None else ""
+        print(f"epoch {epoch.epoch}: loss {epoch.loss:.4f}{agree}{acc} ({epoch.seconds:.1f} s)")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _run_demo(args) -> int:
+    from onnx_ocnna.demo import run_demo
+
+    print(run_demo(percentile=args.percentile, epochs=args.epochs, output=args.output, progress=not args.quiet))
     return 0
 
 
