@@ -179,30 +179,53 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
              scope: str = "per-group", min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
              target_params: float | None = None, target_macs: float | None = None,
              criterion_options: dict | None = None, calibration_options: dict | None = None,
-             progress: bool = True, scores: Scores | None = None) -> tuple[onnx.ModelProto, Report]:
+             progress: bool = True, scores: Scores | None = None, drop_blocks: bool = False,
+             si_epsilon: float = 0.0) -> tuple[onnx.ModelProto, Report]:
     """Score, select and rewrite. Returns the pruned model (validated) and its report.
 
     With ``target_params`` (or ``target_macs``) R, the percentile is searched so the result
-    keeps at most R of the parameters (MACs); ``percentile`` is then ignored.
+    keeps at most R of the parameters (MACs); ``percentile`` is then ignored. With
+    ``drop_blocks``, residual blocks that do not raise the Separation Index by ``si_epsilon``
+    are removed first (labelled calibration data needed); filters are then selected on the
+    remaining network.
     """
-    model = as_model(model)
+    model = original = as_model(model)
     timings = {}
     start = time.perf_counter()
+    blocks = []
+    if drop_blocks:
+        from onnx_ocnna.blocks import select_blocks
+
+        if calibration is None:
+            raise InputError("--drop-blocks needs labelled calibration data (--calib)")
+        if scores is not None:
+            raise InputError("precomputed scores cannot be combined with block removal")
+        source = as_source(calibration, model, **(calibration_options or {}))
+        calibration = source
+        model, blocks = select_blocks(model, source.batches(), si_epsilon=si_epsilon)
+        timings["drop_blocks_s"] = time.perf_counter() - start
     pruner = Pruner(model)
     if scores is None:
         scores = score(model, calibration, criterion=criterion, criterion_options=criterion_options,
                        calibration_options=calibration_options, progress=progress, pruner=pruner)
     timings["score_s"] = scores.seconds
+    block_rows = [b.as_dict() for b in blocks]
     options = SelectionOptions(percentile=percentile, scope=scope, min_channels=min_channels, round_to=round_to,
                                exclude=pruner.analysis.excluded(exclude or []))
     options.validate()
     settings = {"criterion": criterion, "percentile": percentile, "scope": scope, "min_channels": min_channels,
+                "drop_blocks": drop_blocks, "si_epsilon": si_epsilon,
                 "round_to": round_to, "exclude": exclude or [], "criterion_options": criterion_options or {},
                 "calibration_samples": scores.samples}
     notes: list[str] = []
     if not any(g.prunable and g.id not in options.exclude for g in pruner.analysis.groups):
         reasons = sorted({g.frozen_reason for g in pruner.analysis.groups if g.frozen_reason})
         why = "; ".join(reasons[:5]) if reasons else "the model has no Conv filters whose channels can be removed"
+        if blocks and any(b.dropped for b in blocks):
+            notes.append(f"no filter is prunable after block removal: {why}")
+            pruned, report = _finish(original, model, pruner, {}, settings, notes)
+            report.extra["blocks"] = block_rows
+            return pruned, report
         notes.append(f"nothing prunable, model written unchanged: {why}")
         report = Report(model_stats(model), model_stats(model), group_rows(pruner.analysis, {}), settings, notes)
         return model, report
@@ -215,11 +238,16 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         removed = select(pruner.analysis, scores.groups, options)
         pruned = pruner.rewrite(removed) if removed else model
     if not removed:
-        notes.append("the selection removes no channel at this percentile; the model is unchanged")
-    timings["rewrite_s"] = time.perf_counter() - start - scores.seconds
-    pruned, report = _finish(model, pruned, pruner, removed, settings, notes)
+        notes.append("the selection removes no channel at this percentile")
+    if blocks:
+        dropped = [b.add for b in blocks if b.dropped]
+        notes.append(f"removed {len(dropped)} of {len(blocks)} identity-shortcut blocks by SI: {', '.join(dropped) or 'none'}")
+    timings["rewrite_s"] = time.perf_counter() - start - scores.seconds - timings.get("drop_blocks_s", 0.0)
+    pruned, report = _finish(original, pruned, pruner, removed, settings, notes)
     report.timings = timings
     report.extra["plan"] = build_plan(pruner.analysis, removed, pruner.sha256, scores.groups)
+    if blocks:
+        report.extra["blocks"] = block_rows
     return pruned, report
 
 

@@ -78,6 +78,10 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     sel.add_argument("--target-params", type=float, metavar="R", help="search K so that RPR <= R")
     sel.add_argument("--target-macs", type=float, metavar="R", help="search K so that MACs ratio <= R")
     sel.add_argument("--plan", type=Path, metavar="plan.json", help="apply this plan instead of scoring")
+    sel.add_argument("--drop-blocks", action="store_true",
+                     help="first remove residual blocks that do not raise the Separation Index (needs labels)")
+    sel.add_argument("--si-epsilon", type=float, default=0.0, metavar="E",
+                     help="a block must raise SI by more than E to stay (default 0)")
     kd = main.add_argument_group("knowledge distillation (PyTorch; the original model teaches)")
     _add_distill_options(kd)
     out = main.add_argument_group("output")
@@ -218,7 +222,7 @@ def _run_main(args) -> int:
             min_channels=args.min_channels, round_to=args.round_to, exclude=args.exclude,
             target_params=args.target_params, target_macs=args.target_macs,
             criterion_options=_criterion_options(args), calibration_options=_calibration_options(args),
-            progress=not args.quiet)
+            progress=not args.quiet, drop_blocks=args.drop_blocks, si_epsilon=args.si_epsilon)
     if args.distill:
         pruned, kd = _distill(args, pruned, model)
         report.extra["distillation"] = kd.to_dict()
@@ -240,6 +244,9 @@ def _run_main(args) -> int:
     if args.report is not None:
         report.save(args.report)
     print(report.table())
+    for block in report.extra.get("blocks", []):
+        print(f"block {block['add']}: SI {block['si_in']:.4f} -> {block['si_out']:.4f}"
+              f"{'  removed' if block['dropped'] else ''}")
     if args.quantize:
         print(_quantized_table(report.extra["int8"]))
         print(f"wrote {fp32_path} (float) and {args.output} (INT8)")
