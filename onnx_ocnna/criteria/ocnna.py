@@ -175,7 +175,8 @@ def _top_energy(y: np.ndarray, tau: float, threads: int, backend: str) -> np.nda
 def _eigvalsh(gram: np.ndarray, threads: int, backend: str) -> np.ndarray:
     """Ascending eigenvalues of a stack of symmetric matrices [B, k, k] -> [B, k]."""
     solve = _eig_numpy if backend == "numpy" or (backend == "auto" and not _have_torch()) else _eig_torch
-    chunks = [gram[i : i + _EIG_CHUNK] for i in range(0, gram.shape[0], _EIG_CHUNK)]
+    pieces = min(max(threads, -(-gram.shape[0] // _EIG_CHUNK)), gram.shape[0])
+    chunks = np.array_split(gram, pieces) if pieces > 1 else [gram]
     if threads <= 1 or len(chunks) == 1:
         return np.concatenate([solve(chunk) for chunk in chunks])
     return np.concatenate(list(_worker_pool().map(solve, chunks)))
@@ -264,6 +265,7 @@ def snr_scores(mean: np.ndarray, std: np.ndarray, invert: bool = False) -> np.nd
     Normal: mean/std; a constant non-zero F gives +inf, a dead filter (mean 0) gives 0.
     Inverted: 1 + std/mean for live filters (ordered exactly by the coefficient of
     variation, always >= 1) and 0 for dead ones, so a dead filter is still the lowest.
+    F counts as constant when std <= 1e-6 * mean, the resolution of F in float32.
     """
     mean = np.asarray(mean, dtype=np.float64)
     std = np.asarray(std, dtype=np.float64)
