@@ -44,7 +44,9 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     measured = {m: groups[m].measured[m] for m in accumulators}
     names = sorted(set(measured.values()))
     graph_model = _analysis_model(model, analysis)
-    session = ort_session(with_outputs(graph_model, names), threads=threads)
+    # Statistics run in this thread while ONNX Runtime works in another: its idle workers must
+    # not spin on the cores the statistics need.
+    session = ort_session(with_outputs(graph_model, names), threads=threads, spinning=False)
     output_index = {o.name: i for i, o in enumerate(session.get_outputs())}
     feeds_names = {i.name for i in session.get_inputs()}
 

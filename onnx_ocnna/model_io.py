@@ -83,8 +83,13 @@ def sample_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[
     return feeds
 
 
-def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None, optimize: bool = True):
-    """An ONNX Runtime CPU session for a model held in memory or on disk."""
+def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None, optimize: bool = True,
+                spinning: bool = True):
+    """An ONNX Runtime CPU session for a model held in memory or on disk.
+
+    Args:
+        spinning: let idle worker threads spin; turn off when other work shares the cores.
+    """
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
@@ -95,6 +100,8 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None 
         options.inter_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
             raise ValidationError("model too large to run from memory; save it first")
