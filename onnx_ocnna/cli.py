@@ -142,7 +142,23 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     demo.add_argument("--epochs", type=_positive_int, default=20)
     demo.add_argument("--output", type=Path, help="also write the compressed model here")
     demo.add_argument("--quiet", action="store_true")
-    return {"main": main, "inspect": inspect, "score": score, "quantize": quantize, "distill": distill, "demo": demo}
+    sweep = _Parser(prog="onnx-ocnna sweep",
+                    description="Accuracy and RPR against the percentile k (plot + CSV), scoring once.")
+    sweep.add_argument("input", type=Path)
+    sweep.add_argument("-o", "--output", type=Path, required=True, metavar="sweep.png",
+                       help="the plot; the table goes beside it as .csv")
+    _add_calibration_options(sweep)
+    _add_scoring_options(sweep)
+    sweep.add_argument("--eval", metavar="DATA", required=True, help="held-out data")
+    sweep.add_argument("--eval-samples", type=_positive_int, metavar="N")
+    sweep.add_argument("--percentiles", type=_floats, default=[float(k) for k in range(0, 90, 10)],
+                       metavar="K,K,...", help="default 0,10,...,80")
+    sweep.add_argument("--distill", action="store_true", help="distil every pruned model")
+    _add_distill_options(sweep, flag=False)
+    sweep.add_argument("--overwrite", action="store_true")
+    sweep.add_argument("--quiet", action="store_true")
+    return {"main": main, "inspect": inspect, "score": score, "quantize": quantize, "distill": distill, "demo": demo,
+            "sweep": sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
     try:
         runners = {"main": _run_main, "inspect": _run_inspect, "score": _run_score, "quantize": _run_quantize,
-                   "distill": _run_distill, "demo": _run_demo}
+                   "distill": _run_distill, "demo": _run_demo, "sweep": _run_sweep}
         return runners[command](args)
     except OcnnaError as exc:
         print(f"onnx-ocnna: error: {exc}", file=sys.stderr)
@@ -287,6 +303,33 @@ def _run_distill(args) -> int:
         agree = f", agreement {100 * epoch.eval_agreement:.2f} %" if epoch.eval_agreement is not None else ""
         print(f"epoch {epoch.epoch}: loss {epoch.loss:.4f}{agree}{acc} ({epoch.seconds:.1f} s)")
     print(f"wrote {args.output}")
+    return 0
+
+
+def _run_sweep(args) -> int:
+    from onnx_ocnna import api
+    from onnx_ocnna.sweep import run_sweep
+
+    csv_path = args.output.with_suffix(".csv")
+    for path in (args.output, csv_path):
+        _check_output(args, path)
+    model = api.as_model(args.input)
+    distill_options = {"lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
+                       "augment": not args.no_augment, "hflip": not args.no_flip}
+    rows = run_sweep(model, args.calib, args.eval, args.percentiles, criterion=args.criterion,
+                     criterion_options=_criterion_options(args), distill_epochs=args.epochs if args.distill else 0,
+                     train_data=args.train, distill_options=distill_options,
+                     calibration_options=_calibration_options(args),
+                     eval_options={**_calibration_options(args), "max_samples": args.eval_samples},
+                     out_png=args.output, out_csv=csv_path, progress=not args.quiet)
+    labelled = bool(rows) and rows[0].get("top1_after") is not None
+    columns = ["top1_after", "top1_distilled"] if labelled else ["agreement", "agreement_distilled"]
+    print(f"{'k':>5}  {'RPR':>6}  {'MACs':>6}  " + "  ".join(f"{c:>19}" for c in columns))
+    for row in rows:
+        cells = ["-" if row.get(c) is None else f"{100 * row[c]:.2f} %" for c in columns]
+        print(f"{row['percentile']:>5g}  {row['rpr']:>6.3f}  {row['macs_ratio']:>6.3f}  "
+              + "  ".join(f"{cell:>19}" for cell in cells))
+    print(f"wrote {args.output} and {csv_path}")
     return 0
 
 

@@ -48,3 +48,20 @@ def test_main_command_with_distill_and_distill_subcommand(tmp_path, capsys):
     acc = {name: float((ort_session(m).run(None, {"input": x})[0].argmax(1) == y).mean()) for name, m in
            (("pruned", a), ("distilled", b))}
     assert acc["distilled"] > acc["pruned"]
+
+
+def test_sweep_command_writes_plot_and_csv(tmp_path, capsys):
+    model, data = digits_model_and_data()
+    onnx.save(model, tmp_path / "digits.onnx")
+    for name in ("calibration", "test"):
+        np.savez(tmp_path / f"{name}.npz", input=data[name]["input"], labels=data[name]["labels"])
+    out = tmp_path / "sweep.png"
+    code = main(["sweep", str(tmp_path / "digits.onnx"), "--calib", str(tmp_path / "calibration.npz"),
+                 "--eval", str(tmp_path / "test.npz"), "--percentiles", "0,30,60", "-o", str(out), "--quiet"])
+    assert code == 0
+    assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("percentile")
+    printed = capsys.readouterr().out
+    rprs = [float(line.split()[1]) for line in printed.splitlines()[1:4]]
+    assert rprs[0] == 1.0 and rprs[0] > rprs[1] > rprs[2]
