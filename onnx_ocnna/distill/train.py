@@ -33,15 +33,33 @@ Choices:
   are timed with 1 and with all of them and the faster count is kept (:class:`_ThreadChooser`).
 * **Evaluation** (``eval_batches``) runs the written-back student in ONNX Runtime: the
   numbers describe the file the user gets.
+* **Several processes** (under torchrun, :mod:`onnx_ocnna.distributed`): the student is wrapped
+  in ``DistributedDataParallel`` (gradients averaged over the ranks, so one step sees W batches
+  at the same learning rate and an epoch has ceil(K / W) steps instead of K); the K batches are
+  dealt out as ``DistributedSampler(shuffle=False)`` would, at batch granularity
+  (:func:`~onnx_ocnna.distributed.strided`). Each rank runs the teacher on its own batches; rank 0
+  alone evaluates and writes checkpoints, and every rank returns the same model and report.
+  Without a thread count each rank uses its share of the node's CPUs.
+* **Random streams** (augmentation, dropout) are re-seeded at the start of every epoch from
+  (seed, epoch, rank), so a resumed run draws exactly what the uninterrupted run would have, and
+  ranks draw different crops.
+* **Checkpoints** (``checkpoint_dir``): after every epoch rank 0 writes ``checkpoint.pt``
+  atomically (temporary file, then rename): epoch, trained parameters, optimiser state, schedule
+  position, chosen thread count and the report so far. ``resume=True`` restores it and
+  continues with the next epoch; the epoch count may be raised (the cosine then stretches over
+  the new total). A checkpoint of another student or another number of processes is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -51,9 +69,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from onnx_ocnna import distributed
 from onnx_ocnna.distill.torch_graph import OnnxModule, as_tensor
 from onnx_ocnna.distill.writeback import check_agreement, write_back
 from onnx_ocnna.errors import InputError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_CHECKPOINT_FORMAT = "onnx-ocnna-distill-checkpoint/1"
 
 
 class BatchLike(Protocol):
@@ -133,6 +155,8 @@ class DistillSettings:
     threads: int | None = None
     progress: bool = True
     seed: int = 0
+    checkpoint_dir: str | None = None
+    resume: bool = False
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -143,6 +167,8 @@ class DistillSettings:
             raise InputError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be at least 1, got {self.threads}")
+        if self.resume and not self.checkpoint_dir:
+            raise InputError("resuming needs the checkpoint directory of the interrupted run")
 
 
 def distill(
@@ -166,6 +192,9 @@ def distill(
     threads: int | None = None,
     progress: bool = True,
     seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    epoch_callback: Callable[[EpochRecord], None] | None = None,
 ) -> tuple[onnx.ModelProto, DistillReport]:
     """Fine-tune ``student`` to mimic ``teacher`` and return it with the same graph structure.
 
@@ -182,11 +211,19 @@ def distill(
         steps_per_epoch: batches per epoch, if ``len()`` of the data cannot tell.
         output: name of the logits output [N, K] (or [N, K, ...]); default the first output.
         threads: CPU threads for torch and the teacher; None = choose (see the module docstring).
-        progress: show a tqdm bar with the running loss and teacher agreement.
+        progress: show a tqdm bar with the running loss and teacher agreement (rank 0 only).
         seed: seeds augmentation and dropout (the global torch RNG state is restored).
+        checkpoint_dir: write ``checkpoint.pt`` here after every epoch (rank 0; created if needed).
+        resume: continue from the checkpoint in ``checkpoint_dir`` (a fresh start if there is none).
+        epoch_callback: called on every rank with each finished epoch's record, after its
+            checkpoint is on disk.
+
+    Under torchrun (:mod:`onnx_ocnna.distributed`) every rank calls this with the same arguments
+    and data; see the module docstring.
 
     Returns:
-        The distilled model (a new ModelProto) and the :class:`DistillReport`.
+        The distilled model (a new ModelProto) and the :class:`DistillReport`, the same on
+        every rank; only rank 0 writes files (checkpoints).
 
     Raises:
         InputError: bad settings or data, an operator the converter lacks, or divergence.
@@ -196,13 +233,14 @@ def distill(
         epochs=epochs, lr=lr, temperature=temperature, alpha=alpha, augment=augment, hflip=hflip,
         weight_decay=weight_decay, momentum=momentum, optimizer=optimizer, clip_grad_norm=clip_grad_norm,
         steps_per_epoch=steps_per_epoch, output=output, threads=threads, progress=progress, seed=seed,
+        checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir), resume=resume,
     )
     settings.validate()
     saved_threads = torch.get_num_threads()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return _Distiller(student, teacher, settings).run(train_batches, eval_batches)
+            return _Distiller(student, teacher, settings).run(train_batches, eval_batches, epoch_callback)
     finally:
         torch.set_num_threads(saved_threads)
 
@@ -212,11 +250,19 @@ class _Distiller:
 
     def __init__(self, student: onnx.ModelProto, teacher: onnx.ModelProto, settings: DistillSettings) -> None:
         self.settings = settings
+        self.world = distributed.init()
+        self.primary = self.world.rank == 0
         self.student = student
         self.module = OnnxModule(student)
+        self.model: torch.nn.Module = self.module  # the DDP wrapper under torchrun
         self.out_index = _output_index(self.module.output_names, settings.output)
         cpus = available_cpus()
-        candidates = [settings.threads] if settings.threads else sorted({cpus, 1}, reverse=True)
+        if settings.threads:
+            candidates = [settings.threads]
+        elif self.world.distributed:  # the ranks on one node share its CPUs
+            candidates = [distributed.cpu_share() or 1]
+        else:
+            candidates = sorted({cpus, 1}, reverse=True)
         self.threads = _ThreadChooser(candidates)
         self.teacher = _TeacherRunner(teacher, self.module.output_names[self.out_index], candidates[0])
         self.layouts = _input_layouts(student)
@@ -238,40 +284,165 @@ class _Distiller:
         self.sample_feeds: dict[str, np.ndarray] | None = None
 
     def run(
-        self, train_batches: Callable[[], Iterable[BatchLike]], eval_batches: Callable[[], Iterable[BatchLike]] | None
+        self, train_batches: Callable[[], Iterable[BatchLike]], eval_batches: Callable[[], Iterable[BatchLike]] | None,
+        epoch_callback: Callable[[EpochRecord], None] | None = None,
     ) -> tuple[onnx.ModelProto, DistillReport]:
         started = time.perf_counter()
         s = self.settings
-        report = DistillReport(settings={**asdict(s), "schedule": "cosine", "teacher": "onnxruntime"})
+        report = DistillReport(settings={**asdict(s), "schedule": "cosine", "teacher": "onnxruntime",
+                                         "processes": self.world.size})
+        first = 1
+        if s.checkpoint_dir is not None:
+            self.fingerprint = _fingerprint(self.student)
+            if s.resume:
+                first = self._resume(report)
         torch.set_num_threads(self.threads.current())
-        if eval_batches is not None:
+        if self.world.distributed:
+            self.model = _ddp(self.module)
+        if eval_batches is not None and first == 1 and self.primary:
             report.initial_agreement, report.initial_accuracy, report.teacher_accuracy = self.evaluate(eval_batches())
-        for epoch in range(1, s.epochs + 1):
-            report.epochs.append(self.train_epoch(epoch, train_batches))
-            if eval_batches is not None:
-                rec = report.epochs[-1]
+        for epoch in range(first, s.epochs + 1):
+            with warnings.catch_warnings():
+                # Conv backward returns a [C, 1, k, k] weight gradient with another (equally valid)
+                # stride on the size-1 axis than DDP's bucket; DDP copies it and warns.
+                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+                report.epochs.append(self.train_epoch(epoch, train_batches))
+            rec = report.epochs[-1]
+            if eval_batches is not None and self.primary:
                 rec.eval_agreement, rec.eval_accuracy, _ = self.evaluate(eval_batches())
-            if s.progress:
-                self._print_epoch(report.epochs[-1])
+            if s.progress and self.primary:
+                self._print_epoch(rec)
+            if s.checkpoint_dir is not None:
+                self._save_checkpoint(epoch, report)
+            if epoch_callback is not None:
+                epoch_callback(rec)
         self.module.eval()
         distilled = write_back(self.module, self.student)
-        report.check_max_diff = check_agreement(distilled, self.module, self.sample_feeds)
+        if self.primary:
+            if self.sample_feeds is None:  # resumed after the last epoch: nothing was trained here
+                self.sample_feeds = next(iter(train_batches())).feeds
+            report.check_max_diff = check_agreement(distilled, self.module, self.sample_feeds)
         report.settings["threads"] = self.threads.current()
         report.seconds = time.perf_counter() - started
-        return distilled, report
+        return distilled, distributed.broadcast_object(report)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _checkpoint_path(self) -> Path:
+        return Path(self.settings.checkpoint_dir) / CHECKPOINT_NAME
+
+    def _save_checkpoint(self, epoch: int, report: DistillReport) -> None:
+        """Rank 0 writes the state after ``epoch`` atomically; every rank waits for it."""
+        if self.primary:
+            state = {
+                "format": _CHECKPOINT_FORMAT,
+                "epoch": epoch,
+                "student_sha256": self.fingerprint,
+                "processes": self.world.size,
+                "params": {k: p.detach().clone() for k, p in self.module.params.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "steps_per_epoch": self.step // epoch,
+                "threads": self.threads.chosen,
+                "report": report.to_dict(),
+            }
+            path = self._checkpoint_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                torch.save(state, tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        distributed.barrier()
+
+    def _resume(self, report: DistillReport) -> int:
+        """Restore the checkpoint (read by rank 0, broadcast); returns the first epoch to run."""
+        state, error = None, None
+        if self.primary:
+            path = self._checkpoint_path()
+            if path.exists():
+                try:
+                    state = torch.load(path, weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+                    error = f"cannot read the checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else exc}"
+                else:
+                    error = self._checkpoint_mismatch(state, path)
+            else:
+                warnings.warn(f"no checkpoint in {path.parent}; distillation starts from epoch 1", stacklevel=4)
+        state, error = distributed.broadcast_object((state, error))
+        if error is not None:
+            raise InputError(error)
+        if state is None:
+            return 1
+        with torch.no_grad():
+            for key, param in self.module.params.items():
+                param.copy_(state["params"][key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.total_steps = int(state["steps_per_epoch"]) * self.settings.epochs or None
+        if state["threads"] is not None:
+            self.threads.chosen = int(state["threads"])
+            self.teacher.set_threads(self.threads.chosen)
+        saved = state["report"]
+        report.epochs = [EpochRecord(**e) for e in saved["epochs"]]
+        report.initial_agreement = saved["initial_agreement"]
+        report.initial_accuracy = saved["initial_accuracy"]
+        report.teacher_accuracy = saved["teacher_accuracy"]
+        report.settings["resumed_after_epoch"] = int(state["epoch"])
+        return int(state["epoch"]) + 1
+
+    def _checkpoint_mismatch(self, state: dict, path: Path) -> str | None:
+        if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+            return f"{path} is not an onnx-ocnna distillation checkpoint"
+        if state["student_sha256"] != self.fingerprint:
+            return f"the checkpoint {path} belongs to another student model"
+        if state["processes"] != self.world.size:
+            return (f"the checkpoint {path} was written by {state['processes']} process(es); resume with the same "
+                    f"number, not {self.world.size}")
+        if set(state["params"]) != set(self.module.params):
+            return f"the checkpoint {path} holds other parameters than the student"
+        return None
+
+    # -- training --------------------------------------------------------------------------------
+
+    def _epoch_batches(
+        self, train_batches: Callable[[], Iterable[BatchLike]]
+    ) -> tuple[Iterable[BatchLike], int | None]:
+        """This rank's batches of one epoch and how many there are (None when unknown)."""
+        s = self.settings
+        source = getattr(train_batches, "__self__", None)
+        if not self.world.distributed:
+            iterable = train_batches()
+            return iterable, s.steps_per_epoch or _length(iterable) or _length(source)
+        rank, size = self.world.rank, self.world.size
+        count = _length(source)
+        if count:
+            part = distributed.subset_source(source, distributed.strided(count, rank, size))
+            if part is not None:  # reads only this rank's images
+                return part.batches(), len(part)
+        count = count or s.steps_per_epoch
+        per_rank = math.ceil(count / size) if count else None
+        return distributed.round_robin(train_batches(), _copy_batch), per_rank
+
+    def _seed_epoch(self, epoch: int) -> None:
+        """Augmentation and dropout streams of ``epoch`` on this rank, independent of history."""
+        a, b = np.random.SeedSequence([self.settings.seed, epoch, self.world.rank]).generate_state(2)
+        self.gen.manual_seed(int(a))
+        torch.manual_seed(int(b))
 
     def train_epoch(self, epoch: int, train_batches: Callable[[], Iterable[BatchLike]]) -> EpochRecord:
         s = self.settings
         started = time.perf_counter()
-        iterable = train_batches()
-        per_epoch = s.steps_per_epoch or _length(iterable) or _length(getattr(train_batches, "__self__", None))
+        self._seed_epoch(epoch)
+        iterable, per_epoch = self._epoch_batches(train_batches)
         if per_epoch and self.total_steps is None:
             self.total_steps = per_epoch * s.epochs
-        self.module.train()
+        self.model.train()
         sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "agree": 0.0}
         seen = labelled = 0
         bar = tqdm(iterable, total=per_epoch, desc=f"distill {epoch}/{s.epochs}", unit="batch",
-                   disable=not s.progress, dynamic_ncols=True)
+                   disable=not (s.progress and self.primary), dynamic_ncols=True)
         for batch in bar:
             if self.sample_feeds is None:
                 self.sample_feeds = {k: np.array(v, copy=True) for k, v in batch.feeds.items()}
@@ -293,6 +464,10 @@ class _Distiller:
                 labelled += n
             bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", agree=f"{sums['agree'] / seen:.3f}", refresh=False)
         bar.close()
+        if self.world.distributed:  # the report describes the whole epoch, not this rank's share
+            parts = distributed.all_gather_object((sums, seen, labelled))
+            sums = {k: sum(p[0][k] for p in parts) for k in sums}
+            seen, labelled = sum(p[1] for p in parts), sum(p[2] for p in parts)
         if seen == 0:
             raise InputError("the training data produced no batches")
         if self.total_steps is None:  # length learnt from the first epoch; the cosine starts now
@@ -311,7 +486,7 @@ class _Distiller:
         if s.augment:
             feeds = {k: _augment(v, self.layouts.get(k), self.gen, s.hflip) for k, v in feeds.items()}
         t_logits = torch.from_numpy(self.teacher({k: v.numpy() for k, v in feeds.items()}))
-        outputs = self.module(**{k: feeds[k] for k in self.module.input_names if k in feeds})
+        outputs = self.model(**{k: feeds[k] for k in self.module.input_names if k in feeds})
         s_logits = outputs[self.out_index] if isinstance(outputs, tuple) else outputs
         s2, t2 = _as_class_rows(s_logits), _as_class_rows(t_logits)
         if s2.shape != t2.shape:
@@ -441,6 +616,33 @@ def _output_index(names: list[str], output: str | None) -> int:
     if output not in names:
         raise InputError(f"the student has no output {output!r}; its outputs are {', '.join(names)}")
     return names.index(output)
+
+
+def _ddp(module: OnnxModule) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel (CPU, the process group of :mod:`onnx_ocnna.distributed`)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Buffers are the frozen BatchNorm statistics, identical everywhere: no sync per forward.
+    # static_graph: the parameters reaching the loss never change, and some may not reach it at
+    # all (a second output's head), which DDP otherwise rejects.
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
+    return DistributedDataParallel(module, static_graph=True, **{no_sync: False})
+
+
+def _fingerprint(model: onnx.ModelProto) -> str:
+    from onnx_ocnna.model_io import model_sha256
+
+    return model_sha256(model)
+
+
+def _copy_batch(batch: BatchLike) -> BatchLike:
+    """A batch with its own arrays (a reader may refill the ones it returned)."""
+    out = copy.copy(batch)
+    out.feeds = {k: np.array(v, copy=True) for k, v in batch.feeds.items()}
+    return out
 
 
 def _length(obj: object) -> int | None:
