@@ -40,12 +40,12 @@ Choices:
   (:func:`~onnx_ocnna.distributed.strided`). Each rank runs the teacher on its own batches; rank 0
   alone evaluates and writes checkpoints, and every rank returns the same model and report.
   Without a thread count each rank uses its share of the node's CPUs.
-* **Random streams** (augmentation, dropout) are re-seeded at the start of every epoch from
-  (seed, epoch, rank), so a resumed run draws exactly what the uninterrupted run would have, and
-  ranks draw different crops.
+* **Random streams** (augmentation, dropout): rank 0 uses ``seed`` as a single process does,
+  the other ranks seeds derived from (seed, rank), so they draw different crops.
 * **Checkpoints** (``checkpoint_dir``): after every epoch rank 0 writes ``checkpoint.pt``
   atomically (temporary file, then rename): epoch, trained parameters, optimiser state, schedule
-  position, chosen thread count and the report so far. ``resume=True`` restores it and
+  position, chosen thread count, every rank's random-generator states (so a resumed run draws
+  exactly what the uninterrupted one would have) and the report so far. ``resume=True`` restores it and
   continues with the next epoch; the epoch count may be raised (the cosine then stretches over
   the new total). A checkpoint of another student or another number of processes is refused.
 """
@@ -266,7 +266,11 @@ class _Distiller:
         self.threads = _ThreadChooser(candidates)
         self.teacher = _TeacherRunner(teacher, self.module.output_names[self.out_index], candidates[0])
         self.layouts = _input_layouts(student)
-        self.gen = torch.Generator().manual_seed(settings.seed)
+        rank_seed = settings.seed if self.primary else int(
+            np.random.SeedSequence([settings.seed, self.world.rank]).generate_state(1)[0])
+        self.gen = torch.Generator().manual_seed(rank_seed)
+        if not self.primary:
+            torch.manual_seed(rank_seed)  # dropout; distill() restores the caller's state
         decay = [p for p in self.module.params.values() if p.dim() > 1]
         no_decay = [p for p in self.module.params.values() if p.dim() <= 1]
         self.params = decay + no_decay
@@ -333,6 +337,7 @@ class _Distiller:
 
     def _save_checkpoint(self, epoch: int, report: DistillReport) -> None:
         """Rank 0 writes the state after ``epoch`` atomically; every rank waits for it."""
+        rng = distributed.all_gather_object({"augment": self.gen.get_state(), "torch": torch.get_rng_state()})
         if self.primary:
             state = {
                 "format": _CHECKPOINT_FORMAT,
@@ -344,6 +349,7 @@ class _Distiller:
                 "step": self.step,
                 "steps_per_epoch": self.step // epoch,
                 "threads": self.threads.chosen,
+                "rng": rng,
                 "report": report.to_dict(),
             }
             path = self._checkpoint_path()
@@ -379,6 +385,9 @@ class _Distiller:
             for key, param in self.module.params.items():
                 param.copy_(state["params"][key])
         self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"][self.world.rank]
+        self.gen.set_state(rng["augment"])
+        torch.set_rng_state(rng["torch"])
         self.step = int(state["step"])
         self.total_steps = int(state["steps_per_epoch"]) * self.settings.epochs or None
         if state["threads"] is not None:
@@ -425,16 +434,9 @@ class _Distiller:
         per_rank = math.ceil(count / size) if count else None
         return distributed.round_robin(train_batches(), _copy_batch), per_rank
 
-    def _seed_epoch(self, epoch: int) -> None:
-        """Augmentation and dropout streams of ``epoch`` on this rank, independent of history."""
-        a, b = np.random.SeedSequence([self.settings.seed, epoch, self.world.rank]).generate_state(2)
-        self.gen.manual_seed(int(a))
-        torch.manual_seed(int(b))
-
     def train_epoch(self, epoch: int, train_batches: Callable[[], Iterable[BatchLike]]) -> EpochRecord:
         s = self.settings
         started = time.perf_counter()
-        self._seed_epoch(epoch)
         iterable, per_epoch = self._epoch_batches(train_batches)
         if per_epoch and self.total_steps is None:
             self.total_steps = per_epoch * s.epochs
