@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_ocnna import distributed
 from onnx_ocnna.calibration import CalibrationSource, open_calibration
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
 from onnx_ocnna.collect import collect, member_scores_to_group
@@ -119,6 +120,9 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
         source = as_source(calibration, model, **(calibration_options or {}))
         if crit.needs_labels and not source.has_labels:
             raise InputError(f"the {criterion} criterion needs labelled calibration data (class sub-folders or npz 'labels')")
+        # Under torchrun each process reads its own block of batches; the statistics are then
+        # gathered and merged in rank order (a no-op in a single process).
+        source = distributed.shard_source(source)
         accumulators = {m: crit.new_accumulator(member_info(analysis, m)) for m in members}
         try:
             total = len(source)
@@ -126,7 +130,10 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
             total = None
         if accumulators:
             samples = collect(pruner.prepared_model(), analysis, crit, accumulators, source.batches(),
-                              total=total, progress=progress)
+                              total=total, progress=progress and distributed.is_primary(),
+                              threads=distributed.cpu_share())
+            accumulators = distributed.gather_accumulators(accumulators, crit.options)
+            samples = distributed.all_sum(samples)
         member_scores = {m: acc.scores() for m, acc in accumulators.items()}
     else:
         member_scores = {m: crit.weight_scores(member_info(analysis, m)) for m in members}
@@ -291,12 +298,14 @@ def _search_target(model, pruner: Pruner, scores: Scores, options: SelectionOpti
 def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int = 1, lr: float = 0.01,
             temperature: float = 4.0, alpha: float = 0.5, augment: bool = True, hflip: bool = True,
             eval_data: Any = None, calibration_options: dict | None = None, eval_options: dict | None = None,
-            progress: bool = True, seed: int = 0):
+            progress: bool = True, seed: int = 0, checkpoint_dir: str | os.PathLike | None = None,
+            resume: bool = False):
     """Knowledge distillation (SPEC section 7): the pruned ``student`` learns from ``teacher``.
 
     Args:
         train: training data, read like calibration data (labels optional).
         eval_data: held-out data for per-epoch accuracy (or agreement without labels).
+        checkpoint_dir: save a checkpoint after every epoch; ``resume`` continues from it.
     Returns:
         (the student with trained initializers, same graph structure; a DistillReport).
     """
@@ -307,4 +316,4 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
     held_out = as_source(eval_data, teacher, **(eval_options or calibration_options or {})) if eval_data is not None else None
     return run_distill(student, teacher, source.batches, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
                        augment=augment, hflip=hflip, eval_batches=held_out.batches if held_out else None,
-                       progress=progress, seed=seed)
+                       progress=progress, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume)

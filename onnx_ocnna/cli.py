@@ -57,6 +57,8 @@ def _add_distill_options(group, flag: bool = True) -> None:
     group.add_argument("--alpha", type=float, default=0.5, help="weight of cross-entropy when labels exist (default 0.5)")
     group.add_argument("--no-augment", action="store_true", help="no random crop / horizontal flip")
     group.add_argument("--no-flip", action="store_true", help="random crop only (for digits, text, ...)")
+    group.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="save a checkpoint after every epoch")
+    group.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
 
 
 def build_parser() -> dict[str, argparse.ArgumentParser]:
@@ -167,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in parsers and argv[0] != "main" else "main"
     args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
     try:
+        if command in ("main", "score", "distill"):
+            from onnx_ocnna import distributed
+
+            if distributed.launched():  # under torchrun: join the process group before any work
+                distributed.init()
         runners = {"main": _run_main, "inspect": _run_inspect, "score": _run_score, "quantize": _run_quantize,
                    "distill": _run_distill, "demo": _run_demo, "sweep": _run_sweep}
         return runners[command](args)
@@ -183,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx-ocnna: internal error: {type(exc).__name__}: {text} (set ONNX_OCNNA_DEBUG=1 for the traceback; "
               "please report it)", file=sys.stderr)
         return 1
+
+
+def _primary() -> bool:
+    """True unless this is a non-zero rank under torchrun (which must not write or print)."""
+    from onnx_ocnna import distributed
+
+    return distributed.is_primary()
 
 
 def _calibration_options(args) -> dict:
@@ -242,6 +256,8 @@ def _run_main(args) -> int:
     if args.distill:
         pruned, kd = _distill(args, pruned, model)
         report.extra["distillation"] = kd.to_dict()
+    if not _primary():
+        return 0  # under torchrun only rank 0 evaluates and writes
     if args.eval:
         from onnx_ocnna.evaluate import compare_accuracy
 
@@ -278,13 +294,16 @@ def _distill(args, student, teacher):
     train = args.train or args.calib
     if train is None:
         raise InputError("distillation needs training data (--train or --calib)")
+    if args.resume and args.checkpoint_dir is None:
+        raise InputError("--resume needs --checkpoint-dir (where the checkpoint is)")
     options = _calibration_options(args)
     options["max_samples"] = None if args.train else options["max_samples"]
     eval_options = {**_calibration_options(args), "max_samples": args.eval_samples}
     return api.distill(student, teacher, train, epochs=args.epochs, lr=args.lr, temperature=args.temperature,
                        alpha=args.alpha, augment=not args.no_augment, hflip=not args.no_flip,
                        eval_data=args.eval, calibration_options=options, eval_options=eval_options,
-                       progress=not args.quiet, seed=args.seed)
+                       progress=not args.quiet, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
+                       resume=args.resume)
 
 
 def _run_distill(args) -> int:
@@ -297,6 +316,8 @@ def _run_distill(args) -> int:
     if model_stats(student).parameters > model_stats(teacher).parameters:
         print("onnx-ocnna: note: the student has more parameters than the teacher", file=sys.stderr)
     distilled, kd = _distill(args, student, teacher)
+    if not _primary():
+        return 0
     save_model(distilled, args.output, external_data=uses_external_data(args.input) or None)
     for epoch in kd.epochs:
         acc = f", held-out top-1 {100 * epoch.eval_accuracy:.2f} %" if epoch.eval_accuracy is not None else ""
@@ -440,6 +461,8 @@ def _run_score(args) -> int:
     options = SelectionOptions(percentile=args.percentile, scope=args.scope, min_channels=args.min_channels,
                                round_to=args.round_to, exclude=pruner.analysis.excluded(args.exclude))
     removed = select(pruner.analysis, scores.groups, options)
+    if not _primary():
+        return 0
     plan = build_plan(pruner.analysis, removed, pruner.sha256, scores.groups,
                       extra={"criterion": args.criterion, "percentile": args.percentile,
                              "calibration_samples": scores.samples})

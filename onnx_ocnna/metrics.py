@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import onnx
 
 from onnx_ocnna.channels.analysis import _infer

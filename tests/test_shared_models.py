@@ -3,7 +3,6 @@ on every export, and OCNNA end to end with real calibration images."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 from oracle import check_lossless

@@ -288,7 +288,6 @@ def _counts_shortlist(
         near_dist: [n, K] ``dist`` at ``near``.
     """
     n, k = near.shape
-    rows = np.arange(n)
     step = max(1, _SCRATCH_BYTES // (dist.itemsize * n))
     batch = max(1, _SCRATCH_BYTES // (dist.itemsize * n * k))
     out = np.zeros(len(candidates), dtype=np.int64)
