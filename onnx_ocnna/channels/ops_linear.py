@@ -8,12 +8,17 @@ import onnx_graphsurgeon as gs
 from onnx_ocnna.channels.context import AnalysisContext, SliceInput, describe
 
 
-def gemm(ctx: AnalysisContext, node: gs.Node) -> None:
-    """Y = A·B (+C): channels of A on its K axis remove rows (or columns, transB) of B."""
-    layout = ctx.layout(node.inputs[0])
+def _input_layout(ctx: AnalysisContext, node: gs.Node):
+    """The channels of operand A; a second operand that carries channels is not followed."""
     if ctx.layout(node.inputs[1]) is not None:
         ctx.opaque(node, f"{describe(node)} multiplies by a tensor that carries channels")
-        return
+        return None
+    return ctx.layout(node.inputs[0])
+
+
+def gemm(ctx: AnalysisContext, node: gs.Node) -> None:
+    """Y = A·B (+C): channels of A on its K axis remove rows (or columns, transB) of B."""
+    layout = _input_layout(ctx, node)
     if layout is None:
         return
     k_axis = 0 if int(node.attrs.get("transA", 0)) else 1
@@ -29,10 +34,7 @@ def gemm(ctx: AnalysisContext, node: gs.Node) -> None:
 def matmul(ctx: AnalysisContext, node: gs.Node) -> None:
     """A[..., K]·B[K, N] with constant B: channels on A's last axis remove rows of B; channels
     on an outer axis of A pass through to the output."""
-    layout = ctx.layout(node.inputs[0])
-    if ctx.layout(node.inputs[1]) is not None:
-        ctx.opaque(node, f"{describe(node)} multiplies by a tensor that carries channels")
-        return
+    layout = _input_layout(ctx, node)
     if layout is None:
         return
     weight = ctx.constant(node.inputs[1])

@@ -390,14 +390,18 @@ def _axes_arg(inputs: list, attrs: dict, index: int = 1) -> list[int] | None:
 # Convolution, normalisation, pooling
 
 
-@register("Conv")
-def _conv(ctx: NodeContext, inputs: list, attrs: dict) -> Tensor:
+def _conv_geometry(inputs: list, attrs: dict):
+    """(x, weight, bias or None, spatial rank n, kernel, strides, dilations) of a (transposed) Conv."""
     x, w = inputs[0], inputs[1]
     b = inputs[2] if len(inputs) > 2 else None
     n = w.dim() - 2
     kernel = list(attrs.get("kernel_shape", w.shape[2:]))
-    strides = list(attrs.get("strides", [1] * n))
-    dilations = list(attrs.get("dilations", [1] * n))
+    return x, w, b, n, kernel, list(attrs.get("strides", [1] * n)), list(attrs.get("dilations", [1] * n))
+
+
+@register("Conv")
+def _conv(ctx: NodeContext, inputs: list, attrs: dict) -> Tensor:
+    x, w, b, n, kernel, strides, dilations = _conv_geometry(inputs, attrs)
     pads = _spatial_pads(attrs, x, kernel, strides, dilations)
     if _symmetric(pads):
         padding = pads[:n]
@@ -408,12 +412,7 @@ def _conv(ctx: NodeContext, inputs: list, attrs: dict) -> Tensor:
 
 @register("ConvTranspose")
 def _conv_transpose(ctx: NodeContext, inputs: list, attrs: dict) -> Tensor:
-    x, w = inputs[0], inputs[1]
-    b = inputs[2] if len(inputs) > 2 else None
-    n = w.dim() - 2
-    kernel = list(attrs.get("kernel_shape", w.shape[2:]))
-    strides = list(attrs.get("strides", [1] * n))
-    dilations = list(attrs.get("dilations", [1] * n))
+    x, w, b, n, kernel, strides, dilations = _conv_geometry(inputs, attrs)
     out_pad = list(attrs.get("output_padding", [0] * n))
     groups = attrs.get("group", 1)
     geometry = zip(x.shape[2:], strides, out_pad, kernel, dilations)
