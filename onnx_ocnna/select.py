@@ -66,23 +66,26 @@ def select(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], options: Se
             want = math.floor(options.percentile * group.channels / 100)
             removed[group.id] = _take(group, scores[group.id], want, options)
     else:
-        pooled = []
-        for group in active:
-            s = np.asarray(scores[group.id], dtype=np.float64)
-            finite = s[np.isfinite(s)]
-            # Scores of different groups are put on one scale by each group's mean.
-            scale = finite.mean() if finite.size and finite.mean() > 0 else 1.0
-            pooled.append(s[group.removable()] / scale)
-        values = np.concatenate(pooled) if pooled else np.zeros(0)
-        total = sum(g.channels for g in active)
-        count = math.floor(options.percentile * total / 100)
-        threshold = np.sort(np.nan_to_num(values, nan=-np.inf))[count - 1] if count > 0 and values.size else -np.inf
+        # One ranking over every group's removable channels on a common scale (each group's
+        # scores divided by their mean); ties go to the lower group id, then channel index.
+        values, owners, channels = [], [], []
         for group in active:
             s = np.asarray(scores[group.id], dtype=np.float64)
             finite = s[np.isfinite(s)]
             scale = finite.mean() if finite.size and finite.mean() > 0 else 1.0
-            want = int(np.sum(np.nan_to_num(s[group.removable()] / scale, nan=-np.inf) <= threshold))
-            removed[group.id] = _take(group, s, want, options)
+            candidates = group.removable()
+            values.append(np.nan_to_num(s[candidates] / scale, nan=-np.inf))
+            owners.append(np.full(len(candidates), group.id))
+            channels.append(candidates)
+        count = math.floor(options.percentile * sum(g.channels for g in active) / 100)
+        if values and count:
+            value, owner, channel = (np.concatenate(v) for v in (values, owners, channels))
+            first = np.lexsort((channel, owner, value))[:count]
+            wanted = {gid: int(n) for gid, n in zip(*np.unique(owner[first], return_counts=True))}
+        else:
+            wanted = {}
+        for group in active:
+            removed[group.id] = _take(group, scores[group.id], wanted.get(group.id, 0), options)
     _respect_nonempty(analysis, removed, scores)
     return {gid: idx for gid, idx in removed.items() if idx.size}
 
