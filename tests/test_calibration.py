@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from onnx_ocnna.calibration import (
 )
 from onnx_ocnna.errors import InputError
 
-SHARED_DATA = Path(os.environ.get("OCNNA_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from shared_data import SHARED_DATA  # noqa: E402
 SHARED_CIFAR = SHARED_DATA / "cifar10" / "train"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)

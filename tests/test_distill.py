@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -494,7 +493,7 @@ def test_thread_chooser_keeps_the_faster_count() -> None:
     assert _ThreadChooser([3]).chosen == 3
 
 
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "models"
+from shared_data import MODELS as SHARED_MODELS  # noqa: E402
 
 
 @pytest.mark.shared
