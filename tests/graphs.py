@@ -31,13 +31,15 @@ class GraphBuilder:
         return outputs
 
     def conv(self, x: str, c_in: int, c_out: int, k: int = 3, group: int = 1, name: str | None = None,
-             bias: bool = True, stride: int = 1) -> str:
+             bias: bool = True, stride: int = 1, pad: int | None = None) -> str:
+        """A Conv with random weights; ``pad`` defaults to k // 2 ("same" at stride 1)."""
         name = name or self.name("conv")
         w = self.const(self.rng.standard_normal((c_out, c_in // group, k, k)).astype(np.float32) * 0.3, f"{name}.w")
         inputs = [x, w]
         if bias:
             inputs.append(self.const(self.rng.standard_normal(c_out).astype(np.float32) * 0.1, f"{name}.b"))
-        return self.node("Conv", inputs, name=name, pads=[k // 2] * 4, group=group, strides=[stride, stride])[0]
+        pad = k // 2 if pad is None else pad
+        return self.node("Conv", inputs, name=name, pads=[pad] * 4, group=group, strides=[stride, stride])[0]
 
     def bn(self, x: str, c: int, name: str | None = None) -> str:
         name = name or self.name("bn")
@@ -67,7 +69,8 @@ class GraphBuilder:
             self.inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
-        model.ir_version = 8
+        # IR 8 as before; opsets above 18 need the IR version that introduced them.
+        model.ir_version = max(8, helper.find_min_ir_version_for(list(model.opset_import)))
         # Give the output the shape ONNX Runtime computes (the checker wants one).
         import onnxruntime as ort
 

@@ -42,11 +42,17 @@ def conv(ctx: AnalysisContext, node: gs.Node) -> None:
         if has_bias:
             ctx.add_edit(SliceInput(node, 2, 0, ids))
 
+    def add_producer(ids: np.ndarray) -> None:
+        ctx.producers.append(Producer(node, ids))
+        # A member may hold only some of its group's channels (tied through a grouped Conv
+        # or a channel Pad): it must keep one, a Conv with no filters breaks ORT's optimiser.
+        ctx.require_nonempty(ids, f"output '{out.name}' of {describe(node)}")
+
     if groups == 1:
         if in_layout is not None:
             ctx.add_edit(SliceInput(node, 1, 1, in_layout.ids))
         ids = ctx.space.new(c_out, "producer", node.name)
-        ctx.producers.append(Producer(node, ids))
+        add_producer(ids)
         slice_outputs(ids)
         ctx.set_layout(out, Layout(1, rank, ids))
         return
@@ -77,7 +83,7 @@ def conv(ctx: AnalysisContext, node: gs.Node) -> None:
         ctx.add_edit(SliceInput(node, 1, 1, per_group[0]))
     block = ctx.space.new(c_out // groups, "producer", node.name)
     ids = np.tile(block, groups)
-    ctx.producers.append(Producer(node, ids))
+    add_producer(ids)
     slice_outputs(ids)
     ctx.set_layout(out, Layout(1, rank, ids))
 
@@ -95,6 +101,7 @@ def conv_transpose(ctx: AnalysisContext, node: gs.Node) -> None:
         ctx.add_edit(SliceInput(node, 1, 0, in_layout.ids))
     ids = ctx.space.new(int(weight.shape[1]), "producer", node.name)
     ctx.producers.append(Producer(node, ids, weight_axis=1))
+    ctx.require_nonempty(ids, f"output '{node.outputs[0].name}' of {describe(node)}")
     ctx.add_edit(SliceInput(node, 1, 1, ids))
     if len(node.inputs) > 2 and node.inputs[2].name:
         ctx.add_edit(SliceInput(node, 2, 0, ids))

@@ -76,7 +76,13 @@ def reshape(ctx: AnalysisContext, node: gs.Node) -> None:
             tail = _static_prod(in_dims[stop:])
             if merged is None or tail is None:
                 continue
-            for b, dim in enumerate(out_dims):
+            head = _static_prod(in_dims[:start])
+            # A size-1 channel axis also matches a leading 1 (batch 1): the output axis at the
+            # same position is tried first, and the dims before must hold as many elements.
+            for b in sorted(range(len(out_dims)), key=lambda b: b != start):
+                dim, before = out_dims[b], _static_prod(out_dims[:b])
+                if head is not None and before is not None and head != before:
+                    continue
                 if dim == merged and _static_prod(out_dims[b + 1:]) == tail:
                     match = (start, stop, b)
                     break
@@ -103,7 +109,7 @@ def _target_entries(ctx: AnalysisContext, node: gs.Node) -> list[int | None] | N
     target = ctx.constant(node.inputs[1])
     if target is not None:
         return [int(v) for v in target.ravel()]
-    producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+    producer = _shape_producer(node.inputs[1])
     if producer is None or producer.op != "Concat":
         return None
     entries: list[int | None] = []
@@ -155,22 +161,54 @@ def _shape_entry_rewritable(ctx: AnalysisContext, node: gs.Node, b: int, ids: np
         ctx.add_edit(RewriteInput(node, 1, value))
         return True
     # A shape built at run time (Concat of Shape-derived and constant pieces, as the
-    # TorchScript exporter writes x.view(x.size(0), -1)): find the piece holding entry b.
-    producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+    # TorchScript exporter writes x.view(x.size(0), -1) and tf2onnx writes Keras' Flatten,
+    # there with Casts to int32 and back): find the piece holding entry b.
+    producer = _shape_producer(node.inputs[1])
     if producer is not None and producer.op == "Concat":
         offset = 0
-        for piece in producer.inputs:
+        for index, piece in enumerate(producer.inputs):
             piece_shape = ctx.shape(piece)
             if piece_shape is None or len(piece_shape) != 1 or not isinstance(piece_shape[0], int):
                 break
             if offset <= b < offset + piece_shape[0]:
                 value = ctx.constant(piece)
-                if value is not None and int(value[b - offset]) == -1:
+                if value is None or int(node.attrs.get("allowzero", 0)):
+                    break
+                entry = int(value[b - offset])
+                if entry == -1 or (entry == 0 and copies):
+                    return True
+                if entry > 0 and _sole_path(node.inputs[1], producer):
+                    def piece_value(keep, value=value.copy(), at=b - offset):
+                        out = value.astype(np.int64)
+                        out[at] = int(keep(ids).sum())
+                        return out
+
+                    ctx.add_edit(RewriteInput(producer, index, piece_value))
                     return True
                 break
             offset += piece_shape[0]
     ctx.opaque(node, f"{describe(node)} reshapes channels to a shape computed at run time")
     return False
+
+
+def _shape_producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that computes a shape vector, looking through Casts between integer types."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    while node is not None and node.op == "Cast":
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    return node
+
+
+def _sole_path(tensor: gs.Tensor, producer: gs.Node) -> bool:
+    """Whether ``tensor`` is computed from ``producer`` by a chain that nothing else reads, so
+    rewriting one of ``producer``'s inputs changes only this Reshape."""
+    while True:
+        if len(tensor.outputs) != 1:
+            return False
+        node = tensor.inputs[0]
+        if node is producer:
+            return True
+        tensor = node.inputs[0]
 
 
 def squeeze_unsqueeze(ctx: AnalysisContext, node: gs.Node) -> None:
@@ -275,18 +313,55 @@ def shape(ctx: AnalysisContext, node: gs.Node) -> None:
     if not (start <= layout.axis < end):
         return
     position = layout.axis - start
-    for consumer in node.outputs[0].outputs:
-        if consumer.op == "Gather" and int(consumer.attrs.get("axis", 0)) == 0:
+    reader = _count_reader(ctx, node.outputs[0], {position}, end - start)
+    if reader is not None:
+        ctx.freeze_layout(layout, f"{describe(node)} reads the channel count (used by {describe(reader)})")
+
+
+def _count_reader(ctx: AnalysisContext, vector: gs.Tensor, positions: set[int], length: int) -> gs.Node | None:
+    """The first node that may use entries ``positions`` of the 1-D shape vector ``vector``
+    (``length`` entries), followed through Cast, Gather and Slice with constant indices
+    (tf2onnx's Keras Flatten reads the batch size as Shape -> Gather(perm) -> Cast ->
+    Slice[0:1]); None if no node does."""
+    for consumer in vector.outputs:
+        if consumer.op == "Cast":
+            found = _count_reader(ctx, consumer.outputs[0], positions, length)
+        elif consumer.op == "Gather" and int(consumer.attrs.get("axis", 0)) == 0 and consumer.inputs[0] is vector:
             indices = ctx.constant(consumer.inputs[1])
-            if indices is not None and position not in {int(i) % (end - start) for i in np.ravel(indices)}:
+            if indices is None:
+                return consumer
+            flat = [int(i) % length for i in np.ravel(indices)]
+            picked = {k for k, i in enumerate(flat) if i in positions}
+            if not picked:
                 continue
-        if consumer.op == "Slice":
-            starts, ends = ctx.constant(consumer.inputs[1]), ctx.constant(consumer.inputs[2])
-            if starts is not None and ends is not None and starts.size == 1:
-                lo, hi = int(starts[0]), int(ends[0])
-                n = end - start
-                lo, hi = (lo + n if lo < 0 else lo), (hi + n if hi < 0 else min(hi, n))
-                if not (lo <= position < hi):
-                    continue
-        ctx.freeze_layout(layout, f"{describe(node)} reads the channel count (used by {describe(consumer)})")
-        return
+            if np.ndim(indices) == 0:
+                return consumer
+            found = _count_reader(ctx, consumer.outputs[0], picked, len(flat))
+        elif consumer.op == "Slice" and consumer.inputs[0] is vector:
+            bounds = _unit_slice(ctx, consumer, length)
+            if bounds is None:
+                return consumer
+            lo, hi = bounds
+            picked = {p - lo for p in positions if lo <= p < hi}
+            if not picked:
+                continue
+            found = _count_reader(ctx, consumer.outputs[0], picked, hi - lo)
+        else:
+            return consumer
+        if found is not None:
+            return found
+    return None
+
+
+def _unit_slice(ctx: AnalysisContext, node: gs.Node, length: int) -> tuple[int, int] | None:
+    """[lo, hi) taken by a Slice with step 1 of a 1-D vector of ``length`` entries, else None."""
+    starts, ends = ints_from(ctx, node, 1, "starts"), ints_from(ctx, node, 2, "ends")
+    axes = ints_from(ctx, node, 3, "axes")
+    steps = ints_from(ctx, node, 4, "steps") if ctx.opset >= 10 else None
+    if starts is None or ends is None or len(starts) != 1 or (axes and axes[0] not in (0, -1)) \
+            or (steps and steps[0] != 1):
+        return None
+    lo, hi = starts[0], ends[0]
+    lo = min(max(lo + length if lo < 0 else lo, 0), length)
+    hi = min(max(hi + length if hi < 0 else hi, 0), length)
+    return lo, max(lo, hi)
