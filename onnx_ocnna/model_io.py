@@ -163,9 +163,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
+            # Small tensors (axes, shapes) stay inline: ONNX Runtime's load-time shape inference
+            # cannot read them from an external file.
             onnx.save_model(copy, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
-            os.replace(tmp_dir / data_name, path.parent / data_name)
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            if (tmp_dir / data_name).exists():
+                os.replace(tmp_dir / data_name, path.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
         os.replace(tmp_model, path)

@@ -24,32 +24,42 @@ def build_plan(analysis: ChannelAnalysis, removed: dict[int, np.ndarray], model_
         scores: group id -> per-channel importance, [channels] (optional).
     """
     groups = []
+    extra_entries = []
     for group in analysis.groups:
+        by_member = _member_positions(group, removed.get(group.id, []))
         entry = {
             "id": group.id,
             "members": group.members,
             "channels": group.channels,
-            "remove": [int(c) for c in _anchor_positions(group, removed.get(group.id, []))],
+            "remove": by_member.pop(group.members[0], []),
         }
+        # Channels the first member does not carry (a group tied through Concats) are named
+        # through a member that does, in entries of their own.
+        extra_entries.extend({"id": group.id, "members": [m], "remove": r} for m, r in by_member.items())
         if not group.prunable:
             entry["frozen"] = group.frozen_reason
         if scores is not None and group.id in scores:
             # Strict JSON has no infinity: a steady filter's +inf score is written as "inf".
             entry["scores"] = [float(s) if np.isfinite(s) else str(float(s)) for s in scores[group.id]]
         groups.append(entry)
+    groups.extend(extra_entries)
     plan = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "model_sha256": model_sha256, "groups": groups}
     if extra:
         plan.update(extra)
     return plan
 
 
-def _anchor_positions(group, channels) -> list[int]:
-    """Output-channel positions in the first member that show the given group channels."""
-    first = group.member_channels[group.members[0]]
-    positions = {}
-    for position, channel in enumerate(first.tolist()):
-        positions.setdefault(channel, position)
-    return sorted(positions[int(c)] for c in channels)
+def _member_positions(group, channels) -> dict[str, list[int]]:
+    """Output-channel positions, per member, that show the given group channels: the first
+    member wherever it can, another member for the channels it does not carry."""
+    result: dict[str, list[int]] = {}
+    for channel in sorted(int(c) for c in channels):
+        for member in group.members:
+            positions = np.flatnonzero(group.member_channels[member] == channel)
+            if positions.size:
+                result.setdefault(member, []).append(int(positions[0]))
+                break
+    return {member: sorted(p) for member, p in result.items()}
 
 
 def save_plan(plan: dict, path: str | os.PathLike) -> None:

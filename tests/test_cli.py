@@ -195,7 +195,10 @@ def test_console_script_exit_code(model_path, tmp_path):
 
 
 def test_external_data_model_round_trip(tmp_path, capsys):
-    model = _small_model()
+    g = GraphBuilder()
+    a = g.relu(g.conv("x", 3, 32, name="conv_a"))
+    b = g.relu(g.conv(a, 32, 32, name="conv_b"))  # 36 KiB of weights: stored externally
+    model = g.model(["N", 3, 8, 8], g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [b])[0]])[0], 32, 4))
     path = tmp_path / "ext.onnx"
     save_model(model, path, external_data=True)
     assert (tmp_path / "ext.onnx.data").exists()
@@ -205,5 +208,6 @@ def test_external_data_model_round_trip(tmp_path, capsys):
     feeds = sample_feeds(model)
     assert ort_session(out).run(None, feeds)[0].shape == ort_session(model).run(None, feeds)[0].shape
     assert (tmp_path / "out.onnx.data").exists()  # external data in, external data out
+    onnx.checker.check_model(str(out), full_check=True)  # and loadable from its path
     leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".ocnna-")]
     assert not leftovers
