@@ -313,6 +313,9 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
 
     student, teacher = as_model(student), as_model(teacher)
     source = as_source(train, teacher, **(calibration_options or {}))
+    # A new sample order every epoch: image folders list their files class by class, and
+    # single-class batches make the student collapse to one prediction.
+    source.shuffle, source.seed = True, seed
     held_out = as_source(eval_data, teacher, **(eval_options or calibration_options or {})) if eval_data is not None else None
     return run_distill(student, teacher, source.batches, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
                        augment=augment, hflip=hflip, eval_batches=held_out.batches if held_out else None,

@@ -241,9 +241,24 @@ class CalibrationSource:
     class_names: list[str] | None = None
     one_shot: bool = False
 
+    # Set ``shuffle`` (folder and array sources) to get a new seeded sample order on every
+    # ``batches()`` call: training needs it, since folders list their images class by class.
+    shuffle: bool = False
+    seed: int = 0
+    _epoch: int = 0
+
     def batches(self) -> Iterator[Batch]:
         """Iterate over the data from the start."""
         raise NotImplementedError
+
+    def _sample_order(self) -> np.ndarray:
+        """Positions of the samples in the order of this pass, [num_samples]."""
+        count = int(self.num_samples or 0)
+        if not self.shuffle:
+            return np.arange(count)
+        order = np.random.default_rng([self.seed, self._epoch]).permutation(count)
+        self._epoch += 1
+        return order
 
     def __iter__(self) -> Iterator[Batch]:
         return self.batches()
@@ -270,21 +285,23 @@ class _ImageFolderSource(CalibrationSource):
         self._spec, self._plan = spec, plan
 
     def batches(self) -> Iterator[Batch]:
+        order = self._sample_order()
         starts = range(0, self.num_samples, self.batch_size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocnna-decode") as pool:
             pending: Future | None = None
             try:
                 for start in starts:
-                    current = pending or pool.submit(self._decode, start)
+                    current = pending or pool.submit(self._decode, order[start : start + self.batch_size])
                     nxt = start + self.batch_size
-                    pending = pool.submit(self._decode, nxt) if nxt < self.num_samples else None
+                    pending = (pool.submit(self._decode, order[nxt : nxt + self.batch_size])
+                               if nxt < self.num_samples else None)
                     yield current.result()
             finally:
                 if pending is not None:
                     pending.cancel()
 
-    def _decode(self, start: int) -> Batch:
-        files = self.files[start : start + self.batch_size]
+    def _decode(self, positions: np.ndarray) -> Batch:
+        files = [self.files[i] for i in positions]
         plan = self._plan
         pixels = np.empty((len(files), plan.height, plan.width, plan.channels), dtype=np.uint8)
         for i, path in enumerate(files):
@@ -293,7 +310,7 @@ class _ImageFolderSource(CalibrationSource):
         bad = _first_non_finite(out)
         if bad is not None:
             raise InputError(f"image {files[bad]} gives NaN or Inf after preprocessing.")
-        labels = None if self.labels is None else self.labels[start : start + self.batch_size]
+        labels = None if self.labels is None else self.labels[positions]
         feed = out if self._spec.dtype == np.float32 else out.astype(self._spec.dtype)
         return Batch({self._spec.name: feed}, labels)
 
@@ -312,8 +329,11 @@ class _ArraySource(CalibrationSource):
         self.batch_size = batch_size
 
     def batches(self) -> Iterator[Batch]:
+        order = self._sample_order()
         for start in range(0, self.num_samples, self.batch_size):
-            rows = self.indices[start : start + self.batch_size]
+            positions = order[start : start + self.batch_size]
+            # Each batch is a random subset; reading its rows sorted keeps a memory-mapped .npy fast.
+            rows = self.indices[np.sort(positions)] if self.shuffle else self.indices[positions]
             feeds = {}
             for spec in self._specs:
                 feed = np.ascontiguousarray(self._arrays[spec.name][rows], dtype=spec.dtype)

@@ -51,6 +51,8 @@ def _add_distill_options(group, flag: bool = True) -> None:
     if flag:
         group.add_argument("--distill", action="store_true", help="fine-tune the pruned model by distillation")
     group.add_argument("--train", metavar="DATA", help="training data (default: the calibration data)")
+    group.add_argument("--train-samples", type=_positive_int, metavar="N",
+                       help="train on a seeded class-balanced subset of N samples of --train (default: all)")
     group.add_argument("--epochs", type=_positive_int, default=3, help="distillation epochs (default 3)")
     group.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine schedule (default 0.01)")
     group.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default 4)")
@@ -297,7 +299,8 @@ def _distill(args, student, teacher):
     if args.resume and args.checkpoint_dir is None:
         raise InputError("--resume needs --checkpoint-dir (where the checkpoint is)")
     options = _calibration_options(args)
-    options["max_samples"] = None if args.train else options["max_samples"]
+    if args.train:
+        options["max_samples"] = args.train_samples
     eval_options = {**_calibration_options(args), "max_samples": args.eval_samples}
     return api.distill(student, teacher, train, epochs=args.epochs, lr=args.lr, temperature=args.temperature,
                        alpha=args.alpha, augment=not args.no_augment, hflip=not args.no_flip,
