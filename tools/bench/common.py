@@ -127,14 +127,26 @@ def top1(model: onnx.ModelProto, data: dict[str, np.ndarray], batch: int = 500) 
     return float(np.mean(pred == data["labels"])), pred
 
 
+def latency_session(model: onnx.ModelProto, threads: int):
+    """A CPU session as onnx_ocnna.model_io.ort_session makes it, with intra-op spinning off:
+    with two sessions alternating, one session's pool threads would otherwise spin on the cores
+    the other one is running on (measured: ±3x swings at 2 threads, none with spinning off)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: int, threads: int,
                         runs: int = 20, warmup: int = 3, seed: int = 0) -> dict:
     """Median ``session.run`` time (ms) of both models, runs alternating so load from other
     processes hits both alike; speed-up = before / after (SPEC section 9)."""
-    from onnx_ocnna.model_io import ort_session
-
     feeds = {"input": np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)}
-    sessions = [ort_session(before, threads=threads), ort_session(after, threads=threads)]
+    sessions = [latency_session(before, threads), latency_session(after, threads)]
     for _ in range(warmup):
         for s in sessions:
             s.run(None, feeds)
@@ -145,4 +157,5 @@ def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: 
             sessions[j].run(None, feeds)
             times[j].append((time.perf_counter() - start) * 1000)
     b, a = statistics.median(times[0]), statistics.median(times[1])
-    return {"batch": batch, "threads": threads, "before_ms": b, "after_ms": a, "speedup": b / a, "runs": runs}
+    return {"batch": batch, "threads": threads, "before_ms": b, "after_ms": a, "speedup": b / a, "runs": runs,
+            "spinning": False}

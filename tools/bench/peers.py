@@ -64,7 +64,7 @@ def run_ocnna(job: dict) -> dict:
         try:
             start = time.perf_counter()
             pruned, report = api.compress(model, scores=scores, target_params=target, criterion=job["criterion"],
-                                          criterion_options=options, progress=False)
+                                          criterion_options=options, exclude=job.get("exclude"), progress=False)
             seconds = time.perf_counter() - start
             out["targets"][str(target)] = {
                 "path": _save(pruned, Path(job["out_dir"]), f"{job['name']}_{target}"),

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -31,17 +32,21 @@ from bench.common import (REPO, SHARED, cifar_subset, error_text, interleaved_la
 
 FORMAT = "onnx-ocnna-bench"
 
-# (name, tool, job fields). Names are the row labels in the tables.
+BLOCK_INTERNAL = ["/conv1/Conv", "*/conv2/Conv"]
+# (name, tool, job fields). Names are the row labels in the tables (no commas: --methods splits on them).
 METHODS: list[tuple[str, str, dict]] = [
     ("ocnna", "onnx-ocnna", {"criterion": "ocnna"}),
     ("ocnna --invert", "onnx-ocnna", {"criterion": "ocnna", "criterion_options": {"invert": True}}),
     ("l1", "onnx-ocnna", {"criterion": "l1"}),
     ("si", "onnx-ocnna", {"criterion": "si"}),
     ("random", "onnx-ocnna", {"criterion": "random", "criterion_options": {"seed": 0}}),
+    # The residual spine (stem Conv and every block's second Conv) kept whole, as the peers do.
+    ("ocnna (block-internal)", "onnx-ocnna", {"criterion": "ocnna", "exclude": BLOCK_INTERNAL}),
+    ("l1 (block-internal)", "onnx-ocnna", {"criterion": "l1", "exclude": BLOCK_INTERNAL}),
     ("apply_structured_pruning", "onnxsim", {"function": "apply_structured_pruning"}),
     ("apply_structured_wanda_pruning", "onnxsim", {"function": "apply_structured_wanda_pruning"}),
-    ("GroupMagnitude, all groups", "torch-pruning", {"scope": "all"}),
-    ("GroupMagnitude, block-internal", "torch-pruning", {"scope": "block-internal"}),
+    ("GroupMagnitude (all groups)", "torch-pruning", {"scope": "all"}),
+    ("GroupMagnitude (block-internal)", "torch-pruning", {"scope": "block-internal"}),
 ]
 SWEEPS = [("ocnna", {}), ("ocnna --invert", {"invert": True})]
 
@@ -69,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--resume", action="store_true", help="keep finished rows of matching earlier results")
     p.add_argument("--worker-timeout", type=float, default=1800.0)
+    p.add_argument("--remeasure-latency", action="store_true",
+                   help="only measure the latency of the pruned models of the existing results again")
     return p.parse_args(argv)
 
 
@@ -155,7 +162,15 @@ def bench_model(key: str, args: argparse.Namespace, data: dict[str, Path]) -> No
         "load_average_start": os.getloadavg(), "command": " ".join([Path(sys.executable).name] + sys.argv),
         "base": {"top1": base_top1, "parameters": base_stats.parameters, "macs": base_stats.macs},
         "tools": {}, "rows": [], "sweeps": {}}
-    save = lambda: write_json(path, results)  # noqa: E731
+    if previous:
+        results.setdefault("resumed_with", []).append(" ".join([Path(sys.executable).name] + sys.argv))
+    order = [name for name, _, _ in METHODS]
+
+    def save() -> None:
+        results["rows"].sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order),
+                                            -r["target"], r["kd"]))
+        write_json(path, results)
+
     out_dir = args.work / "models" / key
     out_dir.mkdir(parents=True, exist_ok=True)
     common_job = {"model": str(model_path(key)), "calib": str(data["calib"]), "out_dir": str(out_dir),
@@ -169,7 +184,7 @@ def bench_model(key: str, args: argparse.Namespace, data: dict[str, Path]) -> No
     for name, tool, fields in METHODS:
         if wanted is not None and name not in wanted:
             continue
-        job_name = f"{key}_{tool}_{name}".replace(" ", "_").replace(",", "").replace("--", "")
+        job_name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{key}_{tool}_{name}").strip("_")
         tool_result = results["tools"].get(name)
         if tool_result is None or not all(Path(t["path"]).exists() for t in tool_result["targets"].values() if "path" in t):
             print(f"[{key}] {tool} {name}: pruning", flush=True)
@@ -235,6 +250,30 @@ def measure_row(name, tool, target, kd, tool_result, model, test, base_top1, bas
     return row
 
 
+def remeasure_latency(key: str, args: argparse.Namespace) -> None:
+    """Measure every pruned model's latency again (e.g. after a change of the method)."""
+    path = args.results / f"peers_{key}.json"
+    results = json.loads(path.read_text())
+    model = onnx.load(model_path(key))
+    for row in results["rows"]:
+        if row["kd"] or row.get("error") or row.get("rpr") is None:
+            continue
+        cell = results["tools"][row["method"]]["targets"][str(row["target"])]
+        pruned = onnx.load(cell["path"])
+        row["latency"] = [interleaved_latency(model, pruned, b, t, runs=args.latency_runs)
+                          for t in (1, 2) for b in (1, 32)]
+        for kd_row in results["rows"]:
+            if kd_row["kd"] and kd_row["method"] == row["method"] and kd_row["target"] == row["target"]:
+                kd_row["latency"] = row["latency"]
+        write_json(path, results)
+        print(f"[{key}] {row['method']} R={row['target']}: "
+              + " ".join(f"{x['speedup']:.2f}" for x in row["latency"]), flush=True)
+    results.setdefault("resumed_with", []).append(" ".join([Path(sys.executable).name] + sys.argv))
+    results["latency_measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results["load_average_latency_end"] = os.getloadavg()
+    write_json(path, results)
+
+
 def run_sweeps(key: str, model: onnx.ModelProto, data: dict[str, Path], args, results: dict, save) -> None:
     from onnx_ocnna.sweep import run_sweep
 
@@ -273,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for key in [m for m in args.models.split(",") if m]:
         print(f"== {key}", flush=True)
-        bench_model(key, args, data)
+        if args.remeasure_latency:
+            remeasure_latency(key, args)
+        else:
+            bench_model(key, args, data)
         update_doc(args.results, args.doc)
     print(f"total {time.perf_counter() - started:.0f} s; tables in {args.doc}")
     return 0

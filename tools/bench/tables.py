@@ -164,7 +164,11 @@ def render(results_dir: Path) -> str:
         out.append(f"- `{res['model']}`: run {res.get('started', '?')} – {res.get('finished', 'unfinished')}, "
                    f"load average {', '.join(f'{x:.1f}' for x in res.get('load_average_start', []))} at the start, "
                    f"{', '.join(f'{x:.1f}' for x in res.get('load_average_end', []))} at the end; "
-                   f"command `{res.get('command', '?')}`.")
+                   f"command `{res.get('command', '?')}`"
+                   + "".join(f", then `{c}`" for c in res.get("resumed_with", []))
+                   + (f"; latency measured {res['latency_measured']}, load average "
+                      f"{', '.join(f'{x:.1f}' for x in res.get('load_average_latency_end', []))} at its end"
+                      if res.get("latency_measured") else "") + ".")
     out.append(f"- Settings: targets {s['targets']}, {s['calib_samples']} calibration images, "
                f"{s['train_samples']} distillation images × {s['kd_epochs']} epoch(s) at lr {s['kd_lr']}, "
                f"{s['eval_samples']} test images, latency median of {s['latency_runs']} interleaved runs.")
