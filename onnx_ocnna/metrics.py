@@ -74,12 +74,19 @@ def count_macs(model: onnx.ModelProto) -> int:
                     continue
                 total += math.prod(source[1:]) * math.prod(weight[1:])
         elif node.op_type in ("Gemm", "MatMul"):
+            weight = shapes.get(node.input[1])
             a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
-            if not _known(a, out):
-                continue
-            k = a[0] if node.op_type == "Gemm" and any(
-                at.name == "transA" and at.i for at in node.attribute) else a[-1]
-            total += math.prod(out) * k
+            if weight is not None and len(weight) == 2 and _known(weight):
+                # K and N from the weight; rows from the output (batch 1 when it is unknown,
+                # e.g. after a Reshape whose target is computed at run time).
+                trans_b = node.op_type == "Gemm" and any(at.name == "transB" and at.i for at in node.attribute)
+                n, k = (weight[0], weight[1]) if trans_b else (weight[1], weight[0])
+                rows = math.prod(out[:-1]) if _known(out) else 1
+                total += rows * n * k
+            elif _known(a, out):
+                k = a[0] if node.op_type == "Gemm" and any(
+                    at.name == "transA" and at.i for at in node.attribute) else a[-1]
+                total += math.prod(out) * k
     return total
 
 

@@ -1,0 +1,40 @@
+"""Parameters and MACs (SPEC section 9)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import GraphBuilder
+from shared_data import MODELS, needs_shared
+
+from onnx_ocnna.metrics import count_macs, count_parameters
+
+
+def test_conv_and_gemm_macs_and_parameters():
+    g = GraphBuilder()
+    a = g.relu(g.conv("x", 3, 8, name="a"))  # 3x3, pads 1: out 8x6x6
+    flat = g.node("Flatten", [a])[0]
+    out = g.gemm(flat, 8 * 36, 5)
+    model = g.model(["N", 3, 6, 6], out)
+    assert count_macs(model) == 8 * 36 * 3 * 9 + 8 * 36 * 5
+    assert count_parameters(model) == 8 * 3 * 9 + 8 + 8 * 36 * 5 + 5
+
+
+def test_gemm_after_a_run_time_reshape_is_counted():
+    g = GraphBuilder()
+    a = g.relu(g.conv("x", 3, 4, name="a"))
+    shape = g.node("Concat", [g.node("Slice", [g.node("Shape", [a])[0], g.const(np.array([0])),
+                                               g.const(np.array([1]))])[0],
+                              g.const(np.array([-1]))], axis=0)[0]
+    out = g.gemm(g.node("Reshape", [a, shape])[0], 4 * 36, 3)
+    model = g.model(["N", 3, 6, 6], out)
+    assert count_macs(model) == 4 * 36 * 3 * 9 + 4 * 36 * 3
+
+
+@needs_shared
+@pytest.mark.shared
+def test_exports_of_one_network_have_equal_macs():
+    ts = count_macs(onnx.load(MODELS / "resnet20_ts_opset13.onnx"))
+    dynamo = count_macs(onnx.load(MODELS / "resnet20_dynamo_opset18.onnx"))
+    assert ts == dynamo == 40_551_040
