@@ -35,6 +35,7 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
             total: int | None = None, progress: bool = True, threads: int | None = None) -> int:
     """Run ``model`` over ``batches`` and update ``accumulators`` (member name -> accumulator).
 
+    ``model`` must be the model the analysis names tensors in (``api.Pruner.prepared_model()``).
     Inference of the next batch overlaps with the statistics of the current one (ONNX
     Runtime and numpy both release the GIL). Returns the number of samples seen.
     """
@@ -43,10 +44,9 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     groups = {m: analysis.group_of(m) for m in accumulators}
     measured = {m: groups[m].measured[m] for m in accumulators}
     names = sorted(set(measured.values()))
-    graph_model = _analysis_model(model, analysis)
     # Statistics run in this thread while ONNX Runtime works in another: its idle workers must
     # not spin on the cores the statistics need.
-    session = ort_session(with_outputs(graph_model, names), threads=threads, spinning=False)
+    session = ort_session(with_outputs(model, names), threads=threads, spinning=False)
     output_index = {o.name: i for i, o in enumerate(session.get_outputs())}
     feeds_names = {i.name for i in session.get_inputs()}
 
@@ -88,17 +88,6 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     return seen
 
 
-def _analysis_model(model: onnx.ModelProto, analysis: ChannelAnalysis) -> onnx.ModelProto:
-    """The constant-folded model the analysis names tensors in."""
-    import onnx_graphsurgeon as gs
-
-    from onnx_ocnna.channels.analysis import _restore_model_fields
-
-    exported = gs.export_onnx(analysis.graph.copy(), do_type_check=False)
-    _restore_model_fields(exported, model)
-    return exported
-
-
 def member_scores_to_group(group, member_scores: dict[str, np.ndarray]) -> np.ndarray:
     """SPEC section 1: each member's scores divided by that member's mean, then averaged per
     group channel over the members that carry it. Returns [group.channels] float64."""
@@ -106,10 +95,16 @@ def member_scores_to_group(group, member_scores: dict[str, np.ndarray]) -> np.nd
     count = np.zeros(group.channels)
     for member, scores in member_scores.items():
         scores = np.asarray(scores, dtype=np.float64)
-        finite = scores[np.isfinite(scores)]
-        scale = finite.mean() if finite.size and finite.mean() > 0 else 1.0
+        scale = mean_scale(scores)
         index = group.member_channels[member]
         np.add.at(total, index, scores / scale)
         np.add.at(count, index, 1)
     with np.errstate(invalid="ignore"):
         return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def mean_scale(scores: np.ndarray) -> float:
+    """The mean of the finite scores, the divisor that puts members and groups on one scale
+    (1 when there is none, e.g. a dead member); +inf scores stay +inf after division."""
+    finite = scores[np.isfinite(scores)]
+    return float(finite.mean()) if finite.size and finite.mean() > 0 else 1.0

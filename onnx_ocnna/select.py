@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_ocnna.channels.analysis import ChannelAnalysis
+from onnx_ocnna.collect import mean_scale
 from onnx_ocnna.errors import InputError
 
 
@@ -71,8 +72,7 @@ def select(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], options: Se
         values, owners, channels = [], [], []
         for group in active:
             s = np.asarray(scores[group.id], dtype=np.float64)
-            finite = s[np.isfinite(s)]
-            scale = finite.mean() if finite.size and finite.mean() > 0 else 1.0
+            scale = mean_scale(s)
             candidates = group.removable()
             values.append(np.nan_to_num(s[candidates] / scale, nan=-np.inf))
             owners.append(np.full(len(candidates), group.id))
