@@ -121,9 +121,13 @@ def measure_blocks(model: onnx.ModelProto, blocks: list[ResidualBlock], batches,
         block.si_in, block.si_out = si[block.shortcut], si[block.output]
 
 
-def drop_blocks(model: onnx.ModelProto, blocks: list[ResidualBlock]) -> onnx.ModelProto:
-    """Remove the given blocks: every reader of the Add's output reads the shortcut instead."""
-    graph = prepare_graph(model)
+def drop_blocks(model: onnx.ModelProto, blocks: list[ResidualBlock], graph: gs.Graph | None = None) -> onnx.ModelProto:
+    """Remove the given blocks: every reader of the Add's output reads the shortcut instead.
+
+    Args:
+        graph: ``model`` already prepared by :func:`prepare_graph` (edited in place); built when omitted.
+    """
+    graph = graph if graph is not None else prepare_graph(model)
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     for block in blocks:
@@ -162,4 +166,4 @@ def select_blocks(model: onnx.ModelProto, batches, si_epsilon: float = 0.0, max_
     chosen = [b for b in blocks if b.si_out - b.si_in <= si_epsilon]
     for block in chosen:
         block.dropped = True
-    return (drop_blocks(prepared, chosen) if chosen else model), blocks
+    return (drop_blocks(prepared, chosen, graph) if chosen else model), blocks
