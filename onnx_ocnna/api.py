@@ -183,7 +183,7 @@ def apply_plan(model: ModelLike, plan: dict) -> tuple[onnx.ModelProto, Report]:
 
 
 def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 40.0, criterion: str = "ocnna",
-             scope: str = "per-group", min_channels: int = 1, round_to: int = 1, exclude: list[str] | None = None,
+             scope: str = "per-group", min_channels: int = 1, round_to: int | str = 1, exclude: list[str] | None = None,
              target_params: float | None = None, target_macs: float | None = None,
              criterion_options: dict | None = None, calibration_options: dict | None = None,
              progress: bool = True, scores: Scores | None = None, drop_blocks: bool = False,
@@ -222,7 +222,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     options.validate()
     settings = {"criterion": criterion, "percentile": percentile, "scope": scope, "min_channels": min_channels,
                 "drop_blocks": drop_blocks, "si_epsilon": si_epsilon,
-                "round_to": round_to, "exclude": exclude or [], "criterion_options": criterion_options or {},
+                "round_to": options.round_to, "exclude": exclude or [], "criterion_options": criterion_options or {},
                 "calibration_samples": scores.samples}
     notes: list[str] = []
     if not any(g.prunable and g.id not in options.exclude for g in pruner.analysis.groups):
@@ -299,11 +299,14 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
             temperature: float = 4.0, alpha: float = 0.5, augment: bool = True, hflip: bool = True,
             eval_data: Any = None, calibration_options: dict | None = None, eval_options: dict | None = None,
             progress: bool = True, seed: int = 0, checkpoint_dir: str | os.PathLike | None = None,
-            resume: bool = False):
+            resume: bool = False, optimizer: str = "sgd", bn: str = "frozen"):
     """Knowledge distillation (SPEC section 7): the pruned ``student`` learns from ``teacher``.
 
     Args:
         train: training data, read like calibration data (labels optional).
+        optimizer: "sgd" (Nesterov, the default) or "adamw"; ``lr`` is its initial rate.
+        bn: BatchNormalization statistics: "frozen", "recompute" or "train" (see
+            :mod:`onnx_ocnna.distill.train`); no effect on a model without BatchNormalization.
         eval_data: held-out data for per-epoch accuracy (or agreement without labels).
         checkpoint_dir: save a checkpoint after every epoch; ``resume`` continues from it.
     Returns:
@@ -319,4 +322,5 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
     held_out = as_source(eval_data, teacher, **(eval_options or calibration_options or {})) if eval_data is not None else None
     return run_distill(student, teacher, source.batches, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
                        augment=augment, hflip=hflip, eval_batches=held_out.batches if held_out else None,
-                       progress=progress, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume)
+                       progress=progress, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+                       optimizer=optimizer, bn=bn)

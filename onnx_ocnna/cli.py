@@ -76,7 +76,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                      help="remove the K %% least important channels of each group (default 40)")
     sel.add_argument("--scope", choices=["per-group", "global"], default="per-group")
     sel.add_argument("--min-channels", type=_positive_int, default=1, metavar="N")
-    sel.add_argument("--round-to", type=_positive_int, default=1, metavar="N", help="keep a multiple of N channels")
+    sel.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                     help="keep a multiple of N channels in every tensor; 'auto' = ONNX Runtime's "
+                          "channel block on this CPU (16 with AVX-512, else 8), for real speed-ups")
     sel.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                      help="leave groups whose Conv or weight name matches (repeatable)")
     sel.add_argument("--target-params", type=float, metavar="R", help="search K so that RPR <= R")
@@ -113,7 +115,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     score.add_argument("--percentile", type=_percentile, default=40.0, metavar="K")
     score.add_argument("--scope", choices=["per-group", "global"], default="per-group")
     score.add_argument("--min-channels", type=_positive_int, default=1, metavar="N")
-    score.add_argument("--round-to", type=_positive_int, default=1, metavar="N")
+    score.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto")
     score.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     score.add_argument("--overwrite", action="store_true")
     score.add_argument("--quiet", action="store_true")
@@ -499,6 +501,12 @@ def _percentile(text: str) -> float:
     if not 0 <= value < 100:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 100), got {text!r}")
     return value
+
+
+def _round_to(text: str) -> int:
+    from onnx_ocnna.select import ort_block_size
+
+    return ort_block_size() if text.strip().lower() == "auto" else _positive_int(text)
 
 
 def _positive_int(text: str) -> int:

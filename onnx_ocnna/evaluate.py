@@ -74,16 +74,32 @@ def latency_ms(model: onnx.ModelProto, batch: int, threads: int, runs: int = 20,
     return statistics.median(times)
 
 
+def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: int, threads: int,
+                        runs: int = 20, warmup: int = 3) -> dict:
+    """Median ``session.run`` time (ms) of both models on the same random input (SPEC section 9).
+
+    The two sessions alternate run by run (the order flips every round), so load from other
+    processes hits both alike, and intra-op spinning is off: otherwise the idle session's pool
+    threads spin on the cores the running one needs (measured: up to 3x swings at 2 threads).
+    """
+    feeds = sample_feeds(before, batch=batch)
+    sessions = [ort_session(before, threads=threads, spinning=False), ort_session(after, threads=threads, spinning=False)]
+    for _ in range(warmup):
+        for session in sessions:
+            session.run(None, feeds)
+    times: list[list[float]] = [[], []]
+    for i in range(runs):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            sessions[j].run(None, feeds)
+            times[j].append((time.perf_counter() - start) * 1000)
+    b, a = statistics.median(times[0]), statistics.median(times[1])
+    return {"batch": batch, "threads": threads, "before_ms": b, "after_ms": a, "speedup": b / a, "runs": runs}
+
+
 def compare_latency(before: onnx.ModelProto, after: onnx.ModelProto, batches=(1, 32), threads=(1,),
                     runs: int = 20) -> list[dict]:
-    """Before/after latency for each batch size and thread count; rows with speed-up."""
+    """Before/after latency for each batch size and thread count (interleaved); rows with speed-up."""
     fixed = fixed_batch(before)
-    rows = []
-    for threads_n in threads:
-        for batch in batches:
-            if fixed is not None and batch != fixed:
-                continue
-            b = latency_ms(before, batch, threads_n, runs)
-            a = latency_ms(after, batch, threads_n, runs)
-            rows.append({"batch": batch, "threads": threads_n, "before_ms": b, "after_ms": a, "speedup": b / a})
-    return rows
+    return [interleaved_latency(before, after, batch, threads_n, runs)
+            for threads_n in threads for batch in batches if fixed is None or batch == fixed]

@@ -18,15 +18,19 @@ class SelectionOptions:
         percentile: k in [0, 100): share of each group's channels to remove.
         scope: "per-group" (k in every group) or "global" (one threshold over all groups).
         min_channels: never keep fewer channels than this in a group.
-        round_to: round each group's kept count up to a multiple of this.
+        round_to: round the kept count of every tensor a group feeds (each member's output
+            and the whole group) up to a multiple of this; see :func:`ort_block_size`.
         exclude: group ids left untouched.
     """
 
     percentile: float = 40.0
     scope: str = "per-group"
     min_channels: int = 1
-    round_to: int = 1
+    round_to: int | str = 1
     exclude: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.round_to = resolve_round_to(self.round_to)
 
     def validate(self) -> None:
         if not 0 <= self.percentile < 100:
@@ -51,6 +55,33 @@ def _kept_floor(channels: int, options: SelectionOptions) -> int:
 
 def _round_kept(kept: int, channels: int, round_to: int) -> int:
     return min(channels, int(math.ceil(kept / round_to) * round_to))
+
+
+def ort_block_size() -> int:
+    """Channel block of ONNX Runtime's NCHWc convolutions on this CPU (16 with AVX-512, else 8).
+
+    ORT pads a Conv's output channels up to this block and runs a Conv whose input channel count
+    is at least one block but not a multiple of it outside the blocked kernels, with layout
+    reorders around it: on a 2-core AVX-512 machine a ResNet-56 with every block-internal Conv
+    cut from 16/32/64 to 8/16/32 ran 1.33x faster, cut to 9/17/34 1.02x (docs/benchmarks.md).
+    """
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy moved its private CPU table: assume the common AVX2 block
+        return 8
+    return 16 if features.get("AVX512F") else 8
+
+
+def resolve_round_to(value: int | str) -> int:
+    """``"auto"`` -> :func:`ort_block_size`; a positive int is returned as is."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return ort_block_size()
+        try:
+            value = int(value)
+        except ValueError:
+            raise InputError(f"--round-to must be a positive integer or 'auto', got {value!r}") from None
+    return int(value)
 
 
 def select(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], options: SelectionOptions) -> dict[int, np.ndarray]:
@@ -97,7 +128,41 @@ def _take(group, scores: np.ndarray, want: int, options: SelectionOptions) -> np
     count = min(group.channels - kept, len(group.removable()))
     if count <= 0:
         return np.zeros(0, dtype=np.int64)
-    return np.sort(_order(np.asarray(scores, dtype=np.float64), group.removable())[:count])
+    scores = np.asarray(scores, dtype=np.float64)
+    removed = np.sort(_order(scores, group.removable())[:count])
+    return _round_members(group, scores, removed, options.round_to)
+
+
+def _round_members(group, scores: np.ndarray, removed: np.ndarray, round_to: int) -> np.ndarray:
+    """Give back removed channels until every member tensor keeps a multiple of ``round_to``.
+
+    A coupled group's members can carry different subsets of its channels (the CIFAR ResNets'
+    Pad shortcuts put a 16-channel stage inside the 32- and 64-channel ones), so rounding the
+    group's total leaves odd counts in the smaller tensors. Subsets are visited smallest first
+    and each takes back its best removed channels that lie in the fewest other subsets, which
+    settles nested subsets in one pass; the loop repeats until nothing changes (it only ever
+    gives channels back, so it ends, at worst with the whole group).
+    """
+    if round_to == 1 or removed.size == 0:
+        return removed
+    subsets = {frozenset(range(group.channels))}
+    subsets.update(frozenset(np.unique(idx).tolist()) for idx in group.member_channels.values())
+    ordered = sorted(subsets, key=lambda s: (len(s), sorted(s)))
+    membership = {c: sum(c in s for s in ordered) for c in range(group.channels)}
+    value = np.nan_to_num(scores, nan=-np.inf)
+    gone = set(removed.tolist())
+    changed = True
+    while changed:
+        changed = False
+        for subset in ordered:
+            missing = [c for c in subset if c in gone]
+            kept = len(subset) - len(missing)
+            need = _round_kept(kept, len(subset), round_to) - kept
+            if need > 0:
+                missing.sort(key=lambda c: (membership[c], -value[c], -c))
+                gone.difference_update(missing[:need])
+                changed = True
+    return np.array(sorted(gone), dtype=np.int64)
 
 
 def _respect_nonempty(analysis: ChannelAnalysis, removed: dict[int, np.ndarray], scores: dict[int, np.ndarray]) -> None:

@@ -211,3 +211,19 @@ def test_external_data_model_round_trip(tmp_path, capsys):
     onnx.checker.check_model(str(out), full_check=True)  # and loadable from its path
     leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".ocnna-")]
     assert not leftovers
+
+
+def test_bench_and_round_to_auto_reach_the_report(model_path, tmp_path, capsys):
+    from onnx_ocnna.select import ort_block_size
+
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code, stdout, err = _run([model_path, out, "--criterion", "l1", "--percentile", "50", "--round-to", "auto",
+                              "--bench", "--report", report], capsys)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["settings"]["round_to"] == ort_block_size()
+    rows = data["latency"]
+    assert {(r["batch"], r["threads"]) for r in rows} == {(1, 1), (32, 1)}
+    for row in rows:
+        assert row["before_ms"] > 0 and row["after_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["before_ms"] / row["after_ms"])

@@ -41,6 +41,49 @@ def test_min_channels_and_round_to():
     assert gb.id not in removed  # 3 kept -> rounded up to 4
 
 
+def _pad_shortcut_group():
+    """Conv a (8 channels) padded by 4 on each side into the 16 channels of conv b: one group
+    whose member a carries 8 of b's 16 channels."""
+    g = GraphBuilder()
+    a = g.relu(g.conv("x", 3, 8, name="a"))
+    pads = g.const(np.array([0, 4, 0, 0, 0, 4, 0, 0], dtype=np.int64))
+    padded = g.node("Pad", [a, pads], mode="constant")[0]
+    out = g.relu(g.node("Add", [g.conv(a, 8, 16, name="b"), padded])[0])
+    out = g.node("Flatten", [g.node("GlobalAveragePool", [out])[0]])[0]
+    return g.model([1, 3, 6, 6], g.gemm(out, 16, 3))
+
+
+def test_round_to_rounds_every_member_tensor_not_only_the_group():
+    model = _pad_shortcut_group()
+    analysis = analyse(model)
+    group = analysis.group_of("a")
+    assert group is analysis.group_of("b") and group.channels == 16
+    inner = set(group.member_channels["a"].tolist())
+    # The lowest scores sit inside a's 8 channels: plain selection leaves a with an odd count.
+    scores = np.arange(16, dtype=float) + np.array([0 if c in inner else 100 for c in range(16)])
+    plain = set(select(analysis, {group.id: scores}, SelectionOptions(percentile=40))[group.id].tolist())
+    assert len(plain) == 6 and plain <= inner  # a keeps 2 of 8, b 10 of 16
+    rounded = set(select(analysis, {group.id: scores}, SelectionOptions(percentile=40, round_to=4))[group.id].tolist())
+    for member in ("a", "b"):
+        channels = set(group.member_channels[member].tolist())
+        assert (len(channels) - len(channels & rounded)) % 4 == 0, member
+    assert rounded <= plain and len(rounded) == 4  # a keeps 4 of 8, b 12 of 16
+    # The channels given back are the best-scored of those removed.
+    assert sorted(plain - rounded) == sorted(sorted(plain, key=lambda c: -scores[c])[:2])
+    pruned, _ = onnx_ocnna.compress(model, percentile=40, round_to=4, criterion="l1", progress=False)
+    widths = {init.name: init.dims[0] for init in pruned.graph.initializer if init.name in ("a.w", "b.w")}
+    assert widths["a.w"] % 4 == 0 and widths["b.w"] % 4 == 0
+
+
+def test_round_to_auto_is_the_ort_channel_block():
+    from onnx_ocnna.select import ort_block_size
+
+    assert SelectionOptions(round_to="auto").round_to in (8, 16)
+    assert SelectionOptions(round_to="auto").round_to == ort_block_size()
+    with pytest.raises(InputError, match="round-to"):
+        select(_two_groups(), {}, SelectionOptions(round_to="fast"))
+
+
 def test_dead_filters_go_first_and_inf_scores_last():
     analysis = _two_groups()
     ga = analysis.group_of("a")

@@ -67,16 +67,25 @@ def _speed(args) -> list[dict]:
     from onnx_ocnna.evaluate import compare_latency
 
     model = onnx.load(args.model)
+    scores = api.score(model, args.calib, calibration_options={"preprocess": args.preprocess, "max_samples": 256},
+                       progress=False)
     rows = []
-    for round_to in args.round_to:
-        pruned, report = api.compress(model, args.calib, percentile=args.percentile, round_to=round_to,
-                                      calibration_options={"preprocess": args.preprocess, "max_samples": 256},
-                                      progress=False)
-        for row in compare_latency(model, pruned, batches=(1, 32), threads=(1, 2), runs=args.runs):
-            row.update(round_to=round_to, macs_ratio=report.macs_ratio, rpr=report.rpr,
-                       speedup_over_macs=row["speedup"] / (1 / report.macs_ratio))
-            rows.append(row)
+    for percentile in args.percentile:
+        for round_to in args.round_to:
+            pruned, report = api.compress(model, percentile=percentile, round_to=round_to, scores=scores,
+                                          progress=False)
+            for row in compare_latency(model, pruned, batches=(1, 32), threads=args.threads, runs=args.runs):
+                row.update(percentile=percentile, round_to=report.settings["round_to"], macs_ratio=report.macs_ratio,
+                           rpr=report.rpr, speedup_over_macs=row["speedup"] * report.macs_ratio)
+                rows.append(row)
+                _print_speed(row)
     return rows
+
+
+def _print_speed(row: dict) -> None:
+    print(f"{row['percentile']:>5g} {row['round_to']:>5} {row['batch']:>5} {row['threads']:>3} {row['before_ms']:>9.2f} "
+          f"{row['after_ms']:>9.2f} {row['speedup']:>8.2f} {1 / row['macs_ratio']:>7.2f} {row['rpr']:>6.3f} "
+          f"{row['speedup_over_macs']:>6.2f}", flush=True)
 
 
 def main() -> None:
@@ -87,8 +96,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", nargs="+", default=["ocnna:0.95", "ocnna:1.0"])
-    parser.add_argument("--percentile", type=float, default=40)
-    parser.add_argument("--round-to", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--percentile", type=float, nargs="+", default=[40])
+    parser.add_argument("--round-to", nargs="+", default=["1", "auto"], help="integers or 'auto'")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--only", choices=("scoring", "speed"), help="run one half of the benchmark")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--child")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -100,7 +111,7 @@ def main() -> None:
     results = {"model": args.model, "scoring": [], "speed": []}
     print(f"model {args.model}")
     print(f"{'samples':>7}  {'step':<12} {'seconds':>8} {'ms/img':>7} {'x plain':>8} {'peak MiB':>9}")
-    for samples in args.samples:
+    for samples in args.samples if args.only != "speed" else []:
         plain = _measure("plain", samples, args)
         print(f"{samples:>7}  {'plain ORT':<12} {plain['seconds']:>8.2f} {1000 * plain['seconds'] / samples:>7.2f} "
               f"{1.0:>8.2f} {plain['peak_mib']:>9.0f}")
@@ -111,12 +122,11 @@ def main() -> None:
             print(f"{samples:>7}  {step:<12} {row['seconds']:>8.2f} {1000 * row['seconds'] / samples:>7.2f} "
                   f"{ratio:>8.2f} {row['peak_mib']:>9.0f}")
             results["scoring"].append({"samples": samples, "step": step, "ratio": ratio, **row})
-    print(f"\npruned at k = {args.percentile:g}: ONNX Runtime latency (median of {args.runs})")
-    print(f"{'round':>5} {'batch':>5} {'thr':>3} {'before ms':>9} {'after ms':>9} {'speed-up':>8} {'1/MACs':>7} {'ratio':>6}")
-    for row in _speed(args):
-        print(f"{row['round_to']:>5} {row['batch']:>5} {row['threads']:>3} {row['before_ms']:>9.2f} {row['after_ms']:>9.2f} "
-              f"{row['speedup']:>8.2f} {1 / row['macs_ratio']:>7.2f} {row['speedup_over_macs']:>6.2f}")
-        results["speed"].append(row)
+    if args.only != "scoring":
+        print(f"\npruned models: ONNX Runtime latency (median of {args.runs}); ratio = speed-up / (1 / MACs ratio)")
+        print(f"{'k':>5} {'round':>5} {'batch':>5} {'thr':>3} {'before ms':>9} {'after ms':>9} {'speed-up':>8} "
+              f"{'1/MACs':>7} {'RPR':>6} {'ratio':>6}")
+        results["speed"] = _speed(args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -127,35 +125,9 @@ def top1(model: onnx.ModelProto, data: dict[str, np.ndarray], batch: int = 500) 
     return float(np.mean(pred == data["labels"])), pred
 
 
-def latency_session(model: onnx.ModelProto, threads: int):
-    """A CPU session as onnx_ocnna.model_io.ort_session makes it, with intra-op spinning off:
-    with two sessions alternating, one session's pool threads would otherwise spin on the cores
-    the other one is running on (measured: ±3x swings at 2 threads, none with spinning off)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: int, threads: int,
-                        runs: int = 20, warmup: int = 3, seed: int = 0) -> dict:
-    """Median ``session.run`` time (ms) of both models, runs alternating so load from other
-    processes hits both alike; speed-up = before / after (SPEC section 9)."""
-    feeds = {"input": np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)}
-    sessions = [latency_session(before, threads), latency_session(after, threads)]
-    for _ in range(warmup):
-        for s in sessions:
-            s.run(None, feeds)
-    times: list[list[float]] = [[], []]
-    for i in range(runs):
-        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-            start = time.perf_counter()
-            sessions[j].run(None, feeds)
-            times[j].append((time.perf_counter() - start) * 1000)
-    b, a = statistics.median(times[0]), statistics.median(times[1])
-    return {"batch": batch, "threads": threads, "before_ms": b, "after_ms": a, "speedup": b / a, "runs": runs,
-            "spinning": False}
+                        runs: int = 20) -> dict:
+    """The library's interleaved before/after latency, rows marked as measured without spinning."""
+    from onnx_ocnna.evaluate import interleaved_latency as measure
+
+    return {**measure(before, after, batch, threads, runs=runs), "spinning": False}

@@ -44,7 +44,7 @@ def model_section(res: dict) -> str:
                     else f"error: {ref.get('error', 'not run')}."))
     lines.append("")
     lines.append("| method | tool | R | setting | RPR | MACs ratio | top-1 pruned (drop, pt) | "
-                 f"top-1 + KD (drop, pt) | speed-up b1 t1 | b32 t1 | b1 t2 | b32 t2 | tool s | peak MiB |")
+                 "top-1 + KD (drop, pt) | speed-up b1 t1 | b32 t1 | b1 t2 | b32 t2 | tool s | peak MiB |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = res["rows"]
     seen = []
