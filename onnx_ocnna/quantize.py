@@ -27,14 +27,12 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
@@ -42,7 +40,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from onnx_ocnna.calibration import Batch, CalibrationSource, model_input_spec
+from onnx_ocnna.calibration import CalibrationSource, OrtReaderAdapter, model_input_spec
 from onnx_ocnna.errors import InputError, ValidationError
 
 # Protobuf's 2 GiB limit, with headroom: above it the temporary copies use external data.
@@ -53,52 +51,6 @@ _METHODS = {
     "entropy": CalibrationMethod.Entropy,
     "percentile": CalibrationMethod.Percentile,
 }
-
-
-class SourceReader(CalibrationDataReader):
-    """ORT ``CalibrationDataReader`` over a :class:`CalibrationSource`.
-
-    Yields feeds {input name: array [B0, ...]} cut to the model's fixed batch size B0 when it
-    has one, for at most ``max_batches`` batches of the source.
-    """
-
-    def __init__(self, source: CalibrationSource, fixed_batch: int | None = None, max_batches: int | None = None):
-        self.source = source
-        self.fixed_batch = fixed_batch
-        self.max_batches = max_batches
-        self.first: dict[str, np.ndarray] | None = None  # kept to test-run the result
-        self.exhausted = False
-        self._feeds: Iterator[dict[str, np.ndarray]] | None = None
-
-    def _generate(self) -> Iterator[dict[str, np.ndarray]]:
-        for index, batch in enumerate(self.source.batches()):
-            if self.max_batches is not None and index >= self.max_batches:
-                break
-            yield from split_feeds(batch, self.fixed_batch)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._feeds is None:
-            self._feeds = self._generate()
-        feeds = next(self._feeds, None)
-        if feeds is None:
-            self.exhausted = True
-        elif self.first is None:
-            self.first = feeds
-        return feeds
-
-    def rewind(self) -> None:
-        self._feeds = None
-
-
-def split_feeds(batch: Batch, fixed_batch: int | None) -> Iterator[dict[str, np.ndarray]]:
-    """The batch's feeds as they are, or cut into slices of ``fixed_batch`` samples."""
-    sizes = {len(v) for v in batch.feeds.values()}
-    size = sizes.pop() if len(sizes) == 1 else None
-    if fixed_batch is None or size is None or size == fixed_batch:
-        yield dict(batch.feeds)
-        return
-    for start in range(0, size - fixed_batch + 1, fixed_batch):
-        yield {k: v[start : start + fixed_batch] for k, v in batch.feeds.items()}
 
 
 def quantize_int8(
@@ -158,7 +110,7 @@ def quantize_int8(
                 warnings.warn(f"quantization pre-processing failed ({exc}); quantizing the model as given",
                               stacklevel=2)
 
-        reader = SourceReader(calibration, fixed, max_batches)
+        reader = OrtReaderAdapter(calibration, fixed, max_batches)
         fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
         os.close(fd)
         try:

@@ -13,7 +13,8 @@ from onnx import numpy_helper
 
 from onnx_ocnna.calibration import Batch, CalibrationSource, open_calibration
 from onnx_ocnna.errors import InputError
-from onnx_ocnna.quantize import SourceReader, quantize_int8
+from onnx_ocnna.calibration import OrtReaderAdapter
+from onnx_ocnna.quantize import quantize_int8
 from shared_data import CIFAR_TEST, CIFAR_TRAIN, MODELS, needs_shared
 
 torch = pytest.importorskip("torch")
@@ -135,7 +136,7 @@ def test_per_tensor_option_and_caller_model_untouched(digits: dict) -> None:
 def test_fixed_batch_model_is_fed_one_sample_at_a_time(digits: dict) -> None:
     x = digits["x"]
     source = _ListSource([x[:16], x[16:32], x[32:40]])
-    reader = SourceReader(source, fixed_batch=1, max_batches=2)
+    reader = OrtReaderAdapter(source, fixed_batch=1, max_batches=2)
     feeds = list(iter(reader.get_next, None))
     assert len(feeds) == 32 and all(f["input"].shape == (1, 1, 8, 8) for f in feeds)
     np.testing.assert_array_equal(feeds[17]["input"][0], x[17])
