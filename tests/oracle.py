@@ -22,7 +22,12 @@ _ZERO_AT_ZERO_AFTER_SHIFT = {"Relu", "Clip"}
 
 
 def pick_channels(analysis: ChannelAnalysis, fraction: float = 0.3, seed: int = 0) -> dict[int, np.ndarray]:
-    """Random removable channels of every prunable group (leaving at least one), group id -> indices."""
+    """Random removable channels of every prunable group (leaving at least one), group id -> indices.
+
+    The pick is then trimmed so it never empties a Split piece, a Slice result or a member
+    Conv: surgery refuses such a plan (PlanError), and selection keeps one channel of each the
+    same way.
+    """
     rng = np.random.default_rng(seed)
     chosen = {}
     for group in analysis.groups:
@@ -30,7 +35,13 @@ def pick_channels(analysis: ChannelAnalysis, fraction: float = 0.3, seed: int = 
         count = min(int(np.ceil(fraction * group.channels)), group.channels - 1, len(candidates))
         if count > 0:
             chosen[group.id] = np.sort(rng.choice(candidates, size=count, replace=False))
-    return chosen
+    where = {int(root): (g.id, c) for g in analysis.groups for c, root in enumerate(g.roots)}
+    space = analysis.context.space
+    for ids, _ in analysis.context.nonempty:
+        if ids.size and not analysis.keep_fn(chosen)(ids).any():
+            gid, channel = where[space.find(int(ids[0]))]
+            chosen[gid] = chosen[gid][chosen[gid] != channel]
+    return {gid: channels for gid, channels in chosen.items() if len(channels)}
 
 
 def kill_channels(model: onnx.ModelProto, chosen: dict[int, np.ndarray]) -> onnx.ModelProto:

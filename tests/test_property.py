@@ -12,7 +12,7 @@ Reshape -> MatMul + Add, the NHWC Transpose -> Reshape -> MatMul of tf2onnx, or 
 feature map itself), at opsets 9-21 with fixed or symbolic batch and NCHW or NHWC input.
 
 The oracle's random pick is trimmed so it never empties a Split piece, a Slice or a member
-Conv (see :func:`feasible_pick`); the number of channels removed is then asserted exactly.
+Conv (see :func:`oracle.pick_channels`); the number of channels removed is then asserted exactly.
 
 The examples are derandomised so CI is reproducible; set OCNNA_HYPOTHESIS_RANDOM=1 (and
 OCNNA_HYPOTHESIS_EXAMPLES=N) to explore new graphs.
@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from unittest import mock
 
 import numpy as np
 import onnx
-import oracle
 from graphs import GraphBuilder
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from oracle import check_lossless
+from oracle import check_lossless, pick_channels
 
-from onnx_ocnna.channels.analysis import ChannelAnalysis, analyse
+from onnx_ocnna.channels.analysis import analyse
 from onnx_ocnna.model_io import ort_session, sample_feeds
 
-_oracle_pick = oracle.pick_channels
 EXAMPLES = int(os.environ.get("OCNNA_HYPOTHESIS_EXAMPLES", "200"))
 RANDOM = os.environ.get("OCNNA_HYPOTHESIS_RANDOM") == "1"
 # Shrinking a failure rebuilds and re-runs hundreds of graphs (minutes); by default the first
@@ -356,20 +353,6 @@ def random_cnn(draw) -> tuple[onnx.ModelProto, Net]:
     return g.model(shape, out), net
 
 
-def feasible_pick(analysis: ChannelAnalysis, fraction: float = 0.3, seed: int = 0) -> dict[int, np.ndarray]:
-    """The oracle's random pick, minus the channels that would empty a Split piece, a Slice
-    result or a member Conv: the oracle's pick ignores those constraints, surgery does not
-    (it raises PlanError), and selection keeps one channel of each the same way."""
-    chosen = _oracle_pick(analysis, fraction, seed)
-    where = {int(root): (g.id, c) for g in analysis.groups for c, root in enumerate(g.roots)}
-    space = analysis.context.space
-    for ids, _ in analysis.context.nonempty:
-        if ids.size and not analysis.keep_fn(chosen)(ids).any():
-            gid, channel = where[space.find(int(ids[0]))]
-            chosen[gid] = chosen[gid][chosen[gid] != channel]
-    return {gid: channels for gid, channels in chosen.items() if len(channels)}
-
-
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, database=None, phases=PHASES,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(random_cnn(), st.floats(0.05, 0.9), st.integers(0, 1000))
@@ -383,9 +366,8 @@ def test_random_cnn_prunes_losslessly(case, fraction, seed):
             # Every op drawn here is supported: only a drawn freeze pattern may freeze a group.
             assert any(words in group.frozen_reason for words in net.may_freeze), \
                 f"group {group.id} {group.members} frozen: {group.frozen_reason} | {note}"
-    expected_removed = sum(len(c) for c in feasible_pick(analysis, fraction, seed).values())
-    with mock.patch.object(oracle, "pick_channels", feasible_pick):
-        result = check_lossless(model, fraction=fraction, seed=seed)
+    expected_removed = sum(len(c) for c in pick_channels(analysis, fraction, seed).values())
+    result = check_lossless(model, fraction=fraction, seed=seed)
     assert result["max_rel_error"] < 1e-5, note
     assert result["removed"] == expected_removed, note
     if expected_removed:
