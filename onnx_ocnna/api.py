@@ -187,16 +187,21 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
              target_params: float | None = None, target_macs: float | None = None,
              criterion_options: dict | None = None, calibration_options: dict | None = None,
              progress: bool = True, scores: Scores | None = None, drop_blocks: bool = False,
-             si_epsilon: float = 0.0) -> tuple[onnx.ModelProto, Report]:
+             si_epsilon: float = 0.0, reconstruct: bool = False,
+             reconstruct_options: dict | None = None) -> tuple[onnx.ModelProto, Report]:
     """Score, select and rewrite. Returns the pruned model (validated) and its report.
 
     With ``target_params`` (or ``target_macs``) R, the percentile is searched so the result
     keeps at most R of the parameters (MACs); ``percentile`` is then ignored. With
     ``drop_blocks``, residual blocks that do not raise the Separation Index by ``si_epsilon``
     are removed first (labelled calibration data needed); filters are then selected on the
-    remaining network.
+    remaining network. With ``reconstruct``, the layers after every cut are refitted by least
+    squares on the calibration data (:mod:`onnx_ocnna.reconstruct`; ``reconstruct_options``:
+    samples, positions, ridge, seed).
     """
     model = original = as_model(model)
+    if reconstruct and calibration is None:
+        raise InputError("--reconstruct needs calibration data (--calib)")
     timings = {}
     start = time.perf_counter()
     blocks = []
@@ -221,7 +226,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
                                exclude=pruner.analysis.excluded(exclude or []))
     options.validate()
     settings = {"criterion": criterion, "percentile": percentile, "scope": scope, "min_channels": min_channels,
-                "drop_blocks": drop_blocks, "si_epsilon": si_epsilon,
+                "drop_blocks": drop_blocks, "si_epsilon": si_epsilon, "reconstruct": reconstruct,
+                "reconstruct_options": reconstruct_options or {},
                 "round_to": options.round_to, "exclude": exclude or [], "criterion_options": criterion_options or {},
                 "calibration_samples": scores.samples}
     notes: list[str] = []
@@ -246,13 +252,30 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         pruned = pruner.rewrite(removed) if removed else model
     if not removed:
         notes.append("the selection removes no channel at this percentile")
+    reconstruction = None
+    if reconstruct and removed:
+        from onnx_ocnna.reconstruct import kept_outputs
+        from onnx_ocnna.reconstruct import reconstruct as refit
+
+        source = as_source(calibration, model, **(calibration_options or {}))
+        # Image folders list their files class by class: the first samples must not be one class.
+        source.shuffle, source.seed = True, (reconstruct_options or {}).get("seed", 0)
+        pruned, reconstruction = refit(pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed),
+                                       source.batches, progress=progress, **(reconstruct_options or {}))
+        timings["reconstruct_s"] = reconstruction.seconds
+        fitted = [f for f in reconstruction.layers if not f.skipped]
+        notes.append(f"reconstruction refitted {len(fitted)} of {len(reconstruction.layers)} layers on "
+                     f"{reconstruction.samples} samples")
     if blocks:
         dropped = [b.add for b in blocks if b.dropped]
         notes.append(f"removed {len(dropped)} of {len(blocks)} identity-shortcut blocks by SI: {', '.join(dropped) or 'none'}")
-    timings["rewrite_s"] = time.perf_counter() - start - scores.seconds - timings.get("drop_blocks_s", 0.0)
+    timings["rewrite_s"] = (time.perf_counter() - start - scores.seconds - timings.get("drop_blocks_s", 0.0)
+                            - timings.get("reconstruct_s", 0.0))
     pruned, report = _finish(original, pruned, pruner, removed, settings, notes)
     report.timings = timings
     report.extra["plan"] = build_plan(pruner.analysis, removed, pruner.sha256, scores.groups)
+    if reconstruction is not None:
+        report.extra["reconstruction"] = reconstruction.as_dict()
     if blocks:
         report.extra["blocks"] = block_rows
     return pruned, report

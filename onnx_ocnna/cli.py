@@ -88,6 +88,11 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                      help="first remove residual blocks that do not raise the Separation Index (needs labels)")
     sel.add_argument("--si-epsilon", type=float, default=0.0, metavar="E",
                      help="a block must raise SI by more than E to stay (default 0)")
+    rec = main.add_argument_group("reconstruction (least squares, no training)")
+    rec.add_argument("--reconstruct", action="store_true",
+                     help="refit every layer after a cut so its outputs match the original's on the calibration data")
+    rec.add_argument("--reconstruct-samples", type=_positive_int, default=512, metavar="N",
+                     help="calibration samples the refit reads (default 512)")
     kd = main.add_argument_group("knowledge distillation (PyTorch; the original model teaches)")
     _add_distill_options(kd)
     out = main.add_argument_group("output")
@@ -247,6 +252,10 @@ def _run_main(args) -> int:
         from onnx_ocnna.errors import InputError
 
         raise InputError("--quantize int8 needs calibration data (--calib)")
+    if args.plan is not None and args.reconstruct:
+        from onnx_ocnna.errors import InputError
+
+        raise InputError("--reconstruct refits after scoring; it cannot be combined with --plan")
     model = api.as_model(args.input)
     if args.plan is not None:
         pruned, report = api.apply_plan(model, load_plan(args.plan))
@@ -256,7 +265,8 @@ def _run_main(args) -> int:
             min_channels=args.min_channels, round_to=args.round_to, exclude=args.exclude,
             target_params=args.target_params, target_macs=args.target_macs,
             criterion_options=_criterion_options(args), calibration_options=_calibration_options(args),
-            progress=not args.quiet, drop_blocks=args.drop_blocks, si_epsilon=args.si_epsilon)
+            progress=not args.quiet, drop_blocks=args.drop_blocks, si_epsilon=args.si_epsilon,
+            reconstruct=args.reconstruct, reconstruct_options={"samples": args.reconstruct_samples})
     if args.distill:
         pruned, kd = _distill(args, pruned, model)
         report.extra["distillation"] = kd.to_dict()

@@ -1,0 +1,357 @@
+"""Least-squares reconstruction of the pruned layers: accuracy recovery without training.
+
+Removing channels changes what every later layer sees. Layer by layer, in graph order, each
+Conv and Gemm whose input lost channels (or changed, because a layer before it was refitted)
+gets new weights and bias so that its kept outputs match the original model's on calibration
+data: a ridge regression of the original pre-activation outputs on the pruned model's input
+patches, at a few sampled output positions per image (He et al. 2017, "Channel Pruning for
+Accelerating Very Deep Neural Networks"; Luo et al. 2017, ThiNet). Each layer is fitted on the
+inputs that the layers already refitted before it produce, so errors do not pile up, and the
+ridge pulls towards the current weights, so directions the data does not determine keep
+their values. Only initializer values change (plus a bias input for a Conv that had none):
+the graph keeps its structure and every layer its shape.
+
+Measured on the CIFAR-10 ResNet-20 pruned at k = 40 (2,000 held-out images): top-1 12.1 % after
+pruning, 42.0 % after reconstruction on 500 training images, 61.1 % against 38.8 % after one
+epoch of distillation on 5,000 images (docs/benchmarks_kd.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_ocnna.calibration import Batch
+from onnx_ocnna.collect import with_outputs
+from onnx_ocnna.errors import InputError
+from onnx_ocnna.model_io import ort_session
+
+
+# A layer whose relative output error is below this already matches the original (float32
+# rounding); refitting it would only fit noise.
+_EXACT = 1e-6
+
+
+@dataclass
+class LayerFit:
+    """One refitted (or skipped) layer.
+
+    Attributes:
+        error_before, error_after: relative error ||Y - X W|| / ||Y|| of its kept outputs
+            on the sampled calibration positions, before and after the fit.
+    """
+
+    node: str
+    op_type: str
+    rows: int = 0
+    error_before: float | None = None
+    error_after: float | None = None
+    skipped: str = ""
+
+
+@dataclass
+class ReconstructionReport:
+    samples: int
+    positions: int
+    ridge: float
+    seconds: float = 0.0
+    layers: list[LayerFit] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[str, np.ndarray],
+                batches: Callable[[], Iterable[Batch]], *, samples: int = 512, positions: int = 32,
+                ridge: float = 1e-3, seed: int = 0, progress: bool = True
+                ) -> tuple[onnx.ModelProto, ReconstructionReport]:
+    """Refit the pruned model's Conv and Gemm layers to reproduce the original's outputs.
+
+    Args:
+        original: the unpruned model, with the same node names as ``pruned``.
+        pruned: the pruned model (not modified; a copy is returned).
+        kept: layer node name -> original output-channel index of each of its outputs, [C_kept];
+            a layer not listed keeps all its outputs.
+        batches: calibration batches (labels unused); the first ``samples`` images are read
+            once and kept in memory.
+        positions: output positions sampled per image and layer (all of them if fewer).
+        ridge: regularisation, relative to the mean diagonal of the normal equations.
+    Returns:
+        (the reconstructed model, a report with each layer's relative error before/after).
+    """
+    if samples < 1 or positions < 1:
+        raise InputError("reconstruction needs at least one sample and one position")
+    if ridge <= 0:
+        raise InputError(f"the reconstruction ridge must be positive, got {ridge:g}")
+    start = time.perf_counter()
+    feeds = _take_samples(batches, samples)
+    if not feeds:
+        raise InputError("the calibration data gave no sample to reconstruct with")
+    model = onnx.ModelProto()
+    model.CopyFrom(pruned)
+    report = ReconstructionReport(samples=sum(len(next(iter(f.values()))) for f in feeds), positions=positions,
+                                  ridge=ridge)
+    originals = {n.name: n for n in original.graph.node if n.name}
+    original_inits = {i.name: i for i in original.graph.initializer}
+    uses = _initializer_uses(model)
+    changed: set[str] = set()  # tensors whose kept values may differ from the original's
+    layers = [n for n in model.graph.node if n.op_type in _FITTERS]
+    bar = _progress(len(layers), progress)
+    for node in model.graph.node:
+        if node.op_type not in _FITTERS:
+            if any(i in changed for i in node.input):
+                changed.update(node.output)
+            continue
+        fit = LayerFit(node.name, node.op_type)
+        report.layers.append(fit)
+        twin = originals.get(node.name)
+        reason = _skip_reason(node, twin, uses, original_inits, model, changed)
+        if reason:
+            fit.skipped = reason
+            if any(i in changed for i in node.input):
+                changed.update(node.output)  # not refitted, but fed by a changed tensor
+        else:
+            _FITTERS[node.op_type](model, original, node, twin, kept.get(node.name), feeds, fit,
+                                   positions, ridge, np.random.default_rng([seed, len(report.layers)]))
+            changed.update(node.output)
+        bar.update(1)
+        if fit.error_after is not None:
+            bar.set_postfix_str(f"{node.name}: {fit.error_before:.3f} -> {fit.error_after:.3f}")
+    bar.close()
+    report.seconds = time.perf_counter() - start
+    return model, report
+
+
+def kept_outputs(analysis, removed: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Layer node name -> its kept output-channel indices, for every member of a cut group."""
+    kept = {}
+    for group in analysis.groups:
+        gone = np.asarray(removed.get(group.id, []), dtype=np.int64)
+        if gone.size == 0:
+            continue
+        for member, channels in group.member_channels.items():
+            kept[member] = np.flatnonzero(~np.isin(channels, gone))
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Which layers are refitted
+
+
+def _skip_reason(node, twin, uses, original_inits, model, changed) -> str:
+    if twin is None or twin.op_type != node.op_type:
+        return "no layer of that name in the original model"
+    inits = {i.name: i for i in model.graph.initializer}
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return "weights are not an initializer"
+    if any(uses.get(name, 0) > 1 for name in node.input[1:] if name):
+        return "weights shared with another node"
+    weight, original_weight = inits[node.input[1]], original_inits.get(twin.input[1])
+    if original_weight is None:
+        return "original weights are not an initializer"
+    inputs_cut = (list(weight.dims[1:]) != list(original_weight.dims[1:]) if node.op_type == "Conv"
+                  else _gemm_in_features(node, weight) != _gemm_in_features(twin, original_weight))
+    if not inputs_cut and node.input[0] not in changed:
+        return "input unchanged"
+    if node.op_type == "Conv":
+        if len(weight.dims) != 4:
+            return "only 2-D convolutions are refitted"
+        if _attr(node, "group", 1) != 1:
+            return "grouped or depthwise convolution"
+        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return "auto_pad is not supported by the refit"
+    else:
+        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+            return "Gemm with transA, alpha or beta"
+    return ""
+
+
+def _gemm_in_features(node, weight) -> int:
+    return int(weight.dims[1] if _attr(node, "transB", 0) else weight.dims[0])
+
+
+def _initializer_uses(model: onnx.ModelProto) -> dict[str, int]:
+    names = {i.name for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in names:
+                uses[name] = uses.get(name, 0) + 1
+    return uses
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting
+
+
+def _fit_conv(model, original, node, twin, kept, feeds, fit, positions, ridge, rng) -> None:
+    inits = {i.name: i for i in model.graph.initializer}
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [Cout, Cin, kh, kw]
+    cout, cin, kh, kw = w.shape
+    b = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+         if len(node.input) > 2 and node.input[2] else np.zeros(cout))
+    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+    strides = list(_attr(node, "strides", [1, 1]))
+    dilations = list(_attr(node, "dilations", [1, 1]))
+    current = [np.concatenate([w.reshape(cout, -1), b[:, None]], axis=1).T]  # [D + 1, Cout]
+
+    def rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        n, _, hout, wout = y.shape
+        count = min(positions, hout * wout)
+        flat = np.stack([rng.choice(hout * wout, size=count, replace=False) for _ in range(n)])  # [N, P]
+        oy, ox = flat // wout, flat % wout
+        dy = np.arange(kh) * dilations[0]
+        dx = np.arange(kw) * dilations[1]
+        r = oy[:, :, None, None] * strides[0] + dy[None, None, :, None]
+        c = ox[:, :, None, None] * strides[1] + dx[None, None, None, :]
+        image = np.arange(n)[:, None, None, None]
+        patches = xp[image, :, r, c]  # [N, P, kh, kw, Cin]
+        a = patches.transpose(0, 1, 4, 2, 3).reshape(n * count, cin * kh * kw)
+        target = y[np.arange(n)[:, None], :, oy, ox].reshape(n * count, -1)  # [N * P, C]
+        return a, target
+
+    solution = _solve(model, original, node, twin, kept, feeds, fit, ridge, rows, current[0])
+    if solution is not None:
+        new_w = solution[:-1].T.reshape(w.shape).astype(np.float32)
+        new_b = solution[-1].astype(np.float32)
+        _set(model, node.input[1], new_w)
+        if len(node.input) > 2 and node.input[2]:
+            _set(model, node.input[2], new_b)
+        else:
+            name = _unique_name(model, f"{node.name or node.output[0]}.bias")
+            model.graph.initializer.append(numpy_helper.from_array(new_b, name))
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = name
+
+
+def _fit_gemm(model, original, node, twin, kept, feeds, fit, positions, ridge, rng) -> None:
+    inits = {i.name: i for i in model.graph.initializer}
+    trans_b = bool(_attr(node, "transB", 0))
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    w_kn = w.T if trans_b else w  # [K, N]
+    has_bias = len(node.input) > 2 and node.input[2] in inits
+    bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if has_bias else None
+    if has_bias and bias.shape != (w_kn.shape[1],):
+        fit.skipped = "Gemm bias is not one value per output"
+        return
+    b = bias if has_bias else np.zeros(w_kn.shape[1])
+    start = np.concatenate([w_kn, b[None, :]], axis=0)
+
+    def rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x.reshape(len(x), -1), y.reshape(len(y), -1)
+
+    solution = _solve(model, original, node, twin, kept, feeds, fit, ridge, rows, start,
+                      intercept=has_bias)
+    if solution is not None:
+        new_w = solution[:-1] if has_bias else solution
+        _set(model, node.input[1], (new_w.T if trans_b else new_w).astype(np.float32))
+        if has_bias:
+            _set(model, node.input[2], solution[-1].astype(np.float32))
+
+
+def _solve(model, original, node, twin, kept, feeds, fit, ridge, rows, start, intercept: bool = True):
+    """Accumulate the normal equations over the samples and solve; None if not better."""
+    if not intercept:
+        start = start[:-1]
+    # A residual-aware target (the original sum minus the pruned shortcut) was tried on the
+    # ResNet-20 at k = 40 and did not help (55.6 % against 55.8 % top-1): each layer is fitted
+    # to its own original output.
+    pruned_session = ort_session(with_outputs(model, [node.input[0]]), spinning=False)
+    original_session = ort_session(with_outputs(original, [twin.output[0]]), spinning=False)
+    x_index = [o.name for o in pruned_session.get_outputs()].index(node.input[0])
+    y_index = [o.name for o in original_session.get_outputs()].index(twin.output[0])
+    gram = rhs = None
+    target_energy = 0.0
+    for feed in feeds:
+        x = pruned_session.run(None, _inputs(pruned_session, feed))[x_index]
+        y = original_session.run(None, _inputs(original_session, feed))[y_index]
+        if kept is not None:
+            y = y[:, kept]
+        a, t = rows(x, y)
+        a = a.astype(np.float64)
+        if intercept:
+            a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+        t = t.astype(np.float64)
+        gram = a.T @ a if gram is None else gram + a.T @ a
+        rhs = a.T @ t if rhs is None else rhs + a.T @ t
+        target_energy += float(np.sum(t * t))
+        fit.rows += len(a)
+    if t.shape[1] != start.shape[1] or gram.shape[0] != start.shape[0]:
+        fit.skipped = f"shapes do not match the original layer ({t.shape[1]} outputs, {gram.shape[0]} inputs)"
+        return None
+    lam = ridge * float(np.trace(gram)) / gram.shape[0]
+    solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), rhs + lam * start)
+
+    def error(wb: np.ndarray) -> float:
+        residual = np.sum(wb * (gram @ wb)) - 2 * np.sum(wb * rhs) + target_energy
+        return float(np.sqrt(max(residual, 0.0) / target_energy)) if target_energy > 0 else 0.0
+
+    fit.error_before, fit.error_after = error(start), error(solution)
+    if fit.error_before <= _EXACT:
+        fit.error_after = fit.error_before
+        fit.skipped = "already reproduces the original outputs"
+        return None
+    if not np.isfinite(solution).all() or fit.error_after >= fit.error_before:
+        fit.error_after = fit.error_before
+        fit.skipped = "the refit did not lower the error"
+        return None
+    return solution
+
+
+_FITTERS = {"Conv": _fit_conv, "Gemm": _fit_gemm}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _take_samples(batches: Callable[[], Iterable[Batch]], samples: int) -> list[dict[str, np.ndarray]]:
+    feeds, count = [], 0
+    for batch in batches():
+        n = len(next(iter(batch.feeds.values())))
+        take = min(n, samples - count)
+        feeds.append({k: v[:take] for k, v in batch.feeds.items()})
+        count += take
+        if count >= samples:
+            break
+    return feeds
+
+
+def _inputs(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feed.items() if k in names}
+
+
+def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(value, name))
+            return
+
+
+def _unique_name(model: onnx.ModelProto, base: str) -> str:
+    taken = {i.name for i in model.graph.initializer} | {v for n in model.graph.node for v in (*n.input, *n.output)}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="reconstruct", unit="layer", disable=not enabled, leave=False)
