@@ -223,12 +223,30 @@ def _fit_conv(model, original, node, twin, kept, feeds, fit, positions, ridge, r
         _set(model, node.input[1], new_w)
         if len(node.input) > 2 and node.input[2]:
             _set(model, node.input[2], new_b)
-        else:
+        elif not _shift_batchnorm_mean(model, node, new_b):
             name = _unique_name(model, f"{node.name or node.output[0]}.bias")
             model.graph.initializer.append(numpy_helper.from_array(new_b, name))
             while len(node.input) < 3:
                 node.input.append("")
             node.input[2] = name
+
+
+def _shift_batchnorm_mean(model: onnx.ModelProto, node, bias: np.ndarray) -> bool:
+    """Put a bias-less Conv's fitted intercept c into the BatchNormalization that alone reads
+    its output: BN(y + c) with mean m equals BN(y) with mean m - c. Keeps the parameter count
+    and the graph as they were; False when there is no such BatchNormalization."""
+    consumers = [n for n in model.graph.node if node.output[0] in n.input]
+    if len(consumers) != 1 or consumers[0].op_type != "BatchNormalization" or consumers[0].input[0] != node.output[0]:
+        return False
+    bn = consumers[0]
+    inits = {i.name: i for i in model.graph.initializer}
+    if len(bn.input) < 5 or bn.input[3] not in inits or _initializer_uses(model).get(bn.input[3], 0) != 1:
+        return False
+    mean = numpy_helper.to_array(inits[bn.input[3]]).astype(np.float64)
+    if mean.shape != bias.shape:
+        return False
+    _set(model, bn.input[3], (mean - bias).astype(numpy_helper.to_array(inits[bn.input[3]]).dtype))
+    return True
 
 
 def _fit_gemm(model, original, node, twin, kept, feeds, fit, positions, ridge, rng) -> None:

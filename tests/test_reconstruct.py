@@ -99,6 +99,25 @@ def test_conv_without_bias_gets_one():
     onnx.checker.check_model(refitted, full_check=True)
 
 
+def test_bias_free_conv_before_batchnorm_shifts_the_mean_instead():
+    g = GraphBuilder(seed=2)
+    a = g.relu(g.conv("x", 3, 6, name="a"))
+    b = g.relu(g.bn(g.conv(a, 6, 4, name="b", bias=False), 4, name="bn_b"))
+    out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [b])[0]])[0], 4, 2, name="fc")
+    model = g.model(["N", 3, 6, 6], out)
+    pruner, removed, pruned = _prune(model, [1, 2])
+    refitted, report = reconstruct(pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed),
+                                   _batches(), progress=False)
+    shapes = lambda m: {i.name: tuple(i.dims) for i in m.graph.initializer}  # noqa: E731
+    assert shapes(refitted) == shapes(pruned)  # no new bias: the BatchNorm's mean took the intercept
+    before = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in refitted.graph.initializer}
+    assert not np.allclose(before["bn_b.mean"], after["bn_b.mean"])
+    x = np.random.default_rng(4).standard_normal((64, 3, 6, 6)).astype(np.float32)
+    reference = _outputs(model, x)
+    assert np.linalg.norm(_outputs(refitted, x) - reference) < np.linalg.norm(_outputs(pruned, x) - reference)
+
+
 def test_compress_reconstructs_and_reports(tmp_path):
     model = _model(duplicate=False)
     data = {"x": np.random.default_rng(0).standard_normal((96, 3, 6, 6)).astype(np.float32)}

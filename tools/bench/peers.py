@@ -63,8 +63,11 @@ def run_ocnna(job: dict) -> dict:
     for target in job["targets"]:
         try:
             start = time.perf_counter()
-            pruned, report = api.compress(model, scores=scores, target_params=target, criterion=job["criterion"],
-                                          criterion_options=options, exclude=job.get("exclude"), progress=False)
+            pruned, report = api.compress(model, calib if job.get("reconstruct") else None, scores=scores,
+                                          target_params=target, criterion=job["criterion"],
+                                          criterion_options=options, exclude=job.get("exclude"), progress=False,
+                                          reconstruct=bool(job.get("reconstruct")),
+                                          calibration_options={"batch_size": 64})
             seconds = time.perf_counter() - start
             out["targets"][str(target)] = {
                 "path": _save(pruned, Path(job["out_dir"]), f"{job['name']}_{target}"),

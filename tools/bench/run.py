@@ -43,6 +43,8 @@ METHODS: list[tuple[str, str, dict]] = [
     # The residual spine (stem Conv and every block's second Conv) kept whole, as the peers do.
     ("ocnna (block-internal)", "onnx-ocnna", {"criterion": "ocnna", "exclude": BLOCK_INTERNAL}),
     ("l1 (block-internal)", "onnx-ocnna", {"criterion": "l1", "exclude": BLOCK_INTERNAL}),
+    # Least-squares reconstruction of the pruned layers on the 512 calibration images (no training).
+    ("ocnna + reconstruct", "onnx-ocnna", {"criterion": "ocnna", "reconstruct": True}),
     ("apply_structured_pruning", "onnxsim", {"function": "apply_structured_pruning"}),
     ("apply_structured_wanda_pruning", "onnxsim", {"function": "apply_structured_wanda_pruning"}),
     ("GroupMagnitude (all groups)", "torch-pruning", {"scope": "all"}),
