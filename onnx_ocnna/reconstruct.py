@@ -36,6 +36,8 @@ from onnx_ocnna.model_io import ort_session
 # A layer whose relative output error is below this already matches the original (float32
 # rounding); refitting it would only fit noise.
 _EXACT = 1e-6
+# Sampled original outputs up to this many bytes are computed in one pass and kept.
+_TARGET_BUDGET = 1 << 30
 
 
 @dataclass
@@ -98,28 +100,17 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
     report = ReconstructionReport(samples=sum(len(next(iter(f.values()))) for f in feeds), positions=positions,
                                   ridge=ridge)
     originals = {n.name: n for n in original.graph.node if n.name}
-    original_inits = {i.name: i for i in original.graph.initializer}
-    uses = _initializer_uses(model)
-    changed: set[str] = set()  # tensors whose kept values may differ from the original's
-    layers = [n for n in model.graph.node if n.op_type in _FITTERS]
-    bar = _progress(len(layers), progress)
-    for node in model.graph.node:
-        if node.op_type not in _FITTERS:
-            if any(i in changed for i in node.input):
-                changed.update(node.output)
-            continue
-        fit = LayerFit(node.name, node.op_type)
+    plan = _plan_layers(model, originals, original)
+    to_fit = [(node, originals[node.name]) for node, reason in plan if not reason]
+    targets = _Targets(original, [(twin.output[0], kept.get(node.name)) for node, twin in to_fit], feeds,
+                       positions, seed, budget=_TARGET_BUDGET)
+    bar = _progress(len(plan), progress)
+    for node, reason in plan:
+        fit = LayerFit(node.name, node.op_type, skipped=reason)
         report.layers.append(fit)
-        twin = originals.get(node.name)
-        reason = _skip_reason(node, twin, uses, original_inits, model, changed)
-        if reason:
-            fit.skipped = reason
-            if any(i in changed for i in node.input):
-                changed.update(node.output)  # not refitted, but fed by a changed tensor
-        else:
-            _FITTERS[node.op_type](model, original, node, twin, kept.get(node.name), feeds, fit,
-                                   positions, ridge, np.random.default_rng([seed, len(report.layers)]))
-            changed.update(node.output)
+        if not reason:
+            twin = originals[node.name]
+            _FITTERS[node.op_type](model, node, twin.output[0], targets, feeds, fit, ridge)
         bar.update(1)
         if fit.error_after is not None:
             bar.set_postfix_str(f"{node.name}: {fit.error_before:.3f} -> {fit.error_after:.3f}")
@@ -142,6 +133,25 @@ def kept_outputs(analysis, removed: dict[int, np.ndarray]) -> dict[str, np.ndarr
 
 # --------------------------------------------------------------------------------------------
 # Which layers are refitted
+
+
+def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelProto) -> list[tuple]:
+    """(layer node, skip reason or "") for every Conv and Gemm, in graph order. A layer is
+    refitted when its input lost channels or carries values changed upstream (a refitted layer,
+    or any node fed by one); refitting never stops that change, so the walk needs no fit."""
+    original_inits = {i.name: i for i in original.graph.initializer}
+    uses = _initializer_uses(model)
+    changed: set[str] = set()  # tensors whose kept values may differ from the original's
+    plan = []
+    for node in model.graph.node:
+        if node.op_type in _FITTERS:
+            reason = _skip_reason(node, originals.get(node.name), uses, original_inits, model, changed)
+            plan.append((node, reason))
+            if not reason or any(i in changed for i in node.input):
+                changed.update(node.output)
+        elif any(i in changed for i in node.input):
+            changed.update(node.output)
+    return plan
 
 
 def _skip_reason(node, twin, uses, original_inits, model, changed) -> str:
@@ -190,7 +200,7 @@ def _initializer_uses(model: onnx.ModelProto) -> dict[str, int]:
 # Fitting
 
 
-def _fit_conv(model, original, node, twin, kept, feeds, fit, positions, ridge, rng) -> None:
+def _fit_conv(model, node, target, targets, feeds, fit, ridge) -> None:
     inits = {i.name: i for i in model.graph.initializer}
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [Cout, Cin, kh, kw]
     cout, cin, kh, kw = w.shape
@@ -199,25 +209,18 @@ def _fit_conv(model, original, node, twin, kept, feeds, fit, positions, ridge, r
     pads = list(_attr(node, "pads", [0, 0, 0, 0]))
     strides = list(_attr(node, "strides", [1, 1]))
     dilations = list(_attr(node, "dilations", [1, 1]))
-    current = [np.concatenate([w.reshape(cout, -1), b[:, None]], axis=1).T]  # [D + 1, Cout]
 
-    def rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def rows(x: np.ndarray, where) -> np.ndarray:
+        """Input patches [N * P, Cin * kh * kw] at the sampled output positions."""
+        oy, ox = where  # [N, P] each
         xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-        n, _, hout, wout = y.shape
-        count = min(positions, hout * wout)
-        flat = np.stack([rng.choice(hout * wout, size=count, replace=False) for _ in range(n)])  # [N, P]
-        oy, ox = flat // wout, flat % wout
-        dy = np.arange(kh) * dilations[0]
-        dx = np.arange(kw) * dilations[1]
-        r = oy[:, :, None, None] * strides[0] + dy[None, None, :, None]
-        c = ox[:, :, None, None] * strides[1] + dx[None, None, None, :]
-        image = np.arange(n)[:, None, None, None]
-        patches = xp[image, :, r, c]  # [N, P, kh, kw, Cin]
-        a = patches.transpose(0, 1, 4, 2, 3).reshape(n * count, cin * kh * kw)
-        target = y[np.arange(n)[:, None], :, oy, ox].reshape(n * count, -1)  # [N * P, C]
-        return a, target
+        r = oy[:, :, None, None] * strides[0] + (np.arange(kh) * dilations[0])[None, None, :, None]
+        c = ox[:, :, None, None] * strides[1] + (np.arange(kw) * dilations[1])[None, None, None, :]
+        patches = xp[np.arange(len(x))[:, None, None, None], :, r, c]  # [N, P, kh, kw, Cin]
+        return patches.transpose(0, 1, 4, 2, 3).reshape(-1, cin * kh * kw)
 
-    solution = _solve(model, original, node, twin, kept, feeds, fit, ridge, rows, current[0])
+    start = np.concatenate([w.reshape(cout, -1), b[:, None]], axis=1).T  # [D + 1, Cout]
+    solution = _solve(model, node, target, targets, feeds, fit, ridge, rows, start)
     if solution is not None:
         new_w = solution[:-1].T.reshape(w.shape).astype(np.float32)
         new_b = solution[-1].astype(np.float32)
@@ -250,7 +253,7 @@ def _shift_batchnorm_mean(model: onnx.ModelProto, node, bias: np.ndarray) -> boo
     return True
 
 
-def _fit_gemm(model, original, node, twin, kept, feeds, fit, positions, ridge, rng) -> None:
+def _fit_gemm(model, node, target, targets, feeds, fit, ridge) -> None:
     inits = {i.name: i for i in model.graph.initializer}
     trans_b = bool(_attr(node, "transB", 0))
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
@@ -263,11 +266,10 @@ def _fit_gemm(model, original, node, twin, kept, feeds, fit, positions, ridge, r
     b = bias if has_bias else np.zeros(w_kn.shape[1])
     start = np.concatenate([w_kn, b[None, :]], axis=0)
 
-    def rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return x.reshape(len(x), -1), y.reshape(len(y), -1)
+    def rows(x: np.ndarray, where) -> np.ndarray:
+        return x.reshape(len(x), -1)
 
-    solution = _solve(model, original, node, twin, kept, feeds, fit, ridge, rows, start,
-                      intercept=has_bias)
+    solution = _solve(model, node, target, targets, feeds, fit, ridge, rows, start, intercept=has_bias)
     if solution is not None:
         new_w = solution[:-1] if has_bias else solution
         _set(model, node.input[1], (new_w.T if trans_b else new_w).astype(np.float32))
@@ -275,26 +277,21 @@ def _fit_gemm(model, original, node, twin, kept, feeds, fit, positions, ridge, r
             _set(model, node.input[2], solution[-1].astype(np.float32))
 
 
-def _solve(model, original, node, twin, kept, feeds, fit, ridge, rows, start, intercept: bool = True):
+def _solve(model, node, target, targets, feeds, fit, ridge, rows, start, intercept: bool = True):
     """Accumulate the normal equations over the samples and solve; None if not better."""
     if not intercept:
         start = start[:-1]
     # A residual-aware target (the original sum minus the pruned shortcut) was tried on the
     # ResNet-20 at k = 40 and did not help (55.6 % against 55.8 % top-1): each layer is fitted
     # to its own original output.
-    pruned_session = ort_session(_up_to(model, node.input[0]), spinning=False)
-    original_session = ort_session(_up_to(original, twin.output[0]), spinning=False)
-    x_index = [o.name for o in pruned_session.get_outputs()].index(node.input[0])
-    y_index = [o.name for o in original_session.get_outputs()].index(twin.output[0])
+    session = ort_session(_up_to(model, node.input[0]), spinning=False)
+    x_index = [o.name for o in session.get_outputs()].index(node.input[0])
     gram = rhs = None
     target_energy = 0.0
-    for feed in feeds:
-        x = pruned_session.run(None, _inputs(pruned_session, feed))[x_index]
-        y = original_session.run(None, _inputs(original_session, feed))[y_index]
-        if kept is not None:
-            y = y[:, kept]
-        a, t = rows(x, y)
-        a = a.astype(np.float64)
+    for index, feed in enumerate(feeds):
+        x = session.run(None, _inputs(session, feed))[x_index]
+        t, where = targets.get(target, index)
+        a = rows(x, where).astype(np.float64)
         if intercept:
             a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
         t = t.astype(np.float64)
@@ -325,6 +322,78 @@ def _solve(model, original, node, twin, kept, feeds, fit, ridge, rows, start, in
 
 
 _FITTERS = {"Conv": _fit_conv, "Gemm": _fit_gemm}
+
+
+class _Targets:
+    """The original model's outputs of the layers to refit, kept channels only, at sampled
+    output positions, for every calibration batch.
+
+    When all of them fit in ``budget`` bytes they come from passes of the original that return
+    every such output at once (in sub-batches small enough for ``transient`` bytes of outputs):
+    one original pass instead of one per layer. Otherwise each layer runs the part of the
+    original that computes it, when asked. Positions are drawn from (seed, layer, batch), so
+    both ways sample the same ones.
+    """
+
+    def __init__(self, original: onnx.ModelProto, layers: list[tuple[str, np.ndarray | None]],
+                 feeds: list[dict[str, np.ndarray]], positions: int, seed: int,
+                 budget: int = 1 << 30, transient: int = 256 << 20) -> None:
+        self.original, self.feeds, self.positions, self.seed = original, feeds, positions, seed
+        self.kept = dict(layers)
+        self.order = {name: i for i, (name, _) in enumerate(layers)}
+        self.cache: dict[str, list] | None = None
+        self._sessions: dict[str, object] = {}
+        if layers and feeds:
+            self._try_cache(budget, transient)
+
+    def get(self, name: str, batch: int) -> tuple[np.ndarray, tuple | None]:
+        """(targets [rows, C_kept], (oy, ox) [N, P] each or None for 2-D outputs)."""
+        if self.cache is not None:
+            return self.cache[name][batch]
+        if name not in self._sessions:
+            self._sessions = {name: ort_session(_up_to(self.original, name), spinning=False)}
+        session = self._sessions[name]
+        index = [o.name for o in session.get_outputs()].index(name)
+        y = session.run(None, _inputs(session, self.feeds[batch]))[index]
+        return self._sample(name, batch, y)
+
+    def _try_cache(self, budget: int, transient: int) -> None:
+        names = list(self.kept)
+        session = ort_session(with_outputs(self.original, names), spinning=False)
+        out_names = [o.name for o in session.get_outputs()]
+        first = {k: v[:1] for k, v in self.feeds[0].items()}
+        outputs = dict(zip(out_names, session.run(None, _inputs(session, first))))
+        per_image = sum(outputs[n].nbytes for n in names)
+        kept_bytes = sum(self._sample(n, 0, outputs[n])[0].nbytes for n in names)  # one image's samples
+        images = sum(len(next(iter(f.values()))) for f in self.feeds)
+        if kept_bytes * images > budget:
+            return
+        step = max(1, transient // max(per_image, 1))
+        cache: dict[str, list] = {n: [] for n in names}
+        for batch, feed in enumerate(self.feeds):
+            size = len(next(iter(feed.values())))
+            pieces: dict[str, list] = {n: [] for n in names}
+            for lo in range(0, size, step):
+                part = {k: v[lo:lo + step] for k, v in feed.items()}
+                values = dict(zip(out_names, session.run(None, _inputs(session, part))))
+                for n in names:
+                    pieces[n].append(values[n])
+            for n in names:
+                cache[n].append(self._sample(n, batch, np.concatenate(pieces[n])))
+        self.cache = cache
+
+    def _sample(self, name: str, batch: int, y: np.ndarray) -> tuple[np.ndarray, tuple | None]:
+        kept = self.kept[name]
+        if kept is not None:
+            y = y[:, kept]
+        if y.ndim != 4:
+            return y.reshape(len(y), -1).astype(np.float32), None
+        n, _, hout, wout = y.shape
+        count = min(self.positions, hout * wout)
+        rng = np.random.default_rng([self.seed, self.order[name], batch])
+        flat = np.stack([rng.choice(hout * wout, size=count, replace=False) for _ in range(n)])  # [N, P]
+        oy, ox = flat // wout, flat % wout
+        return y[np.arange(n)[:, None], :, oy, ox].reshape(n * count, -1).astype(np.float32), (oy, ox)
 
 
 # --------------------------------------------------------------------------------------------
