@@ -322,11 +322,15 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
             temperature: float = 4.0, alpha: float = 0.5, augment: bool = True, hflip: bool = True,
             eval_data: Any = None, calibration_options: dict | None = None, eval_options: dict | None = None,
             progress: bool = True, seed: int = 0, checkpoint_dir: str | os.PathLike | None = None,
-            resume: bool = False):
+            resume: bool = False, optimizer: str = "sgd", bn: str = "frozen"):
     """Knowledge distillation (SPEC section 7): the pruned ``student`` learns from ``teacher``.
 
     Args:
         train: training data, read like calibration data (labels optional).
+        optimizer: "sgd" (Nesterov, the default) or "adamw"; ``lr`` is its initial rate.
+        bn: BatchNormalization statistics: "frozen" (as given), "recompute" (re-estimated on
+            ``train`` before distilling) or "train" (batch statistics while training; folded
+            BatchNorms are restored around their Convs meanwhile); see :mod:`onnx_ocnna.distill.train`.
         eval_data: held-out data for per-epoch accuracy (or agreement without labels).
         checkpoint_dir: save a checkpoint after every epoch; ``resume`` continues from it.
     Returns:
@@ -342,4 +346,5 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
     held_out = as_source(eval_data, teacher, **(eval_options or calibration_options or {})) if eval_data is not None else None
     return run_distill(student, teacher, source.batches, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
                        augment=augment, hflip=hflip, eval_batches=held_out.batches if held_out else None,
-                       progress=progress, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume)
+                       progress=progress, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+                       optimizer=optimizer, bn=bn)

@@ -54,8 +54,14 @@ def _add_distill_options(group, flag: bool = True) -> None:
     group.add_argument("--train-samples", type=_positive_int, metavar="N",
                        help="train on a seeded class-balanced subset of N samples of --train (default: all)")
     group.add_argument("--epochs", type=_positive_int, default=3, help="distillation epochs (default 3)")
-    group.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine schedule (default 0.01)")
+    group.add_argument("--lr", type=float, default=0.01, help="initial learning rate, cosine schedule (default 0.01)")
     group.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default 4)")
+    group.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                       help="sgd (Nesterov momentum 0.9, the default) or adamw; --lr is its initial rate")
+    group.add_argument("--bn", choices=["frozen", "recompute", "train"], default="frozen",
+                       help="BatchNorm statistics: kept as they are (frozen, default), re-estimated on the training "
+                            "data before distilling (recompute), or batch statistics while training, with folded "
+                            "BatchNorms restored around each Conv and folded back (train)")
     group.add_argument("--alpha", type=float, default=0.5, help="weight of cross-entropy when labels exist (default 0.5)")
     group.add_argument("--no-augment", action="store_true", help="no random crop / horizontal flip")
     group.add_argument("--no-flip", action="store_true", help="random crop only (for digits, text, ...)")
@@ -318,7 +324,7 @@ def _distill(args, student, teacher):
                        alpha=args.alpha, augment=not args.no_augment, hflip=not args.no_flip,
                        eval_data=args.eval, calibration_options=options, eval_options=eval_options,
                        progress=not args.quiet, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
-                       resume=args.resume)
+                       resume=args.resume, optimizer=args.optimizer, bn=args.bn)
 
 
 def _run_distill(args) -> int:
@@ -351,7 +357,8 @@ def _run_sweep(args) -> int:
         _check_output(args, path)
     model = api.as_model(args.input)
     distill_options = {"lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
-                       "augment": not args.no_augment, "hflip": not args.no_flip}
+                       "augment": not args.no_augment, "hflip": not args.no_flip, "optimizer": args.optimizer,
+                       "bn": args.bn}
     rows = run_sweep(model, args.calib, args.eval, args.percentiles, criterion=args.criterion,
                      criterion_options=_criterion_options(args), distill_epochs=args.epochs if args.distill else 0,
                      train_data=args.train, distill_options=distill_options,

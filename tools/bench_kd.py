@@ -158,6 +158,9 @@ def main() -> None:
     ap.add_argument("--train-order", choices=["shuffled", "library"], default="shuffled")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    ap.add_argument("--bn", choices=["frozen", "recompute", "train"], default="frozen",
+                    help="BatchNormalization statistics in distillation (see onnx_ocnna.distill.train)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -241,7 +244,7 @@ def main() -> None:
                     alpha=args.alpha, augment=not args.no_augment, hflip=True,
                     eval_data=test if args.epoch_eval else None,
                     calibration_options={"preprocess": PREPROCESS, "batch_size": args.batch_size},
-                    progress=False, seed=args.seed,
+                    progress=False, seed=args.seed, optimizer=args.optimizer, bn=args.bn,
                 )
                 kd_s = time.perf_counter() - t0
                 kd_acc, _ = top1(distilled, test, base_pred)
@@ -249,8 +252,11 @@ def main() -> None:
                            drop_pruned=100 * (base["top1"] - pruned_acc["top1"]),
                            drop_kd=100 * (base["top1"] - kd_acc["top1"]),
                            epochs=args.epochs, train_images=len(y_train), train_order=args.train_order,
-                           lr=args.lr, alpha=args.alpha, temperature=args.temperature, kd_s=kd_s,
+                           lr=args.lr, optimizer=args.optimizer, bn=args.bn, batch_size=args.batch_size,
+                           alpha=args.alpha, temperature=args.temperature, kd_s=kd_s,
                            kd_threads=kd.settings.get("threads"), kd_check_max_diff=kd.check_max_diff,
+                           kd_initial_top1=kd.initial_accuracy, bn_recomputed_samples=kd.bn_recomputed_samples,
+                           kd_bn_recomputed_top1=kd.bn_recomputed_accuracy,
                            history=[{"epoch": e.epoch, "loss": e.loss, "kd_loss": e.kd_loss, "ce_loss": e.ce_loss,
                                      "train_agreement": e.train_agreement, "eval_accuracy": e.eval_accuracy,
                                      "seconds": e.seconds} for e in kd.epochs])
@@ -285,6 +291,22 @@ def int8_row(distilled: onnx.ModelProto, calib: CalibrationSource, test: ArraySo
     }
 
 
+def budget_options(row: dict) -> str:
+    """The distillation settings of a row: the rate, then any that differ from the defaults."""
+    parts = [f"lr {row['lr']:g}"]
+    if row.get("optimizer", "sgd") != "sgd":
+        parts.append(row["optimizer"])
+    if row.get("bn", "frozen") != "frozen":
+        parts.append(f"bn {row['bn']}")
+    if row.get("alpha", 0.5) != 0.5:
+        parts.append(f"alpha {row['alpha']:g}")
+    if row.get("temperature", 4.0) != 4.0:
+        parts.append(f"T {row['temperature']:g}")
+    if row.get("batch_size", 64) != 64:
+        parts.append(f"batch {row['batch_size']}")
+    return ", ".join(parts)
+
+
 def summarize(paths: list[Path]) -> str:
     """Markdown tables (accuracy rows, then INT8 rows) of every row in the result files."""
     lines = ["| model | criterion | k | setting | RPR | MACs | top-1 orig | pruned | after KD | drop (pt) "
@@ -299,7 +321,7 @@ def summarize(paths: list[Path]) -> str:
                     f"| {r['model'].replace('_ts_opset13', '').removesuffix('.onnx')} | {r['criterion']} | {r['k']:g} | {setting} "
                     f"| {r['rpr']:.3f} | {r['macs_ratio']:.3f} | {100 * r['top1_original']:.2f} "
                     f"| {100 * r['top1_pruned']:.2f} | {100 * r['top1_kd']:.2f} | {r['drop_kd']:.2f} "
-                    f"| {r['epochs']} ep x {r['train_images']:,} ({r['train_order']}, lr {r['lr']:g}) "
+                    f"| {r['epochs']} ep x {r['train_images']:,} ({r['train_order']}, {budget_options(r)}) "
                     f"| {r['kd_s']:.0f} | {r['score_s']:.0f} |")
                 q = r.get("int8")
                 if q:

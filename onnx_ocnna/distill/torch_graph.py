@@ -20,12 +20,14 @@ Parameters and constants:
   unless every use of it is a slot that is a setting rather than a weight (BatchNorm
   running mean/var, Clip bounds, Resize scales, Pad value, Pow exponent, ...; see
   :data:`_FROZEN_SLOTS`). Those, integer initializers and Constant nodes are buffers.
-* BatchNormalization always normalises with the model's running statistics, which stay
-  frozen; only its scale and bias (and the Conv weights around it) train. Calibration sets
-  used for distillation are small (hundreds to a few thousand images), and re-estimating
-  statistics from them, in batches of mixed augmented data, would make the trained graph
-  differ from what was optimised; frozen statistics make training and the written-back
-  ONNX graph compute exactly the same function.
+* BatchNormalization normalises with the model's running statistics (buffers, listed in
+  :attr:`OnnxModule.stat_buffers`) by default, also in ``train()`` mode: training and the
+  written-back ONNX graph then compute exactly the same function, and only scale and bias
+  (and the Conv weights around it) train. With :attr:`OnnxModule.batch_stats` set, ``train()``
+  mode normalises with the batch's statistics and updates the running ones in place
+  (``bn_momentum``; None = cumulative average), as ``torch.nn.BatchNorm`` does; the
+  distiller uses this to re-estimate them after pruning or to train with them, and
+  :func:`~onnx_ocnna.distill.writeback.write_back` copies them into the ONNX graph.
 * Dropout is active in ``train()`` mode and the identity in ``eval()`` mode.
 """
 
@@ -88,6 +90,8 @@ class NodeContext:
     opset: int
     training: bool
     node: onnx.NodeProto
+    batch_stats: bool = False
+    bn_momentum: float | None = 0.1
 
 
 Handler = Callable[[NodeContext, list, dict], "Tensor | tuple[Tensor, ...]"]
@@ -175,6 +179,12 @@ class OnnxModule(torch.nn.Module):
         params: trainable float initializers, keyed by sanitised name.
         param_names: sanitised key -> initializer name, for every parameter.
         buffer_names: buffer attribute name -> initializer name, for frozen initializers.
+        stat_buffers: the buffer attribute names that are BatchNormalization running mean/var.
+        batch_stats: in ``train()`` mode, BatchNormalization uses and updates batch statistics.
+        bn_momentum: weight of a new batch in the running statistics (None: cumulative average).
+        output_hooks: node output name -> ``fn(ctx, value) -> value`` applied right after the node
+            (how :mod:`~onnx_ocnna.distill.conv_norm` adds training-time normalisation).
+        conv_norms: that normalisation's module, folded in by write-back (None without it).
         input_names / output_names: the graph's real inputs (initializers excluded) and outputs.
     """
 
@@ -190,6 +200,11 @@ class OnnxModule(torch.nn.Module):
         self.params = torch.nn.ParameterDict()
         self.param_names: dict[str, str] = {}
         self.buffer_names: dict[str, str] = {}
+        self.batch_stats = False
+        self.bn_momentum: float | None = 0.1
+        self._bn_batches = 0
+        self.output_hooks: dict[str, Callable[[NodeContext, Tensor], Tensor]] = {}
+        self.conv_norms: torch.nn.Module | None = None
         # value name -> ("param" | "buffer", key)
         self._sources: dict[str, tuple[str, str]] = {}
         taken: set[str] = set()
@@ -225,6 +240,10 @@ class OnnxModule(torch.nn.Module):
                 raise InputError(f"operator {node.op_type} (node {node.name!r}) is not supported by the distiller")
             self._program.append((handler, node, list(node.input), list(node.output), attrs))
 
+        stat_inits = {n.input[i] for n in graph.node if n.op_type == "BatchNormalization"
+                      for i in (3, 4) if len(n.input) > i and n.input[i]}
+        self.stat_buffers = [b for b, init in self.buffer_names.items() if init in stat_inits]
+
         # Free each intermediate after its last use (matters for no-grad evaluation).
         last_use: dict[str, int] = {}
         for step, (_, _, inputs, _, _) in enumerate(self._program):
@@ -252,6 +271,10 @@ class OnnxModule(torch.nn.Module):
         out.update({init: getattr(self, buf) for buf, init in self.buffer_names.items()})
         return out
 
+    def reset_bn_average(self) -> None:
+        """Start a new cumulative average (``bn_momentum=None``): the next batch replaces the statistics."""
+        self._bn_batches = 0
+
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor | tuple[Tensor, ...]:
         """Run the graph.
 
@@ -271,7 +294,11 @@ class OnnxModule(torch.nn.Module):
         for name, (kind, key) in self._sources.items():
             env[name] = self.params[key] if kind == "param" else getattr(self, key)
 
-        ctx = NodeContext(self.opset, self.training, onnx.NodeProto())
+        momentum = self.bn_momentum
+        if self.training and self.batch_stats:
+            self._bn_batches += 1
+            momentum = momentum if momentum is not None else 1.0 / self._bn_batches
+        ctx = NodeContext(self.opset, self.training, onnx.NodeProto(), self.batch_stats, momentum)
         for step, (handler, node, inputs, outputs, attrs) in enumerate(self._program):
             ctx.node = node
             args_ = [env[i] if i else None for i in inputs]
@@ -287,7 +314,8 @@ class OnnxModule(torch.nn.Module):
                 result = (result,)
             for name, value in zip(outputs, result):
                 if name:
-                    env[name] = value
+                    hook = self.output_hooks.get(name)
+                    env[name] = value if hook is None else hook(ctx, value)
             for name in self._release[step]:
                 env.pop(name, None)
         results = tuple(env[n] for n in self.output_names)
@@ -443,8 +471,13 @@ def _conv_transpose(ctx: NodeContext, inputs: list, attrs: dict) -> Tensor:
 @register("BatchNormalization")
 def _batch_norm(ctx: NodeContext, inputs: list, attrs: dict) -> Tensor:
     x, scale, bias, mean, var = inputs[:5]
-    # Running statistics stay frozen (see the module docstring), also in train() mode.
-    return F.batch_norm(x, mean, var, scale, bias, training=False, eps=attrs.get("epsilon", 1e-5))
+    eps = attrs.get("epsilon", 1e-5)
+    if not (ctx.training and ctx.batch_stats):  # frozen running statistics (module docstring)
+        return F.batch_norm(x, mean, var, scale, bias, training=False, eps=eps)
+    if mean.requires_grad or var.requires_grad:
+        raise InputError(f"BatchNormalization {ctx.node.name!r} shares its running statistics with another "
+                         "operator; they cannot be re-estimated (keep them frozen)")
+    return F.batch_norm(x, mean, var, scale, bias, training=True, momentum=ctx.bn_momentum, eps=eps)
 
 
 @register("InstanceNormalization")

@@ -13,7 +13,9 @@ from onnx_ocnna.errors import InputError, ValidationError
 
 
 def write_back(module: OnnxModule, model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers hold the module's current parameter values.
+    """A copy of ``model`` whose initializers hold the module's current parameter values
+    and BatchNormalization running statistics (which the distiller may re-estimate), with any
+    training-time Conv normalisation (``module.conv_norms``) folded into its Conv.
 
     Only the values change: every initializer keeps its name, dtype, shape and position,
     and nodes, inputs, outputs and metadata are untouched.
@@ -22,6 +24,10 @@ def write_back(module: OnnxModule, model: onnx.ModelProto) -> onnx.ModelProto:
         ValidationError: the module does not match the model (a name or shape is missing).
     """
     values = {module.param_names[k]: p.detach().cpu() for k, p in module.params.items()}
+    values.update({module.buffer_names[b]: getattr(module, b).detach().cpu() for b in module.stat_buffers})
+    norms = getattr(module, "conv_norms", None)
+    if norms is not None:
+        values.update({k: v.cpu() for k, v in norms.folded(module.params).items()})
     out = onnx.ModelProto()
     out.CopyFrom(model)
     found = 0
@@ -32,7 +38,7 @@ def write_back(module: OnnxModule, model: onnx.ModelProto) -> onnx.ModelProto:
         new = values[init.name]
         if tuple(new.shape) != old_shape:
             raise ValidationError(
-                f"trained parameter {init.name!r} has shape {tuple(new.shape)}, the model's initializer {old_shape}"
+                f"trained value {init.name!r} has shape {tuple(new.shape)}, the model's initializer {old_shape}"
             )
         dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
         # bfloat16 has no numpy dtype of its own; go through float32 and let onnx convert.
