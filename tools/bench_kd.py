@@ -169,6 +169,9 @@ def main() -> None:
     ap.add_argument("--scope", choices=["per-group", "global"], default="per-group")
     ap.add_argument("--exclude", nargs="*", default=[], help="globs of groups kept whole (a different method: label it)")
     ap.add_argument("--epoch-eval", action="store_true", help="held-out accuracy after every epoch (costs time)")
+    ap.add_argument("--reconstruct", action="store_true",
+                    help="least-squares reconstruction of the pruned layers on the calibration images before KD")
+    ap.add_argument("--reconstruct-samples", type=int, default=512)
     ap.add_argument("--label", default="", help="free text stored with every row (e.g. 'tuned')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="results JSON (rows are appended to an existing file)")
@@ -227,11 +230,16 @@ def main() -> None:
                                                     progress=False)
                 scores = scores_cache[label]
                 t0 = time.perf_counter()
-                pruned, report = api.compress(teacher, percentile=k, criterion=criterion, criterion_options=options,
+                pruned, report = api.compress(teacher, calib if args.reconstruct else None, percentile=k,
+                                              criterion=criterion, criterion_options=options,
                                               scores=scores, round_to=args.round_to, scope=args.scope,
-                                              exclude=args.exclude or None, progress=False)
+                                              exclude=args.exclude or None, progress=False,
+                                              reconstruct=args.reconstruct,
+                                              reconstruct_options={"samples": args.reconstruct_samples})
                 row.update(rpr=report.rpr, macs_ratio=report.macs_ratio, params=report.after.parameters,
-                           score_s=scores.seconds, rewrite_s=time.perf_counter() - t0)
+                           score_s=scores.seconds, rewrite_s=time.perf_counter() - t0,
+                           reconstruct=args.reconstruct, reconstruct_s=report.timings.get("reconstruct_s"),
+                           reconstruct_samples=args.reconstruct_samples if args.reconstruct else None)
                 pruned_acc, _ = top1(pruned, test, base_pred)
                 row.update(top1_pruned=pruned_acc["top1"], agreement_pruned=pruned_acc["agreement"])
                 print(f"  {label} k={k:g}: RPR {report.rpr:.3f}, MACs {report.macs_ratio:.3f}, "
