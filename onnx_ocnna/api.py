@@ -322,7 +322,7 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
             temperature: float = 4.0, alpha: float = 0.5, augment: bool = True, hflip: bool = True,
             eval_data: Any = None, calibration_options: dict | None = None, eval_options: dict | None = None,
             progress: bool = True, seed: int = 0, checkpoint_dir: str | os.PathLike | None = None,
-            resume: bool = False, optimizer: str = "sgd", bn: str = "frozen"):
+            resume: bool = False, optimizer: str = "sgd", bn: str = "train"):
     """Knowledge distillation (SPEC section 7): the pruned ``student`` learns from ``teacher``.
 
     Args:

@@ -58,10 +58,10 @@ def _add_distill_options(group, flag: bool = True) -> None:
     group.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default 4)")
     group.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                        help="sgd (Nesterov momentum 0.9, the default) or adamw; --lr is its initial rate")
-    group.add_argument("--bn", choices=["frozen", "recompute", "train"], default="frozen",
-                       help="BatchNorm statistics: kept as they are (frozen, default), re-estimated on the training "
+    group.add_argument("--bn", choices=["frozen", "recompute", "train"], default="train",
+                       help="BatchNorm statistics: kept as they are (frozen), re-estimated on the training "
                             "data before distilling (recompute), or batch statistics while training, with folded "
-                            "BatchNorms restored around each Conv and folded back (train)")
+                            "BatchNorms restored around each Conv and folded back (train, the default)")
     group.add_argument("--alpha", type=float, default=0.5, help="weight of cross-entropy when labels exist (default 0.5)")
     group.add_argument("--no-augment", action="store_true", help="no random crop / horizontal flip")
     group.add_argument("--no-flip", action="store_true", help="random crop only (for digits, text, ...)")

@@ -26,7 +26,7 @@ Choices:
   (59.05 % against 65.55 % folded and frozen; 73.05 % against 75.30 % BN-kept, ``bn="train"``).
   When the number of batches per epoch is unknown the first epoch runs at the initial rate
   and the cosine starts once it has been counted.
-* **BatchNormalization** (``bn``): ``"frozen"`` (default) keeps the running statistics as
+* **BatchNormalization** (``bn``): ``"frozen"`` keeps the running statistics as
   given, so training and the written-back graph compute the same function. Pruning changes
   what every BatchNorm receives, though, and frozen statistics then normalise with stale
   values. ``"recompute"`` re-estimates them once before training (one pass over the training
@@ -45,7 +45,7 @@ Choices:
   65.55 %, train 73.95 % (70.15 % with the temporary BatchNorms started as the identity).
   Batch statistics also tolerate larger steps: BN-kept lr 0.02 gave 76.00 %, lr 0.05 74.10 %,
   where the folded, frozen student collapsed to a constant prediction at lr 0.05.
-  ``"frozen"`` is still the default (the behaviour before this option existed).
+  ``"train"`` is the default: 8-8.5 points better than ``"frozen"`` on both exports.
 * **Augmentation** (4D image inputs, ``augment=True``): random crop after zero padding of
   4 px per 32 px of the shorter side (at least 1), and a horizontal flip with probability 0.5
   (``hflip=False`` for data where a mirror image changes the class, such as digits). The
@@ -176,7 +176,7 @@ class DistillSettings:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     optimizer: str = "sgd"
-    bn: str = "frozen"
+    bn: str = "train"
     clip_grad_norm: float | None = 5.0
     steps_per_epoch: int | None = None
     output: str | None = None
@@ -215,7 +215,7 @@ def distill(
     weight_decay: float = 1e-4,
     momentum: float = 0.9,
     optimizer: str = "sgd",
-    bn: str = "frozen",
+    bn: str = "train",
     clip_grad_norm: float | None = 5.0,
     eval_batches: Callable[[], Iterable[BatchLike]] | None = None,
     steps_per_epoch: int | None = None,
