@@ -44,8 +44,10 @@ def _child(args) -> None:
             count += len(next(iter(batch.feeds.values())))
         result = {"samples": count}
     else:
-        criterion, _, tau = args.step.partition(":")
+        criterion, tau, threads = (args.step.split(":") + ["", ""])[:3]  # ocnna[:tau[:eigenvalue threads]]
         opts = {"pca_variance": float(tau)} if tau else {}
+        if threads:
+            opts["threads"] = int(threads)
         scores = api.score(model, source, criterion=criterion, criterion_options=opts, progress=False)
         result = {"samples": scores.samples}
     result["seconds"] = time.perf_counter() - start
@@ -95,7 +97,8 @@ def main() -> None:
     parser.add_argument("--preprocess", default="cifar10")
     parser.add_argument("--samples", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", nargs="+", default=["ocnna:0.95", "ocnna:1.0"])
+    parser.add_argument("--steps", nargs="+", default=["ocnna:0.95", "ocnna:1.0"],
+                        help="criterion[:pca_variance[:eigenvalue threads]], e.g. ocnna:0.95:1")
     parser.add_argument("--percentile", type=float, nargs="+", default=[40])
     parser.add_argument("--round-to", nargs="+", default=["1", "auto"], help="integers or 'auto'")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
