@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    ap.add_argument("--bn", choices=["frozen", "recompute", "train"], default="frozen",
+    ap.add_argument("--bn", choices=["frozen", "recompute", "train"], default="train",
                     help="BatchNormalization statistics in distillation (see onnx_ocnna.distill.train)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=4.0)
