@@ -59,3 +59,21 @@ def zoo_model(name: str, exporter: str = "ts", bn: str = "kept") -> Path:
 def zoo():
     """`zoo(name, exporter="ts", bn="kept") -> Path` of the exported ONNX file (see zoo_model)."""
     return zoo_model
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded digits CNN (Conv-BN-Relu x3, GAP, Gemm), its split, the 8x8 images
+    [N, 1, 8, 8] float32 in [0, 1] and the labels [N]."""
+    import json
+    from importlib import resources
+
+    import numpy as np
+    import onnx
+
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    data = resources.files("onnx_ocnna.data")
+    model = onnx.load(str(data / "digits_cnn.onnx"))
+    split = json.loads((data / "digits_split.json").read_text())
+    raw = sklearn_datasets.load_digits()
+    return model, split, (raw.images / 16.0).astype(np.float32)[:, None], raw.target.astype(np.int64)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 import onnx
@@ -305,18 +303,6 @@ def test_ts_export_dynamic_batch(zoo_exports) -> None:
 
 # ---------------------------------------------------------------------------------------
 # The embedded digits model
-
-
-@pytest.fixture(scope="module")
-def digits():
-    sklearn_datasets = pytest.importorskip("sklearn.datasets")
-    data = resources.files("onnx_ocnna.data")
-    model = onnx.load(str(data / "digits_cnn.onnx"))
-    split = json.loads((data / "digits_split.json").read_text())
-    raw = sklearn_datasets.load_digits()
-    images = (raw.images / 16.0).astype(np.float32)[:, None]
-    labels = raw.target.astype(np.int64)
-    return model, split, images, labels
 
 
 def batches_of(images, labels, index, batch=64, with_labels=True):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 import onnx
@@ -26,17 +24,6 @@ BN_STATS = ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.runn
 class Batch:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """The embedded digits CNN (Conv-BN-Relu x3, GAP, Gemm), its split and the 8x8 images [N, 1, 8, 8]."""
-    sklearn_datasets = pytest.importorskip("sklearn.datasets")
-    data = resources.files("onnx_ocnna.data")
-    model = onnx.load(str(data / "digits_cnn.onnx"))
-    split = json.loads((data / "digits_split.json").read_text())
-    raw = sklearn_datasets.load_digits()
-    return model, split, (raw.images / 16.0).astype(np.float32)[:, None], raw.target.astype(np.int64)
 
 
 def batches_of(images, labels, index, batch=64):
