@@ -38,6 +38,29 @@ def _bisect(attempt: Callable[[float], float], target: float, lo: float, hi: flo
     return best
 
 
+def _bisected_targets(job: dict, remaining: Callable[[float], float], build: Callable[[float], onnx.ModelProto],
+                      hi: float, setting: str, base_parameters: int) -> dict:
+    """For every target R: bisect the peer's setting in [0, hi] on ``remaining`` (its own
+    parameter ratio), then time one ``build`` at the setting found and save the model.
+    A failing target gets its error instead (it goes into the table cell)."""
+    out: dict = {"ready_rss_mib": current_rss_mib(), "targets": {}}
+    for target in job["targets"]:
+        try:
+            start = time.perf_counter()
+            value, _ = _bisect(remaining, target, 0.0, hi, 0.002)
+            search_s = time.perf_counter() - start
+            start = time.perf_counter()
+            pruned = build(value)
+            seconds = time.perf_counter() - start
+            out["targets"][str(target)] = {
+                "path": _save(pruned, Path(job["out_dir"]), f"{job['name']}_{target}"),
+                "rpr": count_parameters(pruned) / base_parameters, "setting": f"{setting}={value:.3f}",
+                "tool_s": seconds, "search_s": search_s}
+        except Exception as exc:  # noqa: BLE001 - the error goes into the table cell
+            out["targets"][str(target)] = {"error": error_text(exc)}
+    return out
+
+
 def _save(model: onnx.ModelProto, out_dir: Path, name: str) -> str:
     path = out_dir / f"{name}.onnx"
     onnx.save(model, path)
@@ -98,22 +121,7 @@ def run_onnxsim(job: dict) -> dict:
         # The functions resize tensors in place: give each call its own copy.
         return fn(copy.deepcopy(model), sparsity=sparsity, **kwargs)
 
-    out: dict = {"ready_rss_mib": current_rss_mib(), "targets": {}}
-    for target in job["targets"]:
-        try:
-            start = time.perf_counter()
-            sparsity, _ = _bisect(lambda s: count_parameters(call(s)) / base, target, 0.0, 0.99, 0.002)
-            search_s = time.perf_counter() - start
-            start = time.perf_counter()
-            pruned = call(sparsity)
-            seconds = time.perf_counter() - start
-            out["targets"][str(target)] = {
-                "path": _save(pruned, Path(job["out_dir"]), f"{job['name']}_{target}"),
-                "rpr": count_parameters(pruned) / base, "setting": f"sparsity={sparsity:.3f}",
-                "tool_s": seconds, "search_s": search_s}
-        except Exception as exc:  # noqa: BLE001
-            out["targets"][str(target)] = {"error": error_text(exc)}
-    return out
+    return _bisected_targets(job, lambda s: count_parameters(call(s)) / base, call, 0.99, "sparsity", base)
 
 
 # --------------------------------------------------------------------------- Torch-Pruning
@@ -141,25 +149,15 @@ def run_torch_pruning(job: dict) -> dict:
         pruner.step()
         return net
 
+    def build(ratio: float) -> onnx.ModelProto:
+        net = prune(ratio)
+        pruned = _export(net, bn_kept)
+        _check_export(net, pruned)
+        return pruned
+
     base = parameter_count(from_onnx(model))
-    out: dict = {"ready_rss_mib": current_rss_mib(), "targets": {}}
-    for target in job["targets"]:
-        try:
-            start = time.perf_counter()
-            ratio, _ = _bisect(lambda r: parameter_count(prune(r)) / base, target, 0.0, 0.95, 0.002)
-            search_s = time.perf_counter() - start
-            start = time.perf_counter()
-            net = prune(ratio)
-            pruned = _export(net, bn_kept)
-            seconds = time.perf_counter() - start
-            _check_export(net, pruned)
-            out["targets"][str(target)] = {
-                "path": _save(pruned, Path(job["out_dir"]), f"{job['name']}_{target}"),
-                "rpr": count_parameters(pruned) / count_parameters(model), "setting": f"pruning_ratio={ratio:.3f}",
-                "tool_s": seconds, "search_s": search_s}
-        except Exception as exc:  # noqa: BLE001
-            out["targets"][str(target)] = {"error": error_text(exc)}
-    return out
+    return _bisected_targets(job, lambda r: parameter_count(prune(r)) / base, build, 0.95, "pruning_ratio",
+                             count_parameters(model))
 
 
 def _export(net, bn_kept: bool) -> onnx.ModelProto:
