@@ -60,20 +60,6 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
 
 
-def latency_ms(model: onnx.ModelProto, batch: int, threads: int, runs: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one ``session.run`` in milliseconds."""
-    session = ort_session(model, threads=threads)
-    feeds = sample_feeds(model, batch=batch)
-    for _ in range(warmup):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: int, threads: int,
                         runs: int = 20, warmup: int = 3) -> dict:
     """Median ``session.run`` time (ms) of both models on the same random input (SPEC section 9).

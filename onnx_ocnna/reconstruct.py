@@ -140,12 +140,13 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
     refitted when its input lost channels or carries values changed upstream (a refitted layer,
     or any node fed by one); refitting never stops that change, so the walk needs no fit."""
     original_inits = {i.name: i for i in original.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
     uses = _initializer_uses(model)
     changed: set[str] = set()  # tensors whose kept values may differ from the original's
     plan = []
     for node in model.graph.node:
         if node.op_type in _FITTERS:
-            reason = _skip_reason(node, originals.get(node.name), uses, original_inits, model, changed)
+            reason = _skip_reason(node, originals.get(node.name), uses, inits, original_inits, changed)
             plan.append((node, reason))
             if not reason or any(i in changed for i in node.input):
                 changed.update(node.output)
@@ -154,10 +155,9 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
     return plan
 
 
-def _skip_reason(node, twin, uses, original_inits, model, changed) -> str:
+def _skip_reason(node, twin, uses, inits, original_inits, changed) -> str:
     if twin is None or twin.op_type != node.op_type:
         return "no layer of that name in the original model"
-    inits = {i.name: i for i in model.graph.initializer}
     if len(node.input) < 2 or node.input[1] not in inits:
         return "weights are not an initializer"
     if any(uses.get(name, 0) > 1 for name in node.input[1:] if name):
