@@ -41,8 +41,9 @@ def _add_calibration_options(parser: argparse.ArgumentParser, required: bool = F
 def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("importance")
     group.add_argument("--criterion", choices=CRITERIA_CHOICES, default="ocnna", help="importance criterion (default ocnna)")
-    group.add_argument("--pca-variance", type=float, default=0.95, metavar="TAU",
-                       help="ocnna: variance share the PCA keeps (default 0.95; 1.0 = plain Frobenius norm)")
+    group.add_argument("--pca-variance", type=float, default=1.0, metavar="TAU",
+                       help="ocnna: variance share the PCA keeps (default 1.0 = Frobenius norm of the centred "
+                            "map, same ranking at a 10th of the cost; 0.95 = the paper-style truncated PCA)")
     group.add_argument("--invert", action="store_true", help="ocnna: keep high-CV filters instead of low-CV ones")
     group.add_argument("--seed", type=int, default=0, help="seed for random and for sample subsets (default 0)")
 
@@ -87,16 +88,33 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                           "channel block on this CPU (16 with AVX-512, else 8), for real speed-ups")
     sel.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                      help="leave groups whose Conv or weight name matches (repeatable)")
-    sel.add_argument("--target-params", type=float, metavar="R", help="search K so that RPR <= R")
-    sel.add_argument("--target-macs", type=float, metavar="R", help="search K so that MACs ratio <= R")
+    sel.add_argument("--target-params", type=float, metavar="R",
+                     help="keep at most R of the parameters; widths per group from measured damage")
+    sel.add_argument("--target-macs", type=float, metavar="R",
+                     help="keep at most R of the MACs; widths per group from measured damage")
+    sel.add_argument("--target-latency", type=float, metavar="R",
+                     help="ONNX Runtime latency at most R of the original's, measured here "
+                          "(--latency-batch, --latency-threads)")
+    sel.add_argument("--allocation", choices=["measured", "uniform"], default="measured",
+                     help="how a target is spent: per-group widths from measured damage (default) or one "
+                          "percentile for every group (the paper's setting)")
+    sel.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
+                     help="batch size --target-latency is measured at (default 1)")
+    sel.add_argument("--latency-threads", type=_positive_int, default=1, metavar="T",
+                     help="intra-op threads --target-latency is measured with (default 1)")
+    sel.add_argument("--damage-samples", type=_positive_int, default=256, metavar="N",
+                     help="calibration images the allocation measures each candidate cut on (default 256)")
+    sel.add_argument("--plot", type=Path, metavar="widths.png",
+                     help="write a picture of every layer's width, original against pruned")
     sel.add_argument("--plan", type=Path, metavar="plan.json", help="apply this plan instead of scoring")
     sel.add_argument("--drop-blocks", action="store_true",
                      help="first remove residual blocks that do not raise the Separation Index (needs labels)")
     sel.add_argument("--si-epsilon", type=float, default=0.0, metavar="E",
                      help="a block must raise SI by more than E to stay (default 0)")
     rec = main.add_argument_group("reconstruction (least squares, no training)")
-    rec.add_argument("--reconstruct", action="store_true",
-                     help="refit every layer after a cut so its outputs match the original's on the calibration data")
+    rec.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                     help="refit every layer after a cut so its outputs match the original's on the calibration "
+                          "data (on by default with --calib; --no-reconstruct turns it off)")
     rec.add_argument("--reconstruct-samples", type=_positive_int, default=512, metavar="N",
                      help="calibration samples the refit reads (default 512)")
     kd = main.add_argument_group("knowledge distillation (PyTorch; the original model teaches)")
@@ -251,14 +269,14 @@ def _run_main(args) -> int:
 
     _check_output(args, args.output)
     fp32_path = args.output.with_name(args.output.stem + ".fp32.onnx") if args.quantize else None
-    for extra in (args.report, args.save_plan, fp32_path):
+    for extra in (args.report, args.save_plan, fp32_path, getattr(args, "plot", None)):
         if extra is not None:
             _check_output(args, extra)
     if args.quantize and not args.calib:
         from onnx_ocnna.errors import InputError
 
         raise InputError("--quantize int8 needs calibration data (--calib)")
-    if args.plan is not None and args.reconstruct:
+    if args.plan is not None and args.reconstruct:  # None (the default) means "on when possible"
         from onnx_ocnna.errors import InputError
 
         raise InputError("--reconstruct refits after scoring; it cannot be combined with --plan")
@@ -270,6 +288,8 @@ def _run_main(args) -> int:
             model, args.calib, percentile=args.percentile, criterion=args.criterion, scope=args.scope,
             min_channels=args.min_channels, round_to=args.round_to, exclude=args.exclude,
             target_params=args.target_params, target_macs=args.target_macs,
+            target_latency=args.target_latency, allocation=args.allocation, latency_batch=args.latency_batch,
+            latency_threads=args.latency_threads, damage_samples=args.damage_samples,
             criterion_options=_criterion_options(args), calibration_options=_calibration_options(args),
             progress=not args.quiet, drop_blocks=args.drop_blocks, si_epsilon=args.si_epsilon,
             reconstruct=args.reconstruct, reconstruct_options={"samples": args.reconstruct_samples})
@@ -295,6 +315,10 @@ def _run_main(args) -> int:
         save_plan(report.extra["plan"], args.save_plan)
     if args.report is not None:
         report.save(args.report)
+    if getattr(args, "plot", None) is not None and report.extra.get("widths"):
+        from onnx_ocnna.report import plot_widths
+
+        plot_widths(report, args.plot)
     print(report.table())
     for block in report.extra.get("blocks", []):
         print(f"block {block['add']}: SI {block['si_in']:.4f} -> {block['si_out']:.4f}"

@@ -53,7 +53,7 @@ def run_demo(percentile: float = 40.0, epochs: int = 20, output: str | Path | No
         f"digits CNN (scikit-learn digits, {test.num_samples} held-out test images): OCNNA k = {percentile:g}, "
         f"{epochs} epoch(s) of distillation on {len(data['train']['labels'])} training images",
         report.table(),
-        f"top-1 after pruning, before distillation: {100 * before_kd.top1_after:.2f} %",
+        f"top-1 after pruning and reconstruction, before distillation: {100 * before_kd.top1_after:.2f} %",
         f"top-1 after distillation: {100 * after_kd.top1_after:.2f} % "
         f"(original {100 * after_kd.top1_before:.2f} %, drop {100 * (after_kd.top1_before - after_kd.top1_after):+.2f} pt)",
     ]

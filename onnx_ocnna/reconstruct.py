@@ -71,7 +71,7 @@ class ReconstructionReport:
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[str, np.ndarray],
                 batches: Callable[[], Iterable[Batch]], *, samples: int = 512, positions: int = 32,
-                ridge: float = 1e-3, seed: int = 0, progress: bool = True
+                ridge: float = 1e-3, seed: int = 0, progress: bool = True, local: bool = False
                 ) -> tuple[onnx.ModelProto, ReconstructionReport]:
     """Refit the pruned model's Conv and Gemm layers to reproduce the original's outputs.
 
@@ -84,6 +84,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
             once and kept in memory.
         positions: output positions sampled per image and layer (all of them if fewer).
         ridge: regularisation, relative to the mean diagonal of the normal equations.
+        local: refit only the layers whose inputs lost channels, not the layers after them
+            (the cheap estimate the budget allocation measures each candidate cut with).
     Returns:
         (the reconstructed model, a report with each layer's relative error before/after).
     """
@@ -100,7 +102,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
     report = ReconstructionReport(samples=sum(len(next(iter(f.values()))) for f in feeds), positions=positions,
                                   ridge=ridge)
     originals = {n.name: n for n in original.graph.node if n.name}
-    plan = _plan_layers(model, originals, original)
+    plan = _plan_layers(model, originals, original, propagate=not local)
     to_fit = [(node, originals[node.name]) for node, reason in plan if not reason]
     targets = _Targets(original, [(twin.output[0], kept.get(node.name)) for node, twin in to_fit], feeds,
                        positions, seed, budget=_TARGET_BUDGET)
@@ -135,10 +137,12 @@ def kept_outputs(analysis, removed: dict[int, np.ndarray]) -> dict[str, np.ndarr
 # Which layers are refitted
 
 
-def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelProto) -> list[tuple]:
+def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelProto,
+                 propagate: bool = True) -> list[tuple]:
     """(layer node, skip reason or "") for every Conv and Gemm, in graph order. A layer is
     refitted when its input lost channels or carries values changed upstream (a refitted layer,
-    or any node fed by one); refitting never stops that change, so the walk needs no fit."""
+    or any node fed by one); refitting never stops that change, so the walk needs no fit.
+    Without ``propagate`` only the layers whose inputs lost channels are refitted."""
     original_inits = {i.name: i for i in original.graph.initializer}
     inits = {i.name: i for i in model.graph.initializer}
     uses = _initializer_uses(model)
@@ -148,9 +152,9 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
         if node.op_type in _FITTERS:
             reason = _skip_reason(node, originals.get(node.name), uses, inits, original_inits, changed)
             plan.append((node, reason))
-            if not reason or any(i in changed for i in node.input):
+            if propagate and (not reason or any(i in changed for i in node.input)):
                 changed.update(node.output)
-        elif any(i in changed for i in node.input):
+        elif propagate and any(i in changed for i in node.input):
             changed.update(node.output)
     return plan
 

@@ -71,7 +71,44 @@ class Report:
         frozen = sum(1 for g in self.groups if g.get("frozen") and not g.get("prunable", True))
         lines.append(f"groups: {len(self.groups)}, pruned {pruned}, frozen {frozen}; RPR = {self.rpr:.4f}")
         lines.extend(f"note: {note}" for note in self.notes)
+        allocation = self.extra.get("allocation")
+        if allocation:
+            lines.append("allocation (group: kept/channels, damage alone in nats, saved alone):")
+            unit = "params" if allocation["objective"] == "params" else "MACs"
+            for g in allocation["groups"]:
+                if g["kept"] < g["channels"]:
+                    saved = g["saved_params"] if unit == "params" else g["saved_macs"]
+                    lines.append(f"  {g['members'][0]}{' +%d' % (len(g['members']) - 1) if len(g['members']) > 1 else ''}:"
+                                 f" {g['kept']}/{g['channels']}, damage {g['damage']:.4f}, {saved:,} {unit}")
         return "\n".join(lines)
+
+
+def plot_widths(report: Report, path: str | os.PathLike, title: str = "") -> None:
+    """Bar chart of every layer's output channels, original against pruned (report.extra['widths'])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.extra.get("widths") or []
+    if not rows:
+        raise ValueError("the report holds no layer widths to plot")
+    x = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len(rows) + 2), 3.8), dpi=120)
+    ax.bar(x, [r["before"] for r in rows], color="#cfd8e3", label="original", width=0.85)
+    ax.bar(x, [r["after"] for r in rows], color="tab:blue", label="pruned", width=0.85)
+    ax.set_xlabel("layer (Conv / Gemm in graph order)")
+    ax.set_ylabel("output channels")
+    ax.set_xlim(-1, len(rows))
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title or f"widths: RPR {report.rpr:.3f}, MACs {report.macs_ratio:.3f}")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def group_rows(analysis: ChannelAnalysis, removed: dict) -> list[dict]:

@@ -20,7 +20,8 @@ def test_demo_compresses_and_recovers_accuracy(capsys):
     after = float(re.search(r"top-1 after distillation: ([0-9.]+) %", out).group(1))
     original = float(re.search(r"original ([0-9.]+) %", out).group(1))
     assert rpr < 0.45
-    assert after > before + 20  # distillation recovers what pruning lost
+    assert original - before < 5.0  # the default reconstruction alone keeps most of the accuracy
+    assert after >= before - 0.5  # distillation does not undo it
     assert original - after < 3.0
 
 
@@ -31,7 +32,7 @@ def test_main_command_with_distill_and_distill_subcommand(tmp_path, capsys):
         np.savez(tmp_path / f"{name}.npz", input=data[name]["input"], labels=data[name]["labels"])
     pruned = tmp_path / "pruned.onnx"
     code = main([str(tmp_path / "digits.onnx"), str(pruned), "--calib", str(tmp_path / "calibration.npz"),
-                 "--percentile", "50", "--quiet", "--report", str(tmp_path / "r.json")])
+                 "--percentile", "50", "--no-reconstruct", "--quiet", "--report", str(tmp_path / "r.json")])
     assert code == 0
     distilled = tmp_path / "distilled.onnx"
     code = main(["distill", str(pruned), str(distilled), "--teacher", str(tmp_path / "digits.onnx"),

@@ -134,7 +134,11 @@ def test_bias_free_conv_before_batchnorm_shifts_the_mean_instead():
 def test_compress_reconstructs_and_reports(tmp_path):
     model = _model(duplicate=False)
     data = {"x": np.random.default_rng(0).standard_normal((96, 3, 6, 6)).astype(np.float32)}
-    plain, _ = api.compress(model, data, percentile=50, criterion="mean-activation", progress=False)
+    plain, plain_report = api.compress(model, data, percentile=50, criterion="mean-activation", progress=False,
+                                       reconstruct=False)
+    assert "reconstruction" not in plain_report.extra
+    default, default_report = api.compress(model, data, percentile=50, criterion="mean-activation", progress=False)
+    assert default_report.settings["reconstruct"] is True  # on by default with calibration data
     refitted, report = api.compress(model, data, percentile=50, criterion="mean-activation", progress=False,
                                     reconstruct=True, reconstruct_options={"samples": 96})
     assert report.settings["reconstruct"] is True

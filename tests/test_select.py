@@ -135,7 +135,8 @@ def test_top_level_api_and_target_params():
     b = g.relu(g.conv(a, 16, 16, name="b"))
     out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [b])[0]])[0], 16, 3)
     model = g.model(["N", 3, 6, 6], out)
-    pruned, report = onnx_ocnna.compress(model, criterion="l1", target_params=0.5, progress=False)
+    pruned, report = onnx_ocnna.compress(model, criterion="l1", target_params=0.5, allocation="uniform",
+                                         progress=False)
     assert report.rpr <= 0.5
     # The search takes the smallest k that meets the target: 0.1 less would not.
     k = report.settings["percentile"]

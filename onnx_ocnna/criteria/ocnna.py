@@ -34,7 +34,7 @@ from onnx_ocnna.criteria.base import Accumulator, Criterion, MemberInfo
 from onnx_ocnna.criteria.stats import RunningMoments
 from onnx_ocnna.errors import InputError
 
-DEFAULT_PCA_VARIANCE = 0.95
+DEFAULT_PCA_VARIANCE = 1.0
 # A coefficient of variation below this is under the resolution of F computed in float32
 # (and absorbs the float64 rounding of merged batch means), so F counts as constant.
 _CONSTANT_RTOL = 1e-6

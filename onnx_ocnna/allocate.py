@@ -1,0 +1,429 @@
+"""Budget allocation: a width per channel group, chosen from measured damage (SPEC section 4).
+
+A uniform percentile cuts the one coupled residual spine of a CIFAR ResNet (stem, every block's
+second Conv, the Pad shortcuts) as hard as a single block-internal Conv, and the spine is what
+costs most. Here every group is instead tried alone at a few candidate widths: the criterion
+picks which channels leave, the graph is rewritten, and the damage is measured in ONNX Runtime
+as the mean KL divergence of the model's outputs from the original's on calibration images.
+The saving of each candidate (parameters or MACs) is counted on the same rewrite. A greedy
+search then spends the budget where damage per unit saved is lowest (each step narrows one group
+to its next candidate width), and
+re-counts the real cost of the joint cut, because savings of adjacent groups overlap; the last
+steps usually overshoot, so width is then given back where the joint cut still fits.
+
+Candidate widths are aligned to ONNX Runtime's channel block (16 with AVX-512, else 8: multiples
+of the block, plus half and a quarter of it), because unaligned widths buy MACs but no time
+(docs/benchmarks.md). A latency target is met by searching the MACs budget and measuring each
+result's ONNX Runtime latency against the original's, interleaved; measured latencies are kept
+per selection, so no model is timed twice in one run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from onnx_ocnna.calibration import Batch
+from onnx_ocnna.errors import InputError
+from onnx_ocnna.metrics import model_stats
+from onnx_ocnna.model_io import ort_session
+from onnx_ocnna.reconstruct import kept_outputs
+from onnx_ocnna.select import SelectionOptions, _respect_nonempty, _round_members, _order
+
+
+@dataclass
+class Candidate:
+    """One group cut alone to ``kept`` channels. ``damage`` is the mean KL divergence (nats) of
+    the outputs from the original's; ``saved`` the parameters/MACs it removes on its own."""
+
+    kept: int
+    removed: np.ndarray
+    damage: float
+    saved_params: int
+    saved_macs: int
+
+
+@dataclass
+class GroupChoice:
+    """Attributes:
+        id, channels: the group and its channel count.
+        kept: channels the allocation keeps; damage/saved_*: of that width measured alone.
+        candidates: (kept, damage, saved params, saved MACs) of every width tried.
+    """
+
+    id: int
+    members: list[str]
+    channels: int
+    kept: int
+    damage: float
+    saved_params: int
+    saved_macs: int
+    candidates: list[tuple[int, float, int, int]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Allocation:
+    """The removal chosen for a budget, per group, with the measurements behind it."""
+
+    removed: dict[int, np.ndarray]
+    groups: list[GroupChoice]
+    objective: str
+    target: float
+    achieved: float
+    damage_samples: int
+    seconds: float
+    latency: list[dict] = field(default_factory=list)
+    final_check: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"objective": self.objective, "target": self.target, "achieved": self.achieved,
+                "final_check": self.final_check,
+                "damage_samples": self.damage_samples, "seconds": self.seconds,
+                "groups": [g.as_dict() for g in self.groups], "latency": self.latency}
+
+
+def candidate_widths(channels: int, block: int, floor: int) -> list[int]:
+    """Kept counts to try for a group of ``channels``, widest first: multiples of ``block`` and
+    block/2, block/4 (narrow layers), never below ``floor``; the full width is always first."""
+    widths = {channels}
+    widths.update(w for w in range(block, channels, block))
+    widths.update(w for w in (block // 2, block // 4) if 1 <= w < channels)
+    return sorted((w for w in widths if w >= floor), reverse=True)
+
+
+def removal_at(group, scores: np.ndarray, kept: int, block: int) -> np.ndarray:
+    """The criterion's lowest-scored channels that leave ``kept`` in ``group``, sorted; member
+    tensors are rounded to ``block`` when ``kept`` is a multiple of it."""
+    removable = group.removable()
+    count = min(group.channels - kept, len(removable))
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    nested = _nested_subsets(group)
+    if nested is not None and kept % block == 0:
+        return _nested_removal(nested, scores, kept / group.channels, block, set(removable.tolist()))
+    removed = np.sort(_order(scores, removable)[:count])
+    return _round_members(group, scores, removed, block) if kept % block == 0 else removed
+
+
+def _nested_subsets(group) -> list[np.ndarray] | None:
+    """The distinct channel sets of a coupled group's member tensors, smallest first, when each
+    holds the previous one (a CIFAR ResNet's spine: the 16-channel stage padded into the 32- and
+    64-channel ones); None for a plain group or sets that are not nested."""
+    sets = sorted({frozenset(np.unique(c).tolist()) for c in group.member_channels.values()}, key=len)
+    if len(sets) < 2 or any(not a <= b for a, b in zip(sets, sets[1:])):
+        return None
+    return [np.array(sorted(s), dtype=np.int64) for s in sets]
+
+
+def _nested_removal(nested: list[np.ndarray], scores: np.ndarray, fraction: float, block: int,
+                    removable: set[int]) -> np.ndarray:
+    """Cut every member tensor of a nested group to the same ``fraction`` of its width, each a
+    multiple of ``block`` (or at least one block when it is that narrow): ring by ring, the
+    channels a tensor adds to the one inside it go lowest-scored first. Rounding the group's
+    total instead gives most channels back to the inner tensors (64 -> 32 kept became 48)."""
+    removed: list[int] = []
+    inner: set[int] = set()
+    for subset in nested:
+        size = len(subset)
+        want = max(block if size >= block else size, int(round(fraction * size / block)) * block)
+        want = min(size, want)
+        kept_inside = len(inner) - sum(1 for c in removed if c in inner)
+        ring = [int(c) for c in subset if int(c) not in inner]
+        keep_ring = min(len(ring), max(0, want - kept_inside))
+        ordered = sorted((c for c in ring if c in removable), key=lambda c: (np.nan_to_num(scores[c], nan=-np.inf), c))
+        removed.extend(ordered[:max(0, len(ring) - keep_ring)])
+        inner = set(subset.tolist())
+    return np.array(sorted(removed), dtype=np.int64)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(len(x), -1).astype(np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+class DamageMeter:
+    """Mean KL(original || model) of the first output on fixed calibration feeds, after the
+    layers that read the cut channels are refitted by least squares (``refit``).
+
+    Without the refit the KL saturates once a cut destroys the model (a CIFAR ResNet's spine cut
+    to 48 or to 4 of 64 channels measured the same 2.2-4.5 nats), so deep cuts look free per
+    unit saved; the local refit is what the final reconstruction does first, and it keeps the
+    damage growing with the cut.
+    """
+
+    def __init__(self, original: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                 prepared: onnx.ModelProto | None = None, refit: bool = True) -> None:
+        self.feeds = feeds
+        self.prepared = prepared if prepared is not None else original
+        self.refit = refit
+        self.reference = self._log_probs(original)
+        self.samples = len(self.reference)
+
+    def measure(self, model: onnx.ModelProto, kept: dict[str, np.ndarray]) -> float:
+        """Damage of ``model`` (the original cut), ``kept``: layer -> kept output channels."""
+        if self.refit:
+            from onnx_ocnna.reconstruct import reconstruct
+
+            model, _ = reconstruct(self.prepared, model, kept, lambda: iter(_as_batches(self.feeds)),
+                                   samples=self.samples, positions=16, progress=False, local=True)
+        return self(model)
+
+    def _log_probs(self, model: onnx.ModelProto) -> np.ndarray:
+        session = ort_session(model)
+        names = {i.name for i in session.get_inputs()}
+        output = session.get_outputs()[0].name
+        return np.concatenate([_log_softmax(session.run([output], {k: v for k, v in f.items() if k in names})[0])
+                               for f in self.feeds])
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        log_q = self._log_probs(model)
+        p = np.exp(self.reference)
+        return float(np.mean(np.sum(p * (self.reference - log_q), axis=1)))
+
+
+def _as_batches(feeds):
+    return [Batch(feeds=f, labels=None) for f in feeds]
+
+
+def take_feeds(batches: Iterable[Batch], samples: int) -> list[dict[str, np.ndarray]]:
+    feeds, count = [], 0
+    for batch in batches:
+        n = len(next(iter(batch.feeds.values())))
+        take = min(n, samples - count)
+        feeds.append({k: v[:take] for k, v in batch.feeds.items()})
+        count += take
+        if count >= samples:
+            break
+    return feeds
+
+
+def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, meter: DamageMeter, block: int,
+                       floor: int, progress: bool = True) -> dict[int, list[Candidate]]:
+    """Every group alone at every candidate width: damage and savings, [groups][widths]."""
+    from tqdm.auto import tqdm
+
+    base = model_stats(pruner.model)
+    plans = {g.id: candidate_widths(g.channels, block, max(1, min(g.channels, floor))) for g in groups}
+    bar = tqdm(total=sum(len(w) - 1 for w in plans.values()), desc="allocation: damage", unit="cut",
+               disable=not progress, leave=False)
+    table: dict[int, list[Candidate]] = {}
+    for group in groups:
+        rows = [Candidate(group.channels, np.zeros(0, dtype=np.int64), 0.0, 0, 0)]
+        for kept in plans[group.id][1:]:
+            removed = removal_at(group, scores[group.id], kept, block)
+            if removed.size and not any(np.array_equal(removed, r.removed) for r in rows):
+                cut = pruner.rewrite({group.id: removed})
+                stats = model_stats(cut)
+                damage = meter.measure(cut, kept_outputs(pruner.analysis, {group.id: removed}))
+                # A narrower cut removes a superset of the channels: never count it as less harmful.
+                damage = max(damage, max(r.damage for r in rows))
+                rows.append(Candidate(group.channels - int(removed.size), removed, damage,
+                                      base.parameters - stats.parameters, base.macs - stats.macs))
+            bar.update(1)
+        table[group.id] = rows
+    bar.close()
+    return table
+
+
+def _saved(c: Candidate, objective: str) -> int:
+    return c.saved_params if objective == "params" else c.saved_macs
+
+
+def greedy(table: dict[int, list[Candidate]], objective: str, need: float,
+           fits: Callable[[dict[int, int]], bool]) -> dict[int, int]:
+    """Group id -> index into its candidates, from the least damage per unit saved.
+
+    Each step moves the group whose next narrower width adds the least damage per extra unit
+    saved; steps are taken until the summed (estimated) saving
+    reaches ``need``, then ``fits`` (the real joint cost) is checked after every step.
+    Raises InputError when every group is at its narrowest and the budget is still not met.
+    """
+    state = {gid: 0 for gid in table}
+    saved = 0.0
+    while True:
+        if saved >= need and fits(state):
+            return _refill(table, objective, state, fits)
+        best = None
+        for gid, rows in table.items():
+            here = rows[state[gid]]
+            # One width at a time: a jump to any narrower width would let a damage curve that
+            # saturates (a model already destroyed measures no worse when cut further) look free.
+            for j in range(state[gid] + 1, min(state[gid] + 2, len(rows))):
+                gain = _saved(rows[j], objective) - _saved(here, objective)
+                if gain <= 0:
+                    continue
+                rate = max(rows[j].damage - here.damage, 0.0) / gain
+                if best is None or rate < best[0] or (rate == best[0] and gid < best[1]):
+                    best = (rate, gid, j, gain)
+        if best is None:
+            raise InputError(f"the {objective} target cannot be reached: every prunable group is at its "
+                             "narrowest candidate width (frozen or excluded groups keep too much)")
+        _, gid, j, gain = best
+        state[gid] = j
+        saved += gain
+
+
+def _refill(table: dict[int, list[Candidate]], objective: str, state: dict[int, int],
+            fits: Callable[[dict[int, int]], bool], tries: int = 80) -> dict[int, int]:
+    """Give back width while the joint cut still fits: the greedy's last step (and the overlap of
+    adjacent groups' savings) usually overshoots the budget. Widenings are tried from the most
+    damage undone per unit of budget used; the first that fits is kept, until none does."""
+    rejected: set[tuple[int, int]] = set()
+    for _ in range(tries):
+        options = []
+        for gid, rows in table.items():
+            here = rows[state[gid]]
+            for j in range(state[gid]):
+                undone = here.damage - rows[j].damage
+                cost = _saved(here, objective) - _saved(rows[j], objective)
+                if undone > 0 and cost > 0 and (gid, j) not in rejected:
+                    options.append((undone / cost, gid, j))
+        if not options:
+            break
+        _, gid, j = max(options)
+        trial = {**state, gid: j}
+        if fits(trial):
+            state = trial
+            rejected.clear()
+        else:
+            rejected.add((gid, j))
+    fits(state)  # leave the caller's record of the achieved ratio on the returned state
+    return state
+
+
+def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, calibration_batches: Iterable[Batch],
+             *, target_params: float | None = None, target_macs: float | None = None,
+             target_latency: float | None = None, latency_batch: int = 1, latency_threads: int = 1,
+             damage_samples: int = 256, refit: bool = True, progress: bool = True) -> Allocation:
+    """Choose each group's width for the budget from measured damage.
+
+    Args:
+        scores: group id -> importance per group channel, [channels] (higher = keep).
+        options: ``exclude``, ``min_channels`` and ``round_to`` (the channel block) are used.
+        calibration_batches: the first ``damage_samples`` images measure the damage.
+        refit: measure each candidate after refitting the layers that read its cut (see
+            :class:`DamageMeter`).
+        target_latency: ratio of the original's ONNX Runtime latency at ``latency_batch`` with
+            ``latency_threads`` intra-op threads; searched over the MACs budget.
+    Returns:
+        the allocation (its ``removed`` is ready for the rewrite).
+    """
+    given = {k: v for k, v in (("params", target_params), ("macs", target_macs), ("latency", target_latency))
+             if v is not None}
+    if len(given) != 1:
+        raise InputError("give exactly one of --target-params, --target-macs, --target-latency")
+    objective, target = next(iter(given.items()))
+    if not 0 < target <= 1:
+        raise InputError(f"--target-{objective} must be a ratio in (0, 1], got {target:g}")
+    start = time.perf_counter()
+    block = max(1, options.round_to)
+    groups = [g for g in pruner.analysis.groups if g.prunable and g.id not in options.exclude and g.id in scores]
+    feeds = take_feeds(calibration_batches, damage_samples)
+    if not feeds:
+        raise InputError("the calibration data gave no sample to measure damage with")
+    meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit)
+    table = measure_candidates(pruner, scores, groups, meter, block, options.min_channels, progress)
+    base = model_stats(pruner.model)
+
+    def removal(state: dict[int, int]) -> dict[int, np.ndarray]:
+        removed = {gid: table[gid][j].removed.copy() for gid, j in state.items() if table[gid][j].removed.size}
+        _respect_nonempty(pruner.analysis, removed, scores)
+        return {gid: r for gid, r in removed.items() if r.size}
+
+    def solve(kind: str, ratio: float) -> tuple[dict[int, int], float]:
+        total = base.parameters if kind == "params" else base.macs
+        achieved = {}
+
+        def fits(state):
+            stats = model_stats(pruner.rewrite(removal(state)))
+            value = (stats.parameters if kind == "params" else stats.macs) / total
+            achieved["ratio"] = value
+            return value <= ratio
+
+        state = greedy(table, kind, (1 - ratio) * total, fits)
+        return state, achieved.get("ratio", 1.0)
+
+    latency_rows: list[dict] = []
+    if objective != "latency":
+        state, achieved = solve(objective, target)
+    else:
+        state, achieved, latency_rows = _search_latency(pruner, solve, removal, target, latency_batch,
+                                                        latency_threads, progress)
+    choices = []
+    for group in groups:
+        row = table[group.id][state[group.id]]
+        choices.append(GroupChoice(group.id, list(group.members), group.channels, row.kept, row.damage,
+                                   row.saved_params, row.saved_macs,
+                                   [(c.kept, c.damage, c.saved_params, c.saved_macs) for c in table[group.id]]))
+    return Allocation(removal(state), choices, objective, target, achieved, meter.samples,
+                      time.perf_counter() - start, latency_rows)
+
+
+def _search_latency(pruner, solve, removal, target: float, batch: int, threads: int, progress: bool):
+    """Bisect the MACs budget until the measured latency ratio meets ``target`` (tightest MACs
+    budget that is not needed is avoided: the widest model that measures fast enough wins)."""
+    from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
+
+    fixed = fixed_batch(pruner.model)
+    if fixed is not None and batch != fixed:
+        batch = fixed  # the model's batch is static: time what it can run
+    measured: dict[tuple, float] = {}
+    rows: list[dict] = []
+
+    def ratio_of(state) -> float:
+        removed = removal(state)
+        key = tuple(sorted((gid, tuple(r.tolist())) for gid, r in removed.items()))
+        if key not in measured:
+            row = interleaved_latency(pruner.model, pruner.rewrite(removed), batch, threads, runs=20)
+            measured[key] = row["after_ms"] / row["before_ms"]
+            rows.append({**row, "ratio": measured[key]})
+        return measured[key]
+
+    # MACs budgets: ``fast`` is the loosest known to meet the latency target, ``slow`` the
+    # tightest known to miss it; aligned widths run about as much faster as their MACs say, so
+    # the search starts at the target itself.
+    fast, slow, budget = 0.0, 1.0, target
+    best = None
+    for _ in range(8):
+        try:
+            state, _ = solve("macs", budget)
+        except InputError:  # tighter than any allocation reaches: only looser budgets remain
+            fast = budget
+            budget = (fast + slow) / 2
+            continue
+        value = ratio_of(state)
+        if progress:
+            print(f"allocation: MACs budget {budget:.3f} -> latency ratio {value:.3f} (target {target:g})")
+        if value <= target:
+            if best is None or budget > best[2]:
+                best = (state, value, budget)
+            fast = budget
+            if target - value < 0.02:
+                break
+        else:
+            slow = budget
+        budget = (fast + slow) / 2 if best is not None else budget * 0.85
+        if slow - fast < 0.01:
+            break
+    if best is None:
+        raise InputError(f"no allocation measured a latency ratio of {target:g} or less "
+                         f"(best {min(measured.values(), default=1.0):.3f}) at batch {batch}, {threads} thread(s)")
+    return best[0], best[1], rows
+
+
+def round_block(value: int | str) -> int:
+    from onnx_ocnna.select import resolve_round_to
+
+    block = resolve_round_to(value)
+    return block if block > 1 else resolve_round_to("auto")
+
+

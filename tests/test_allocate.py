@@ -1,0 +1,138 @@
+"""Budget allocation from measured damage: budgets met, floors kept, harmless cuts first, the
+greedy's choices, latency measured once per selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import GraphBuilder
+from onnx import numpy_helper
+
+import onnx_ocnna
+from onnx_ocnna import allocate as alloc
+from onnx_ocnna.errors import InputError
+
+
+def _chain(dead_in_a: int = 0):
+    """x -> a (3->16) -> b (16->16) -> c (16->16) -> pool -> fc(3); ``dead_in_a`` of a's filters
+    are zero with zero bias, so their ReLU outputs are identically 0."""
+    g = GraphBuilder(seed=3)
+    a = g.relu(g.conv("x", 3, 16, name="a"))
+    b = g.relu(g.conv(a, 16, 16, name="b"))
+    c = g.relu(g.conv(b, 16, 16, name="c"))
+    out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [c])[0]])[0], 16, 3)
+    model = g.model(["N", 3, 8, 8], out)
+    if dead_in_a:
+        for init in model.graph.initializer:
+            if init.name in ("a.w", "a.b"):
+                value = numpy_helper.to_array(init).copy()
+                value[:dead_in_a] = 0
+                init.CopyFrom(numpy_helper.from_array(value, init.name))
+    return model
+
+
+def _data(n: int = 64):
+    return {"x": np.random.default_rng(0).standard_normal((n, 3, 8, 8)).astype(np.float32)}
+
+
+def test_candidate_widths_are_block_aligned_and_respect_the_floor():
+    assert alloc.candidate_widths(64, 16, 1) == [64, 48, 32, 16, 8, 4]
+    assert alloc.candidate_widths(16, 16, 1) == [16, 8, 4]
+    assert alloc.candidate_widths(16, 16, 6) == [16, 8]
+    assert alloc.candidate_widths(10, 8, 1) == [10, 8, 4, 2]
+
+
+@pytest.mark.parametrize("kind, ratio", [("macs", 0.6), ("params", 0.5)])
+def test_allocation_meets_the_budget_and_keeps_the_floor(kind, ratio):
+    model = _chain()
+    pruned, report = onnx_ocnna.compress(model, _data(), round_to=4, min_channels=4, progress=False,
+                                         reconstruct=False, **{f"target_{kind}": ratio})
+    achieved = report.macs_ratio if kind == "macs" else report.rpr
+    assert achieved <= ratio
+    allocation = report.extra["allocation"]
+    assert allocation["achieved"] == pytest.approx(achieved)
+    assert all(g["kept"] >= 4 and g["kept"] % 2 == 0 for g in allocation["groups"])
+    assert report.settings["allocation"] == "measured"
+    assert any(g["kept"] < g["channels"] for g in allocation["groups"])
+    # The widths in the report agree with the written model.
+    widths = {w["layer"]: w["after"] for w in report.extra["widths"]}
+    conv_out = {n.name: None for n in pruned.graph.node if n.op_type == "Conv"}
+    for init in pruned.graph.initializer:
+        if init.name.endswith(".w") and init.name[:-2] in conv_out:
+            assert widths[init.name[:-2]] == init.dims[0]
+
+
+def test_a_harmless_cut_is_taken_first():
+    model = _chain(dead_in_a=8)
+    full = onnx_ocnna.inspect(model)["stats"]["parameters"]
+    # Removing a's 8 dead filters (and b's matching inputs) alone saves this many parameters.
+    saved = 8 * 3 * 9 + 8 + 16 * 8 * 9
+    _, report = onnx_ocnna.compress(model, _data(), round_to=8, criterion="mean-activation",
+                                    target_params=(full - saved) / full, progress=False, reconstruct=False)
+    kept = {g["members"][0]: g["kept"] for g in report.extra["allocation"]["groups"]}
+    assert kept == {"a": 8, "b": 16, "c": 16}
+    damage = {g["members"][0]: g["damage"] for g in report.extra["allocation"]["groups"]}
+    assert damage["a"] < 1e-6
+
+
+def test_greedy_prefers_the_lowest_damage_per_unit_and_refills():
+    def rows(*pairs):
+        return [alloc.Candidate(0, np.zeros(0, np.int64), 0.0, 0, 0)] + [
+            alloc.Candidate(0, np.arange(1), d, s, s) for d, s in pairs]
+
+    table = {0: rows((1.0, 10), (5.0, 20)), 1: rows((0.1, 10), (0.3, 20))}
+
+    def summed(state):
+        return sum(table[g][j].saved_macs for g, j in state.items())
+
+    state = alloc.greedy(table, "macs", 20, lambda s: summed(s) >= 20)
+    assert state == {0: 0, 1: 2}
+    state = alloc.greedy(table, "macs", 30, lambda s: summed(s) >= 30)
+    assert state == {0: 1, 1: 2}
+    with pytest.raises(InputError, match="cannot be reached"):
+        alloc.greedy(table, "macs", 50, lambda s: summed(s) >= 50)
+
+
+def test_measured_allocation_needs_data_and_one_target():
+    model = _chain()
+    with pytest.raises(InputError, match="calibration"):
+        onnx_ocnna.compress(model, None, criterion="l1", target_macs=0.5, progress=False)
+    with pytest.raises(InputError, match="exactly one"):
+        onnx_ocnna.compress(model, _data(), target_macs=0.5, target_params=0.5, progress=False)
+    with pytest.raises(InputError, match="ratio"):
+        onnx_ocnna.compress(model, _data(), target_latency=1.5, progress=False)
+
+
+def test_latency_target_times_each_selection_once(monkeypatch):
+    """The latency search meets its target with the latency it measured, and no selection is
+    timed twice (the fake latency is the MACs ratio, so the search is deterministic)."""
+    from onnx_ocnna import evaluate
+    from onnx_ocnna.metrics import model_stats
+
+    timed: list[tuple] = []
+
+    def fake(before, after, batch, threads, runs=20, warmup=3):
+        key = tuple((i.name, tuple(i.dims)) for i in after.graph.initializer)
+        timed.append(key)
+        ratio = model_stats(after).macs / model_stats(before).macs
+        return {"batch": batch, "threads": threads, "before_ms": 1.0, "after_ms": ratio, "speedup": 1 / ratio,
+                "runs": runs}
+
+    monkeypatch.setattr(evaluate, "interleaved_latency", fake)
+    model = _chain()
+    _, report = onnx_ocnna.compress(model, _data(), round_to=4, target_latency=0.6, progress=False,
+                                    reconstruct=False)
+    rows = report.extra["allocation"]["latency"]
+    assert rows and len(timed) == len(set(timed)) == len(rows)
+    assert report.extra["allocation"]["achieved"] <= 0.6
+    assert report.macs_ratio <= 0.6
+
+
+def test_default_recipe_reconstructs_and_writes_the_closer_candidate():
+    model = _chain()
+    _, report = onnx_ocnna.compress(model, _data(96), round_to=4, target_macs=0.6, progress=False)
+    assert report.settings["reconstruct"] is True and "reconstruction" in report.extra
+    check = report.extra["allocation"]["final_check"]
+    damage = check["damage_after_reconstruction"]
+    assert check["chosen"] == min(damage, key=damage.get)
+    assert report.macs_ratio <= 0.6

@@ -1,0 +1,109 @@
+"""Measured budget allocation against the uniform percentile, no training (issue 12).
+
+For each CIFAR-10 ResNet of ../shared/data and each target, three recipes are run on the same
+512 class-balanced training images and evaluated on the same held-out test images:
+
+* ``uniform``: the old default, one percentile searched for every group, no reconstruction;
+* ``uniform + reconstruct``: the same cut, then the least-squares refit;
+* ``default`` (``compress(target_...)`` as shipped: measured allocation + reconstruction).
+
+Each row records RPR, MACs ratio, top-1, ONNX Runtime latency against the original (interleaved,
+spinning off, 1 thread, batch 1 and 32) and the wall time of the call. Results are written after
+every row to ``docs/results/allocation_<model>.json``; ``--resume`` skips rows already there.
+
+    python tools/bench_allocation.py --models resnet56 --targets macs:0.5 latency:0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.common import REPO, SHARED, cifar_subset, load_arrays, model_path, top1, write_json  # noqa: E402
+
+RECIPES = ("uniform", "uniform + reconstruct", "default")
+
+
+def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test) -> dict:
+    from onnx_ocnna import api
+    from onnx_ocnna.evaluate import interleaved_latency
+
+    target = {f"target_{kind}": ratio}
+    start = time.perf_counter()
+    if recipe == "default":
+        pruned, report = api.compress(model, calib, scores=scores, progress=False, **target)
+    else:
+        if kind == "latency":
+            return {"skipped": "the uniform search has no latency target"}
+        pruned, report = api.compress(model, calib, scores=scores, allocation="uniform", progress=False,
+                                      reconstruct=recipe.endswith("reconstruct"), **target)
+    seconds = time.perf_counter() - start
+    acc, _ = top1(pruned, test)
+    row = {"rpr": report.rpr, "macs_ratio": report.macs_ratio, "top1": acc, "seconds": seconds,
+           "timings": report.timings, "percentile": report.settings.get("percentile")}
+    for batch in (1, 32):
+        lat = interleaved_latency(model, pruned, batch, 1, runs=30)
+        row[f"speedup_b{batch}"] = lat["speedup"]
+    if "allocation" in report.extra:
+        row["widths"] = {g["id"]: [g["channels"], g["kept"]] for g in report.extra["allocation"]["groups"]}
+        row["latency_search"] = report.extra["allocation"]["latency"]
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet56,resnet56-bn,resnet20,resnet20-bn")
+    parser.add_argument("--targets", nargs="+", default=["macs:0.5", "params:0.8", "params:0.6", "params:0.4"],
+                        help="kind:ratio, kind in params|macs|latency")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--calib", type=int, default=512)
+    parser.add_argument("--test", type=int, default=5000)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    args = parser.parse_args()
+    if not SHARED.exists():
+        print(f"needs {SHARED} (the shared CIFAR-10 data)", file=sys.stderr)
+        return 2
+    import onnx
+    import onnxruntime
+
+    from onnx_ocnna import api
+
+    cache = Path(os.environ.get("OCNNA_BENCH_CACHE", "/tmp/ocnna_bench_cache"))
+    calib = load_arrays(cifar_subset("train", args.calib, 0, cache, shuffle=True))
+    test = load_arrays(cifar_subset("test", args.test, 1, cache))
+    calib = {"input": calib["input"], "labels": calib["labels"]}
+    for key in args.models.split(","):
+        path = args.out / f"allocation_{key}.json"
+        results = json.loads(path.read_text()) if args.resume and path.exists() else {}
+        model = onnx.load(model_path(key))
+        base, _ = top1(model, test)
+        results["meta"] = {"model": key, "top1": base, "calib": args.calib, "test": args.test,
+                           "onnxruntime": onnxruntime.__version__, "load": os.getloadavg(),
+                           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        scores = api.score(model, calib, progress=False)
+        for target in args.targets:
+            kind, ratio = target.split(":")
+            for recipe in args.recipes.split(","):
+                name = f"{recipe} @ {target}"
+                if name in results:
+                    continue
+                try:
+                    row = run_row(model, scores, recipe, kind, float(ratio), calib, test)
+                except Exception as exc:  # a failed row is a result too
+                    row = {"error": f"{type(exc).__name__}: {exc}"}
+                results[name] = row
+                write_json(path, results)
+                print(key, name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                                  if k not in ("widths", "timings", "latency_search")}, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
