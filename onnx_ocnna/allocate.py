@@ -13,13 +13,15 @@ steps usually overshoot, so width is then given back where the joint cut still f
 
 Candidate widths are aligned to ONNX Runtime's channel block (16 with AVX-512, else 8: multiples
 of the block, plus half and a quarter of it), because unaligned widths buy MACs but no time
-(docs/benchmarks.md). A latency target is met by searching the MACs budget and measuring each
-result's ONNX Runtime latency against the original's, interleaved; measured latencies are kept
-per selection, so no model is timed twice in one run.
+(docs/benchmarks.md). A latency target is met by searching a budget of *blocked* MACs (channel
+counts rounded up to the block, as NCHWc kernels pay for them: a 4-channel layer costs what an
+8-channel one does) and measuring each result's ONNX Runtime latency against the original's,
+interleaved; measured latencies are kept per selection, so no model is timed twice in one run.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -29,7 +31,7 @@ import onnx
 
 from onnx_ocnna.calibration import Batch
 from onnx_ocnna.errors import InputError
-from onnx_ocnna.metrics import model_stats
+from onnx_ocnna.metrics import count_macs, model_stats, static_shapes
 from onnx_ocnna.model_io import ort_session
 from onnx_ocnna.reconstruct import kept_outputs
 from onnx_ocnna.select import SelectionOptions, _respect_nonempty, _round_members, _order
@@ -45,6 +47,7 @@ class Candidate:
     damage: float
     saved_params: int
     saved_macs: int
+    saved_blocked: int = 0  # MACs with channels rounded up to the block (the latency proxy)
 
 
 @dataclass
@@ -125,15 +128,17 @@ def _nested_subsets(group) -> list[np.ndarray] | None:
 
 def _nested_removal(nested: list[np.ndarray], scores: np.ndarray, fraction: float, block: int,
                     removable: set[int]) -> np.ndarray:
-    """Cut every member tensor of a nested group to the same ``fraction`` of its width, each a
-    multiple of ``block`` (or at least one block when it is that narrow): ring by ring, the
+    """Cut every member tensor of a nested group to the same ``fraction`` of its width, rounded
+    up to a multiple of ``block`` (at least one block, or the whole tensor when narrower): ring by ring, the
     channels a tensor adds to the one inside it go lowest-scored first. Rounding the group's
     total instead gives most channels back to the inner tensors (64 -> 32 kept became 48)."""
     removed: list[int] = []
     inner: set[int] = set()
     for subset in nested:
         size = len(subset)
-        want = max(block if size >= block else size, int(round(fraction * size / block)) * block)
+        # Rounded up: with 8-channel blocks, 40 of 64 rounded to the nearest block cut the
+        # 16- and 32-channel stages to half (8 and 16), the largest cut of all in damage.
+        want = max(block if size >= block else size, math.ceil(fraction * size / block - 1e-9) * block)
         want = min(size, want)
         kept_inside = len(inner) - sum(1 for c in removed if c in inner)
         ring = [int(c) for c in subset if int(c) not in inner]
@@ -212,6 +217,7 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
     from tqdm.auto import tqdm
 
     base = model_stats(pruner.model)
+    base_blocked = count_macs(pruner.model, block)
     plans = {g.id: candidate_widths(g.channels, block, max(1, min(g.channels, floor))) for g in groups}
     bar = tqdm(total=sum(len(w) - 1 for w in plans.values()), desc="allocation: damage", unit="cut",
                disable=not progress, leave=False)
@@ -222,12 +228,14 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
             removed = removal_at(group, scores[group.id], kept, block)
             if removed.size and not any(np.array_equal(removed, r.removed) for r in rows):
                 cut = pruner.rewrite({group.id: removed})
-                stats = model_stats(cut)
+                shapes = static_shapes(cut)
+                stats = model_stats(cut, shapes)
                 damage = meter.measure(cut, kept_outputs(pruner.analysis, {group.id: removed}))
                 # A narrower cut removes a superset of the channels: never count it as less harmful.
                 damage = max(damage, max(r.damage for r in rows))
                 rows.append(Candidate(group.channels - int(removed.size), removed, damage,
-                                      base.parameters - stats.parameters, base.macs - stats.macs))
+                                      base.parameters - stats.parameters, base.macs - stats.macs,
+                                      base_blocked - count_macs(cut, block, shapes)))
             bar.update(1)
         table[group.id] = rows
     bar.close()
@@ -235,7 +243,7 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
 
 
 def _saved(c: Candidate, objective: str) -> int:
-    return c.saved_params if objective == "params" else c.saved_macs
+    return {"params": c.saved_params, "macs": c.saved_macs, "blocked": c.saved_blocked}[objective]
 
 
 def greedy(table: dict[int, list[Candidate]], objective: str, need: float,
@@ -313,7 +321,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         refit: measure each candidate after refitting the layers that read its cut (see
             :class:`DamageMeter`).
         target_latency: ratio of the original's ONNX Runtime latency at ``latency_batch`` with
-            ``latency_threads`` intra-op threads; searched over the MACs budget.
+            ``latency_threads`` intra-op threads; searched over the blocked-MACs budget.
     Returns:
         the allocation (its ``removed`` is ready for the rewrite).
     """
@@ -339,13 +347,19 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         _respect_nonempty(pruner.analysis, removed, scores)
         return {gid: r for gid, r in removed.items() if r.size}
 
+    base_blocked = count_macs(pruner.model, block)
+
     def solve(kind: str, ratio: float) -> tuple[dict[int, int], float]:
-        total = base.parameters if kind == "params" else base.macs
+        total = {"params": base.parameters, "macs": base.macs, "blocked": base_blocked}[kind]
         achieved = {}
 
         def fits(state):
-            stats = model_stats(pruner.rewrite(removal(state)))
-            value = (stats.parameters if kind == "params" else stats.macs) / total
+            cut = pruner.rewrite(removal(state))
+            if kind == "blocked":
+                value = count_macs(cut, block) / total
+            else:
+                stats = model_stats(cut)
+                value = (stats.parameters if kind == "params" else stats.macs) / total
             achieved["ratio"] = value
             return value <= ratio
 
@@ -369,8 +383,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
 
 
 def _search_latency(pruner, solve, removal, target: float, batch: int, threads: int, progress: bool):
-    """Bisect the MACs budget until the measured latency ratio meets ``target`` (tightest MACs
-    budget that is not needed is avoided: the widest model that measures fast enough wins)."""
+    """Search the blocked-MACs budget until the measured latency ratio meets ``target``; of the
+    allocations that measure fast enough the widest (loosest budget) wins."""
     from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
 
     fixed = fixed_batch(pruner.model)
@@ -388,31 +402,38 @@ def _search_latency(pruner, solve, removal, target: float, batch: int, threads: 
             rows.append({**row, "ratio": measured[key]})
         return measured[key]
 
-    # MACs budgets: ``fast`` is the loosest known to meet the latency target, ``slow`` the
-    # tightest known to miss it; aligned widths run about as much faster as their MACs say, so
-    # the search starts at the target itself.
-    fast, slow, budget = 0.0, 1.0, target
-    best = None
-    for _ in range(8):
+    # Budgets of blocked MACs (channels rounded up to the block, what NCHWc kernels pay for).
+    # ``fast`` is the loosest budget known to meet the target, ``slow`` the tightest known to
+    # miss it, ``floor`` one no allocation reaches. The next budget is interpolated on the
+    # measured points (latency is close to affine in blocked MACs: a fixed per-node cost plus
+    # the Convs), bisected when the interpolation leaves the bracket.
+    fast, slow, floor = 0.0, 1.0, 0.0
+    points: list[tuple[float, float]] = [(1.0, 1.0)]
+    budget, best = target, None
+    for _ in range(10):
         try:
-            state, _ = solve("macs", budget)
-        except InputError:  # tighter than any allocation reaches: only looser budgets remain
-            fast = budget
-            budget = (fast + slow) / 2
+            state, _ = solve("blocked", budget)
+        except InputError:  # tighter than any allocation reaches
+            floor = budget
+            budget = (budget + slow) / 2
             continue
         value = ratio_of(state)
+        points.append((budget, value))
         if progress:
-            print(f"allocation: MACs budget {budget:.3f} -> latency ratio {value:.3f} (target {target:g})")
+            print(f"allocation: blocked-MACs budget {budget:.3f} -> latency ratio {value:.3f} (target {target:g})")
         if value <= target:
             if best is None or budget > best[2]:
                 best = (state, value, budget)
-            fast = budget
-            if target - value < 0.02:
+            fast = max(fast, budget)
+            if target - value < 0.03:
                 break
         else:
-            slow = budget
-        budget = (fast + slow) / 2 if best is not None else budget * 0.85
-        if slow - fast < 0.01:
+            slow = min(slow, budget)
+        (b0, r0), (b1, r1) = sorted(points, key=lambda p: abs(p[1] - target))[:2]
+        guess = b1 + (target - r1) * (b1 - b0) / (r1 - r0) if r1 != r0 else budget / 2
+        low = max(fast, floor)
+        budget = guess if low < guess < slow else (low + slow) / 2
+        if slow - low < 0.005:
             break
     if best is None:
         raise InputError(f"no allocation measured a latency ratio of {target:g} or less "

@@ -42,6 +42,23 @@ def test_candidate_widths_are_block_aligned_and_respect_the_floor():
     assert alloc.candidate_widths(10, 8, 1) == [10, 8, 4, 2]
 
 
+def test_nested_group_cuts_every_stage_to_the_fraction_rounded_up():
+    """A CIFAR ResNet spine: a 16-channel stage padded into 32 and 64 channels. Keeping 40 of
+    64 with 8-channel blocks keeps 16, 24 and 40 (rounded to the nearest block the two inner
+    stages lost half: 8 and 16)."""
+    nested = [np.arange(24, 40), np.arange(16, 48), np.arange(64)]
+    scores = np.random.default_rng(0).random(64)
+    removed = set(alloc._nested_removal(nested, scores, 40 / 64, 8, set(range(64))).tolist())
+    kept = [sum(1 for c in stage if int(c) not in removed) for stage in nested]
+    assert kept == [16, 24, 40]
+    # Within a ring (the 32-channel stage's channels outside the 16) the lowest-scored leave.
+    ring = [c for c in range(16, 48) if not 24 <= c < 40]
+    gone = [c for c in ring if c in removed]
+    assert max(scores[gone]) <= min(scores[[c for c in ring if c not in removed]])
+    removed = set(alloc._nested_removal(nested, scores, 0.25, 8, set(range(64))).tolist())
+    assert [sum(1 for c in stage if int(c) not in removed) for stage in nested] == [8, 8, 16]
+
+
 @pytest.mark.parametrize("kind, ratio", [("macs", 0.6), ("params", 0.5)])
 def test_allocation_meets_the_budget_and_keeps_the_floor(kind, ratio):
     model = _chain()

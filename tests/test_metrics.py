@@ -38,3 +38,13 @@ def test_exports_of_one_network_have_equal_macs():
     ts = count_macs(onnx.load(MODELS / "resnet20_ts_opset13.onnx"))
     dynamo = count_macs(onnx.load(MODELS / "resnet20_dynamo_opset18.onnx"))
     assert ts == dynamo == 40_551_040
+
+
+def test_blocked_macs_round_conv_channels_up_to_the_block():
+    g = GraphBuilder()
+    a = g.relu(g.conv("x", 3, 4, name="a"))  # 3 -> 4 channels, out 6x6
+    b = g.conv(a, 4, 12, name="b")
+    model = g.model(["N", 3, 6, 6], b)
+    assert count_macs(model) == 4 * 36 * 3 * 9 + 12 * 36 * 4 * 9
+    # Output channels 4 -> 8 and 12 -> 16, the second Conv's input 4 -> 8; the image's 3 too.
+    assert count_macs(model, block=8) == 8 * 36 * 8 * 9 + 16 * 36 * 8 * 9
