@@ -129,8 +129,8 @@ def _nested_subsets(group) -> list[np.ndarray] | None:
 def _nested_removal(nested: list[np.ndarray], scores: np.ndarray, fraction: float, block: int,
                     removable: set[int]) -> np.ndarray:
     """Cut every member tensor of a nested group to the same ``fraction`` of its width, rounded
-    up to a multiple of ``block`` (at least one block, or the whole tensor when narrower): ring by ring, the
-    channels a tensor adds to the one inside it go lowest-scored first. Rounding the group's
+    up to a multiple of ``block`` (at least one block, or the whole tensor when narrower): ring
+    by ring, the channels a tensor adds to the one inside it go lowest-scored first. Rounding the group's
     total instead gives most channels back to the inner tensors (64 -> 32 kept became 48)."""
     removed: list[int] = []
     inner: set[int] = set()
@@ -211,13 +211,18 @@ def take_feeds(batches: Iterable[Batch], samples: int) -> list[dict[str, np.ndar
     return feeds
 
 
+def _costs(model: onnx.ModelProto, block: int):
+    """(model_stats, blocked MACs) of ``model`` from one shape inference."""
+    shapes = static_shapes(model)
+    return model_stats(model, shapes), count_macs(model, block, shapes)
+
+
 def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, meter: DamageMeter, block: int,
                        floor: int, progress: bool = True) -> dict[int, list[Candidate]]:
     """Every group alone at every candidate width: damage and savings, [groups][widths]."""
     from tqdm.auto import tqdm
 
-    base = model_stats(pruner.model)
-    base_blocked = count_macs(pruner.model, block)
+    base, base_blocked = _costs(pruner.model, block)
     plans = {g.id: candidate_widths(g.channels, block, max(1, min(g.channels, floor))) for g in groups}
     bar = tqdm(total=sum(len(w) - 1 for w in plans.values()), desc="allocation: damage", unit="cut",
                disable=not progress, leave=False)
@@ -228,14 +233,13 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
             removed = removal_at(group, scores[group.id], kept, block)
             if removed.size and not any(np.array_equal(removed, r.removed) for r in rows):
                 cut = pruner.rewrite({group.id: removed})
-                shapes = static_shapes(cut)
-                stats = model_stats(cut, shapes)
+                stats, blocked = _costs(cut, block)
                 damage = meter.measure(cut, kept_outputs(pruner.analysis, {group.id: removed}))
                 # A narrower cut removes a superset of the channels: never count it as less harmful.
                 damage = max(damage, max(r.damage for r in rows))
                 rows.append(Candidate(group.channels - int(removed.size), removed, damage,
                                       base.parameters - stats.parameters, base.macs - stats.macs,
-                                      base_blocked - count_macs(cut, block, shapes)))
+                                      base_blocked - blocked))
             bar.update(1)
         table[group.id] = rows
     bar.close()
@@ -340,14 +344,12 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         raise InputError("the calibration data gave no sample to measure damage with")
     meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit)
     table = measure_candidates(pruner, scores, groups, meter, block, options.min_channels, progress)
-    base = model_stats(pruner.model)
+    base, base_blocked = _costs(pruner.model, block)
 
     def removal(state: dict[int, int]) -> dict[int, np.ndarray]:
         removed = {gid: table[gid][j].removed.copy() for gid, j in state.items() if table[gid][j].removed.size}
         _respect_nonempty(pruner.analysis, removed, scores)
         return {gid: r for gid, r in removed.items() if r.size}
-
-    base_blocked = count_macs(pruner.model, block)
 
     def solve(kind: str, ratio: float) -> tuple[dict[int, int], float]:
         total = {"params": base.parameters, "macs": base.macs, "blocked": base_blocked}[kind]

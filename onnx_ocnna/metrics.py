@@ -38,7 +38,8 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return total
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+def static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Tensor name -> inferred shape at batch 1 (symbolic batch 1, other unknown dims -1)."""
     inferred = _infer(model)
     shapes = {}
     for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -68,7 +69,7 @@ def count_macs(model: onnx.ModelProto, block: int = 1, shapes: dict[str, list[in
     a 4-channel layer costs what an 8-channel one does with 8-channel blocks. ``shapes`` (from
     :func:`static_shapes`) saves the shape inference when one model is counted twice.
     """
-    shapes = shapes if shapes is not None else _static_shapes(model)
+    shapes = shapes if shapes is not None else static_shapes(model)
     total = 0
     for node in model.graph.node:
         if node.op_type in ("Conv", "ConvTranspose"):
@@ -102,11 +103,6 @@ def count_macs(model: onnx.ModelProto, block: int = 1, shapes: dict[str, list[in
                     at.name == "transA" and at.i for at in node.attribute) else a[-1]
                 total += math.prod(out) * k
     return total
-
-
-def static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Tensor name -> inferred shape at batch 1 (unknown dims are -1)."""
-    return _static_shapes(model)
 
 
 def model_stats(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> ModelStats:
