@@ -21,6 +21,7 @@ interleaved; measured latencies are kept per selection, so no model is timed twi
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -33,7 +34,7 @@ from onnx_ocnna.calibration import Batch
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.metrics import count_macs, model_stats, static_shapes
 from onnx_ocnna.model_io import ort_session
-from onnx_ocnna.reconstruct import kept_outputs
+from onnx_ocnna.reconstruct import LayerEquations, kept_input_masks, kept_outputs, reconstruct
 from onnx_ocnna.select import SelectionOptions, _respect_nonempty, _round_members, _order
 
 
@@ -172,14 +173,24 @@ class DamageMeter:
         self.refit = refit
         self.reference = self._log_probs(original)
         self.samples = len(self.reference)
+        digest = hashlib.sha256()
+        for feed in feeds:
+            for name in sorted(feed):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(feed[name]).tobytes())
+        self.fingerprint = digest.hexdigest()  # which images the damage is measured on
+        # Every width of a block-internal group refits the same layer on the same inputs minus
+        # some channels: its normal equations are computed once and sliced.
+        self.equations = LayerEquations(self.prepared, feeds, positions=16)
 
-    def measure(self, model: onnx.ModelProto, kept: dict[str, np.ndarray]) -> float:
-        """Damage of ``model`` (the original cut), ``kept``: layer -> kept output channels."""
+    def measure(self, model: onnx.ModelProto, kept: dict[str, np.ndarray],
+                kept_inputs: dict[str, np.ndarray] | None = None) -> float:
+        """Damage of ``model`` (the original cut). ``kept``: layer -> kept output channels;
+        ``kept_inputs``: layer -> mask of its surviving input channels (enables the sliced refit)."""
         if self.refit:
-            from onnx_ocnna.reconstruct import reconstruct
-
             model, _ = reconstruct(self.prepared, model, kept, lambda: iter(_as_batches(self.feeds)),
-                                   samples=self.samples, positions=16, progress=False, local=True)
+                                   samples=self.samples, positions=16, progress=False, local=True,
+                                   equations=self.equations, kept_inputs=kept_inputs)
         return self(model)
 
     def _log_probs(self, model: onnx.ModelProto) -> np.ndarray:
@@ -218,30 +229,37 @@ def _costs(model: onnx.ModelProto, block: int):
 
 
 def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, meter: DamageMeter, block: int,
-                       floor: int, progress: bool = True) -> dict[int, list[Candidate]]:
-    """Every group alone at every candidate width: damage and savings, [groups][widths]."""
+                       floor: int, progress: bool = True, cache: dict | None = None) -> dict[int, list[Candidate]]:
+    """Every group alone at every candidate width: damage and savings, [groups][widths].
+
+    ``cache`` (kept by the caller, e.g. on the Scores) holds the rows of groups measured before
+    with the same block, floor and damage feeds; those are not measured again."""
     from tqdm.auto import tqdm
 
+    key = (block, floor, meter.refit, meter.fingerprint)
+    known = cache.setdefault(key, {}) if cache is not None else {}
     base, base_blocked = _costs(pruner.model, block)
-    plans = {g.id: candidate_widths(g.channels, block, max(1, min(g.channels, floor))) for g in groups}
+    todo = [g for g in groups if g.id not in known]
+    plans = {g.id: candidate_widths(g.channels, block, max(1, min(g.channels, floor))) for g in todo}
     bar = tqdm(total=sum(len(w) - 1 for w in plans.values()), desc="allocation: damage", unit="cut",
-               disable=not progress, leave=False)
-    table: dict[int, list[Candidate]] = {}
-    for group in groups:
+               disable=not progress or not todo, leave=False)
+    table: dict[int, list[Candidate]] = {g.id: known[g.id] for g in groups if g.id in known}
+    for group in todo:
         rows = [Candidate(group.channels, np.zeros(0, dtype=np.int64), 0.0, 0, 0)]
         for kept in plans[group.id][1:]:
             removed = removal_at(group, scores[group.id], kept, block)
             if removed.size and not any(np.array_equal(removed, r.removed) for r in rows):
                 cut = pruner.rewrite({group.id: removed})
                 stats, blocked = _costs(cut, block)
-                damage = meter.measure(cut, kept_outputs(pruner.analysis, {group.id: removed}))
+                damage = meter.measure(cut, kept_outputs(pruner.analysis, {group.id: removed}),
+                                       kept_input_masks(pruner.analysis, {group.id: removed}))
                 # A narrower cut removes a superset of the channels: never count it as less harmful.
                 damage = max(damage, max(r.damage for r in rows))
                 rows.append(Candidate(group.channels - int(removed.size), removed, damage,
                                       base.parameters - stats.parameters, base.macs - stats.macs,
                                       base_blocked - blocked))
             bar.update(1)
-        table[group.id] = rows
+        table[group.id] = known[group.id] = rows
     bar.close()
     return table
 
@@ -315,7 +333,8 @@ def _refill(table: dict[int, list[Candidate]], objective: str, state: dict[int, 
 def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, calibration_batches: Iterable[Batch],
              *, target_params: float | None = None, target_macs: float | None = None,
              target_latency: float | None = None, latency_batch: int = 1, latency_threads: int = 1,
-             damage_samples: int = 256, refit: bool = True, progress: bool = True) -> Allocation:
+             damage_samples: int = 256, refit: bool = True, progress: bool = True,
+             cache: dict | None = None) -> Allocation:
     """Choose each group's width for the budget from measured damage.
 
     Args:
@@ -326,6 +345,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             :class:`DamageMeter`).
         target_latency: ratio of the original's ONNX Runtime latency at ``latency_batch`` with
             ``latency_threads`` intra-op threads; searched over the blocked-MACs budget.
+        cache: measured candidates of earlier calls with the same scores (see
+            :func:`measure_candidates`); filled by this call.
     Returns:
         the allocation (its ``removed`` is ready for the rewrite).
     """
@@ -343,7 +364,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     if not feeds:
         raise InputError("the calibration data gave no sample to measure damage with")
     meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit)
-    table = measure_candidates(pruner, scores, groups, meter, block, options.min_channels, progress)
+    table = measure_candidates(pruner, scores, groups, meter, block, options.min_channels, progress, cache)
     base, base_blocked = _costs(pruner.model, block)
 
     def removal(state: dict[int, int]) -> dict[int, np.ndarray]:

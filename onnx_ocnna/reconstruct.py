@@ -38,6 +38,8 @@ from onnx_ocnna.model_io import ort_session
 _EXACT = 1e-6
 # Sampled original outputs up to this many bytes are computed in one pass and kept.
 _TARGET_BUDGET = 1 << 30
+# Layers with fewer input columns than this keep their full normal equations (<= 128 MiB each).
+_KEPT_COLUMNS = 4096
 
 
 @dataclass
@@ -71,7 +73,8 @@ class ReconstructionReport:
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[str, np.ndarray],
                 batches: Callable[[], Iterable[Batch]], *, samples: int = 512, positions: int = 32,
-                ridge: float = 1e-3, seed: int = 0, progress: bool = True, local: bool = False
+                ridge: float = 1e-3, seed: int = 0, progress: bool = True, local: bool = False,
+                equations: LayerEquations | None = None, kept_inputs: dict[str, np.ndarray] | None = None
                 ) -> tuple[onnx.ModelProto, ReconstructionReport]:
     """Refit the pruned model's Conv and Gemm layers to reproduce the original's outputs.
 
@@ -86,6 +89,11 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
         ridge: regularisation, relative to the mean diagonal of the normal equations.
         local: refit only the layers whose inputs lost channels, not the layers after them
             (the cheap estimate the budget allocation measures each candidate cut with).
+        equations: with ``local``, the original's normal equations per layer (computed once,
+            see :class:`LayerEquations`); a layer whose input is the original's minus the cut
+            channels is then solved from a sub-block of them, without running any model.
+        kept_inputs: layer -> boolean mask of its original input channels (features for a
+            Gemm) that survive, [C_in]; needed with ``equations`` (:func:`kept_input_masks`).
     Returns:
         (the reconstructed model, a report with each layer's relative error before/after).
     """
@@ -103,7 +111,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
                                   ridge=ridge)
     originals = {n.name: n for n in original.graph.node if n.name}
     plan = _plan_layers(model, originals, original, propagate=not local)
-    to_fit = [(node, originals[node.name]) for node, reason in plan if not reason]
+    from_equations = ({name for name in _untouched_inputs(model, plan) & set(kept_inputs or {})
+                       if equations.covers(originals[name])} if local and equations is not None else set())
+    to_fit = [(node, originals[node.name]) for node, reason in plan if not reason and node.name not in from_equations]
     targets = _Targets(original, [(twin.output[0], kept.get(node.name)) for node, twin in to_fit], feeds,
                        positions, seed, budget=_TARGET_BUDGET)
     bar = _progress(len(plan), progress)
@@ -112,13 +122,36 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
         report.layers.append(fit)
         if not reason:
             twin = originals[node.name]
-            _FITTERS[node.op_type](model, node, twin.output[0], targets, feeds, fit, ridge)
+            given = (equations.restricted(twin, kept_inputs[node.name], kept.get(node.name))
+                     if node.name in from_equations else None)
+            _FITTERS[node.op_type](model, node, twin.output[0], targets, feeds, fit, ridge, given)
         bar.update(1)
         if fit.error_after is not None:
             bar.set_postfix_str(f"{node.name}: {fit.error_before:.3f} -> {fit.error_after:.3f}")
     bar.close()
     report.seconds = time.perf_counter() - start
     return model, report
+
+
+def kept_input_masks(analysis, removed: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Layer node name -> boolean mask of its input channels (a Gemm's input features) that
+    survive ``removed``, [C_in], for every Conv and Gemm that loses some."""
+    from onnx_ocnna.channels.context import SliceInput
+
+    keep = analysis.keep_fn(removed)
+    masks = {}
+    for edit in analysis.context.edits:
+        node = edit.node
+        if not isinstance(edit, SliceInput) or edit.index != 1 or node.op not in _FITTERS:
+            continue
+        # Conv weight [C_out, C_in, kh, kw]; Gemm weight [K, N], or [N, K] with transB.
+        input_axis = 1 if node.op == "Conv" else int(bool(node.attrs.get("transB", 0)))
+        if edit.axis != input_axis:
+            continue
+        mask = keep(edit.ids)
+        if not mask.all():
+            masks[node.name] = mask
+    return masks
 
 
 def kept_outputs(analysis, removed: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
@@ -157,6 +190,20 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
         elif propagate and any(i in changed for i in node.input):
             changed.update(node.output)
     return plan
+
+
+def _untouched_inputs(model: onnx.ModelProto, plan: list[tuple]) -> set[str]:
+    """Names of the layers to fit whose input is the original's tensor minus the cut channels:
+    no layer that lost input channels (whose outputs therefore changed) lies upstream of it."""
+    cut = {node.name for node, reason in plan if not reason}
+    changed: set[str] = set()
+    untouched = set()
+    for node in model.graph.node:
+        if node.name in cut and node.input[0] not in changed:
+            untouched.add(node.name)
+        if node.name in cut or any(i in changed for i in node.input):
+            changed.update(node.output)
+    return untouched
 
 
 def _skip_reason(node, twin, uses, inits, original_inits, changed) -> str:
@@ -204,27 +251,38 @@ def _initializer_uses(model: onnx.ModelProto) -> dict[str, int]:
 # Fitting
 
 
-def _fit_conv(model, node, target, targets, feeds, fit, ridge) -> None:
-    inits = {i.name: i for i in model.graph.initializer}
-    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [Cout, Cin, kh, kw]
-    cout, cin, kh, kw = w.shape
-    b = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-         if len(node.input) > 2 and node.input[2] else np.zeros(cout))
+def _conv_rows(node, kernel: tuple[int, int]) -> Callable[[np.ndarray, tuple], np.ndarray]:
+    """rows(x [N, Cin, H, W], (oy, ox) [N, P] each) -> input patches [N * P, Cin * kh * kw] of
+    ``node`` at the sampled output positions (columns channel-major, like the weight)."""
+    kh, kw = kernel
     pads = list(_attr(node, "pads", [0, 0, 0, 0]))
     strides = list(_attr(node, "strides", [1, 1]))
     dilations = list(_attr(node, "dilations", [1, 1]))
 
     def rows(x: np.ndarray, where) -> np.ndarray:
-        """Input patches [N * P, Cin * kh * kw] at the sampled output positions."""
-        oy, ox = where  # [N, P] each
+        oy, ox = where
         xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
         r = oy[:, :, None, None] * strides[0] + (np.arange(kh) * dilations[0])[None, None, :, None]
         c = ox[:, :, None, None] * strides[1] + (np.arange(kw) * dilations[1])[None, None, None, :]
         patches = xp[np.arange(len(x))[:, None, None, None], :, r, c]  # [N, P, kh, kw, Cin]
-        return patches.transpose(0, 1, 4, 2, 3).reshape(-1, cin * kh * kw)
+        return patches.transpose(0, 1, 4, 2, 3).reshape(len(x) * oy.shape[1], -1)
 
+    return rows
+
+
+def _gemm_rows(x: np.ndarray, where) -> np.ndarray:
+    return x.reshape(len(x), -1)
+
+
+def _fit_conv(model, node, target, targets, feeds, fit, ridge, given=None) -> None:
+    inits = {i.name: i for i in model.graph.initializer}
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [Cout, Cin, kh, kw]
+    cout, cin, kh, kw = w.shape
+    b = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+         if len(node.input) > 2 and node.input[2] else np.zeros(cout))
     start = np.concatenate([w.reshape(cout, -1), b[:, None]], axis=1).T  # [D + 1, Cout]
-    solution = _solve(model, node, target, targets, feeds, fit, ridge, rows, start)
+    solution = _solve(model, node, target, targets, feeds, fit, ridge, _conv_rows(node, (kh, kw)), start,
+                      given=given)
     if solution is not None:
         new_w = solution[:-1].T.reshape(w.shape).astype(np.float32)
         new_b = solution[-1].astype(np.float32)
@@ -257,7 +315,7 @@ def _shift_batchnorm_mean(model: onnx.ModelProto, node, bias: np.ndarray) -> boo
     return True
 
 
-def _fit_gemm(model, node, target, targets, feeds, fit, ridge) -> None:
+def _fit_gemm(model, node, target, targets, feeds, fit, ridge, given=None) -> None:
     inits = {i.name: i for i in model.graph.initializer}
     trans_b = bool(_attr(node, "transB", 0))
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
@@ -269,11 +327,8 @@ def _fit_gemm(model, node, target, targets, feeds, fit, ridge) -> None:
         return
     b = bias if has_bias else np.zeros(w_kn.shape[1])
     start = np.concatenate([w_kn, b[None, :]], axis=0)
-
-    def rows(x: np.ndarray, where) -> np.ndarray:
-        return x.reshape(len(x), -1)
-
-    solution = _solve(model, node, target, targets, feeds, fit, ridge, rows, start, intercept=has_bias)
+    solution = _solve(model, node, target, targets, feeds, fit, ridge, _gemm_rows, start, intercept=has_bias,
+                      given=given)
     if solution is not None:
         new_w = solution[:-1] if has_bias else solution
         _set(model, node.input[1], (new_w.T if trans_b else new_w).astype(np.float32))
@@ -281,30 +336,20 @@ def _fit_gemm(model, node, target, targets, feeds, fit, ridge) -> None:
             _set(model, node.input[2], solution[-1].astype(np.float32))
 
 
-def _solve(model, node, target, targets, feeds, fit, ridge, rows, start, intercept: bool = True):
-    """Accumulate the normal equations over the samples and solve; None if not better."""
+def _solve(model, node, target, targets, feeds, fit, ridge, rows, start, intercept: bool = True,
+           given: Equations | None = None):
+    """Accumulate the normal equations over the samples (or take ``given`` ones) and solve;
+    None if not better."""
     if not intercept:
         start = start[:-1]
-    # A residual-aware target (the original sum minus the pruned shortcut) was tried on the
-    # ResNet-20 at k = 40 and did not help (55.6 % against 55.8 % top-1): each layer is fitted
-    # to its own original output.
-    session = ort_session(_up_to(model, node.input[0]), spinning=False)
-    x_index = [o.name for o in session.get_outputs()].index(node.input[0])
-    gram = rhs = None
-    target_energy = 0.0
-    for index, feed in enumerate(feeds):
-        x = session.run(None, _inputs(session, feed))[x_index]
-        t, where = targets.get(target, index)
-        a = rows(x, where).astype(np.float64)
-        if intercept:
-            a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
-        t = t.astype(np.float64)
-        gram = a.T @ a if gram is None else gram + a.T @ a
-        rhs = a.T @ t if rhs is None else rhs + a.T @ t
-        target_energy += float(np.sum(t * t))
-        fit.rows += len(a)
-    if t.shape[1] != start.shape[1] or gram.shape[0] != start.shape[0]:
-        fit.skipped = f"shapes do not match the original layer ({t.shape[1]} outputs, {gram.shape[0]} inputs)"
+    if given is None:
+        given = _accumulate(model, node, target, targets, feeds, rows)
+    gram, rhs, target_energy = given.gram, given.rhs, given.energy
+    if not intercept:
+        gram, rhs = gram[:-1, :-1], rhs[:-1]
+    fit.rows += given.rows
+    if rhs.shape[1] != start.shape[1] or gram.shape[0] != start.shape[0]:
+        fit.skipped = f"shapes do not match the original layer ({rhs.shape[1]} outputs, {gram.shape[0]} inputs)"
         return None
     lam = ridge * float(np.trace(gram)) / gram.shape[0]
     solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), rhs + lam * start)
@@ -323,6 +368,114 @@ def _solve(model, node, target, targets, feeds, fit, ridge, rows, start, interce
         fit.skipped = "the refit did not lower the error"
         return None
     return solution
+
+
+@dataclass
+class Equations:
+    """Normal equations of one layer: ``gram`` [D + 1, D + 1] of the input rows with an
+    intercept column last, ``rhs`` [D + 1, C_out] against the targets, ``energy`` the targets'
+    summed squares, ``rows`` how many sampled rows they hold."""
+
+    gram: np.ndarray
+    rhs: np.ndarray
+    energy: float
+    rows: int
+
+
+class _NormalSums:
+    """Running sums of the normal equations: rows a [R, D] (the intercept column is added
+    here), targets t [R, C_out]."""
+
+    def __init__(self) -> None:
+        self.gram = self.rhs = self.energy = None
+        self.rows = 0
+
+    def add(self, a: np.ndarray, t: np.ndarray) -> None:
+        a = np.concatenate([a.astype(np.float64), np.ones((len(a), 1))], axis=1)
+        t = t.astype(np.float64)
+        gram, rhs, energy = a.T @ a, a.T @ t, np.sum(t * t, axis=0)
+        if self.gram is None:
+            self.gram, self.rhs, self.energy = gram, rhs, energy
+        else:
+            self.gram += gram
+            self.rhs += rhs
+            self.energy += energy
+        self.rows += len(a)
+
+    def equations(self) -> Equations:
+        return Equations(self.gram, self.rhs, float(self.energy.sum()), self.rows)
+
+
+def _accumulate(model, node, target, targets, feeds, rows) -> Equations:
+    """The normal equations of ``node``'s input in ``model`` against the original's ``target``."""
+    # A residual-aware target (the original sum minus the pruned shortcut) was tried on the
+    # ResNet-20 at k = 40 and did not help (55.6 % against 55.8 % top-1): each layer is fitted
+    # to its own original output.
+    session = ort_session(_up_to(model, node.input[0]), spinning=False)
+    x_index = [o.name for o in session.get_outputs()].index(node.input[0])
+    sums = _NormalSums()
+    for index, feed in enumerate(feeds):
+        x = session.run(None, _inputs(session, feed))[x_index]
+        t, where = targets.get(target, index)
+        sums.add(rows(x, where), t)
+    return sums.equations()
+
+
+class LayerEquations:
+    """The original model's normal equations per layer over its *full* input, on fixed samples,
+    computed on first use and kept.
+
+    A cut that removes some input channels of a layer and leaves everything upstream as it was
+    gives that layer the original input minus those channels, so its normal equations are a
+    sub-block of the full ones. The budget allocation tries every group at several widths; with
+    this, the refit of a block-internal cut costs one small solve instead of a model run per
+    layer and batch (ResNet-56: most candidate cuts are of this kind).
+
+    Args:
+        original: the unpruned (prepared) model.
+        feeds: the calibration feeds every layer is measured on.
+    """
+
+    def __init__(self, original: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], positions: int = 16,
+                 seed: int = 0) -> None:
+        self.original, self.feeds, self.positions, self.seed = original, feeds, positions, seed
+        self.order = {n.name: i for i, n in enumerate(original.graph.node)}
+        self._full: dict[str, tuple[Equations, np.ndarray]] = {}
+        self._inits = {i.name: i for i in original.graph.initializer}
+
+    def covers(self, twin) -> bool:
+        """Whether ``twin``'s equations are small enough to keep (a Gemm reading 25,088
+        flattened features would hold 5 GB; such layers are refitted the usual way)."""
+        weight = self._inits.get(twin.input[1]) if len(twin.input) > 1 else None
+        return weight is not None and int(np.prod(weight.dims[1:] if twin.op_type == "Conv" else
+                                                  weight.dims[1 if _attr(twin, "transB", 0) else 0])) < _KEPT_COLUMNS
+
+    def full(self, twin) -> tuple[Equations, np.ndarray]:
+        """(equations over every input channel and output, per-output target energy [C_out])."""
+        if twin.name not in self._full:
+            weight = self._inits[twin.input[1]]
+            rows = (_conv_rows(twin, tuple(weight.dims[2:4])) if twin.op_type == "Conv" else _gemm_rows)
+            session = ort_session(with_outputs(_up_to(self.original, twin.output[0]), [twin.input[0]]),
+                                  spinning=False)
+            names = [o.name for o in session.get_outputs()]
+            sums = _NormalSums()
+            for index, feed in enumerate(self.feeds):
+                values = dict(zip(names, session.run(None, _inputs(session, feed))))
+                t, where = _sample_outputs(values[twin.output[0]], None, self.positions,
+                                           (self.seed, self.order[twin.name], index))
+                sums.add(rows(values[twin.input[0]], where), t)
+            self._full[twin.name] = (sums.equations(), sums.energy)
+        return self._full[twin.name]
+
+    def restricted(self, twin, kept_in: np.ndarray, kept_out: np.ndarray | None) -> Equations:
+        """The equations of ``twin`` cut to the input channels ``kept_in`` (mask, [C_in]) and the
+        outputs ``kept_out`` (indices; None for all)."""
+        full, energy = self.full(twin)
+        per_channel = (full.gram.shape[0] - 1) // len(kept_in)
+        columns = np.append(np.repeat(np.asarray(kept_in, dtype=bool), per_channel), True)
+        outputs = slice(None) if kept_out is None else np.asarray(kept_out, dtype=np.int64)
+        return Equations(full.gram[np.ix_(columns, columns)], full.rhs[columns][:, outputs],
+                         float(energy[outputs].sum()), full.rows)
 
 
 _FITTERS = {"Conv": _fit_conv, "Gemm": _fit_gemm}
@@ -387,17 +540,23 @@ class _Targets:
         self.cache = cache
 
     def _sample(self, name: str, batch: int, y: np.ndarray) -> tuple[np.ndarray, tuple | None]:
-        kept = self.kept[name]
-        if kept is not None:
-            y = y[:, kept]
-        if y.ndim != 4:
-            return y.reshape(len(y), -1).astype(np.float32), None
-        n, _, hout, wout = y.shape
-        count = min(self.positions, hout * wout)
-        rng = np.random.default_rng([self.seed, self.order[name], batch])
-        flat = np.stack([rng.choice(hout * wout, size=count, replace=False) for _ in range(n)])  # [N, P]
-        oy, ox = flat // wout, flat % wout
-        return y[np.arange(n)[:, None], :, oy, ox].reshape(n * count, -1).astype(np.float32), (oy, ox)
+        return _sample_outputs(y, self.kept[name], self.positions, (self.seed, self.order[name], batch))
+
+
+def _sample_outputs(y: np.ndarray, kept: np.ndarray | None, positions: int, key: tuple[int, int, int]
+            ) -> tuple[np.ndarray, tuple | None]:
+    """(the kept channels of ``y`` at ``positions`` output positions per image drawn from
+    ``key`` = (seed, layer, batch), [N * P, C_kept]; (oy, ox) [N, P] each, None for 2-D)."""
+    if kept is not None:
+        y = y[:, kept]
+    if y.ndim != 4:
+        return y.reshape(len(y), -1).astype(np.float32), None
+    n, _, hout, wout = y.shape
+    count = min(positions, hout * wout)
+    rng = np.random.default_rng(list(key))
+    flat = np.stack([rng.choice(hout * wout, size=count, replace=False) for _ in range(n)])  # [N, P]
+    oy, ox = flat // wout, flat % wout
+    return y[np.arange(n)[:, None], :, oy, ox].reshape(n * count, -1).astype(np.float32), (oy, ox)
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,3 +153,24 @@ def test_default_recipe_reconstructs_and_writes_the_closer_candidate():
     damage = check["damage_after_reconstruction"]
     assert check["chosen"] == min(damage, key=damage.get)
     assert report.macs_ratio <= 0.6
+
+
+def test_scores_given_again_reuse_the_measured_candidates(monkeypatch):
+    """A second budget with the same scores (and data) measures nothing again and allocates
+    what a fresh run allocates; other damage images are measured afresh."""
+    model = _chain()
+    scores = onnx_ocnna.score(model, _data(), progress=False)
+    first = onnx_ocnna.compress(model, _data(), scores=scores, round_to=4, target_macs=0.7, progress=False,
+                                reconstruct=False)[1]
+    fresh = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.5, progress=False, reconstruct=False)[1]
+    measured = []
+    real = alloc.DamageMeter.measure
+    monkeypatch.setattr(alloc.DamageMeter, "measure", lambda self, *a, **k: measured.append(1) or real(self, *a, **k))
+    again = onnx_ocnna.compress(model, _data(), scores=scores, round_to=4, target_macs=0.5, progress=False,
+                                reconstruct=False)[1]
+    assert not measured
+    assert again.extra["allocation"]["groups"] == fresh.extra["allocation"]["groups"]
+    assert first.extra["allocation"]["groups"] != again.extra["allocation"]["groups"]
+    onnx_ocnna.compress(model, _data(48), scores=scores, round_to=4, target_macs=0.5, progress=False,
+                        reconstruct=False)
+    assert measured

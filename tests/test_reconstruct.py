@@ -163,3 +163,35 @@ def test_cli_reconstruct(tmp_path, capsys):
     code = main([str(path), str(tmp_path / "o2.onnx"), "--plan", str(tmp_path / "p.json"), "--reconstruct"])
     err = capsys.readouterr().err
     assert code == 2 and "--plan" in err and not (tmp_path / "o2.onnx").exists()
+
+
+@pytest.mark.parametrize("cut", ["a", "b"])
+def test_local_refit_from_sliced_equations_equals_the_refit_that_runs_the_model(cut, monkeypatch):
+    """Cutting ``a`` leaves ``b`` (a Conv) reading the original input minus channels; cutting
+    ``b`` does the same to ``fc`` (a Gemm). With every output position sampled the sliced
+    normal equations are the ones the model run accumulates, so the weights must agree."""
+    import onnx_ocnna.reconstruct as module
+    from onnx_ocnna.reconstruct import LayerEquations, kept_input_masks
+
+    model = _model(duplicate=False)
+    pruner = api.Pruner(model)
+    removed = {pruner.analysis.group_of(cut).id: np.array([1, 3])}
+    pruned = pruner.rewrite(removed)
+    feeds = [b.feeds for b in _batches()()]
+    args = (pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed), _batches())
+    ran, _ = reconstruct(*args, positions=36, local=True, progress=False)
+    masks = kept_input_masks(pruner.analysis, removed)
+    reader = "b" if cut == "a" else "fc"
+    assert list(masks) == [reader] and masks[reader].sum() == masks[reader].size - 2
+
+    def no_model_run(*_, **__):
+        raise AssertionError("the refit ran the model instead of slicing the kept equations")
+
+    monkeypatch.setattr(module, "_accumulate", no_model_run)
+    sliced, report = reconstruct(*args, positions=36, local=True, progress=False,
+                                 equations=LayerEquations(pruner.prepared_model(), feeds, positions=36),
+                                 kept_inputs=masks)
+    assert [f.node for f in report.layers if not f.skipped] == [reader]
+    got = {i.name: numpy_helper.to_array(i) for i in sliced.graph.initializer}
+    for init in ran.graph.initializer:
+        np.testing.assert_allclose(got[init.name], numpy_helper.to_array(init), rtol=1e-4, atol=1e-5)

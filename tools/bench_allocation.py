@@ -53,6 +53,7 @@ def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test) ->
     if "allocation" in report.extra:
         row["widths"] = {g["id"]: [g["channels"], g["kept"]] for g in report.extra["allocation"]["groups"]}
         row["latency_search"] = report.extra["allocation"]["latency"]
+        row["final_check"] = report.extra["allocation"].get("final_check", {})
     return row
 
 

@@ -35,6 +35,8 @@ FORMAT = "onnx-ocnna-bench"
 BLOCK_INTERNAL = ["/conv1/Conv", "*/conv2/Conv"]
 # (name, tool, job fields). Names are the row labels in the tables (no commas: --methods splits on them).
 METHODS: list[tuple[str, str, dict]] = [
+    # The README's recommended command: measured allocation of the budget + reconstruction.
+    ("onnx-ocnna default", "onnx-ocnna", {"criterion": "ocnna", "default": True}),
     ("ocnna", "onnx-ocnna", {"criterion": "ocnna"}),
     ("ocnna --invert", "onnx-ocnna", {"criterion": "ocnna", "criterion_options": {"invert": True}}),
     ("l1", "onnx-ocnna", {"criterion": "l1"}),
@@ -195,6 +197,9 @@ def bench_model(key: str, args: argparse.Namespace, data: dict[str, Path]) -> No
             print(f"[{key}] {tool} {name}: pruning", flush=True)
             tool_result = run_worker({**common_job, **fields, "tool": tool, "name": job_name}, args.work,
                                      args.worker_timeout)
+            # Rows of one file can come from several runs (--resume): each tool says which code made it.
+            tool_result["commit"] = versions()["onnx-ocnna commit"]
+            tool_result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
             results["tools"][name] = tool_result
             results["rows"] = [r for r in results["rows"] if r["method"] != name]
             save()
