@@ -339,20 +339,25 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     on ResNet-20 at MACs 0.5: the allocation lost to the uniform cut after reconstruction), so
     the two finished candidates are compared on the same measure and the better one is written.
     """
-    from onnx_ocnna.allocate import DamageMeter, round_block, take_feeds
+    from onnx_ocnna.allocate import DamageMeter, round_block, take_feeds, width_step
     from onnx_ocnna.reconstruct import kept_outputs
     from onnx_ocnna.reconstruct import reconstruct as refit
 
-    # Aligned like the allocation, so either way the widths buy time in ONNX Runtime.
-    uniform_options = SelectionOptions(percentile=options.percentile, scope=options.scope,
-                                       min_channels=options.min_channels, round_to=round_block(round_to),
-                                       exclude=options.exclude)
-    try:
-        removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, target_params, target_macs)
-    except InputError as exc:
-        # With 16-channel blocks no uniform percentile reaches MACs 0.5 on a CIFAR ResNet: a
-        # 16-channel layer cannot lose a block and keep one.
-        allocated.final_check = {"chosen": "measured", "skipped": f"no aligned uniform cut to compare: {exc}"}
+    # Aligned like the allocation, so either way the widths buy time in ONNX Runtime: to the
+    # block, else to the allocation's width step (with 16-channel blocks a 16-channel layer can
+    # lose no block, so no uniform percentile reaches MACs 0.5 on a CIFAR ResNet).
+    block = round_block(round_to)
+    removed_u, failure = None, ""
+    for align in dict.fromkeys((block, width_step(block))):
+        uniform_options = SelectionOptions(percentile=options.percentile, scope=options.scope,
+                                           min_channels=options.min_channels, round_to=align, exclude=options.exclude)
+        try:
+            removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, target_params, target_macs)
+            break
+        except InputError as exc:
+            failure = str(exc)
+    if removed_u is None:
+        allocated.final_check = {"chosen": "measured", "skipped": f"no aligned uniform cut to compare: {failure}"}
         return measured
     if not removed_u:
         allocated.final_check = {"chosen": "measured", "skipped": "the aligned uniform cut removes nothing"}
@@ -363,7 +368,7 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     damage = {"measured": meter(measured[1]), "uniform": meter(pruned_u)}
     chosen = min(damage, key=lambda k: (damage[k], k != "measured"))
     allocated.final_check = {"damage_after_reconstruction": damage, "chosen": chosen,
-                             "uniform_percentile": uniform_options.percentile}
+                             "uniform_percentile": uniform_options.percentile, "uniform_round_to": align}
     notes.append(f"after reconstruction the {chosen} cut is closer to the original (output KL "
                  f"{damage['measured']:.4f} allocated, {damage['uniform']:.4f} uniform k = "
                  f"{uniform_options.percentile:.2f}); it is the one written")
