@@ -347,32 +347,42 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     # block, else to the allocation's width step (with 16-channel blocks a 16-channel layer can
     # lose no block, so no uniform percentile reaches MACs 0.5 on a CIFAR ResNet).
     block = round_block(round_to)
-    removed_u, failure = None, ""
-    for align in dict.fromkeys((block, width_step(block))):
+    # A parameter budget is about size: the unaligned uniform cut competes too.
+    aligns = [block, width_step(block)] + ([1] if target_params is not None else [])
+    uniform: dict[int, tuple] = {}
+    failure = ""
+    for align in dict.fromkeys(aligns):
+        if align > 1 and any(a > 1 for a in uniform):
+            continue  # one aligned competitor: the block's, else the width step's
         uniform_options = SelectionOptions(percentile=options.percentile, scope=options.scope,
                                            min_channels=options.min_channels, round_to=align, exclude=options.exclude)
         try:
             removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, target_params, target_macs)
-            break
         except InputError as exc:
             failure = str(exc)
-    if removed_u is None:
-        allocated.final_check = {"chosen": "measured", "skipped": f"no aligned uniform cut to compare: {failure}"}
+            continue
+        if removed_u:
+            uniform[align] = (uniform_options.percentile, removed_u, pruned_u)
+    if not uniform:
+        allocated.final_check = {"chosen": "measured",
+                                 "skipped": f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"}
         return measured
-    if not removed_u:
-        allocated.final_check = {"chosen": "measured", "skipped": "the aligned uniform cut removes nothing"}
-        return measured
-    pruned_u, reconstruction_u = refit(pruner.prepared_model(), pruned_u, kept_outputs(pruner.analysis, removed_u),
-                                       source.batches, progress=progress, **(reconstruct_options or {}))
     meter = DamageMeter(pruner.model, take_feeds(source.batches(), damage_samples), refit=False)
-    damage = {"measured": meter(measured[1]), "uniform": meter(pruned_u)}
+    finished = {"measured": measured}
+    damage = {"measured": meter(measured[1])}
+    for align, (percentile, removed_u, pruned_u) in uniform.items():
+        name = f"uniform k={percentile:.2f} round-to {align}"
+        pruned_u, reconstruction_u = refit(pruner.prepared_model(), pruned_u,
+                                           kept_outputs(pruner.analysis, removed_u), source.batches,
+                                           progress=progress, **(reconstruct_options or {}))
+        finished[name] = (removed_u, pruned_u, reconstruction_u)
+        damage[name] = meter(pruned_u)
     chosen = min(damage, key=lambda k: (damage[k], k != "measured"))
-    allocated.final_check = {"damage_after_reconstruction": damage, "chosen": chosen,
-                             "uniform_percentile": uniform_options.percentile, "uniform_round_to": align}
-    notes.append(f"after reconstruction the {chosen} cut is closer to the original (output KL "
-                 f"{damage['measured']:.4f} allocated, {damage['uniform']:.4f} uniform k = "
-                 f"{uniform_options.percentile:.2f}); it is the one written")
-    return measured if chosen == "measured" else (removed_u, pruned_u, reconstruction_u)
+    allocated.final_check = {"damage_after_reconstruction": damage, "chosen": chosen}
+    notes.append("after reconstruction the closest to the original (output KL) is the "
+                 f"{'allocated' if chosen == 'measured' else chosen} cut: "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in damage.items()) + "; it is the one written")
+    return finished[chosen]
 
 
 def layer_widths(analysis: ChannelAnalysis, removed: dict[int, np.ndarray]) -> list[dict]:
