@@ -174,3 +174,14 @@ def test_scores_given_again_reuse_the_measured_candidates(monkeypatch):
     onnx_ocnna.compress(model, _data(48), scores=scores, round_to=4, target_macs=0.5, progress=False,
                         reconstruct=False)
     assert measured
+
+
+def test_greedy_steps_over_a_width_that_saves_nothing_of_the_objective():
+    """56 of 64 channels saves no blocked MACs with 16-channel blocks: the greedy must go on to
+    48, not stop at 56 as if the group could not be cut further."""
+    def row(damage, blocked):
+        return alloc.Candidate(0, np.arange(1), damage, blocked, blocked, blocked)
+
+    table = {0: [alloc.Candidate(0, np.zeros(0, np.int64), 0.0, 0, 0, 0), row(0.1, 0), row(0.2, 10)]}
+    state = alloc.greedy(table, "blocked", 10, lambda s: table[0][s[0]].saved_blocked >= 10)
+    assert state == {0: 2}
