@@ -85,12 +85,25 @@ class Allocation:
     seconds: float
     latency: list[dict] = field(default_factory=list)
     final_check: dict = field(default_factory=dict)
+    dropped: list = field(default_factory=list)  # ResidualBlocks to remove after the channel cut
+    blocks: list[dict] = field(default_factory=list)  # every block tried: damage, saving, verdict
+
+    def rewrite(self, pruner) -> onnx.ModelProto:
+        """The original cut as allocated: channels removed, then the dropped blocks."""
+        return _rewrite(pruner, self.removed, self.dropped)
 
     def as_dict(self) -> dict:
         return {"objective": self.objective, "target": self.target, "achieved": self.achieved,
                 "final_check": self.final_check,
                 "damage_samples": self.damage_samples, "seconds": self.seconds,
-                "groups": [g.as_dict() for g in self.groups], "latency": self.latency}
+                "groups": [g.as_dict() for g in self.groups], "blocks": self.blocks, "latency": self.latency}
+
+
+def _rewrite(pruner, removed: dict[int, np.ndarray], dropped: list) -> onnx.ModelProto:
+    from onnx_ocnna.blocks import drop_blocks
+
+    cut = pruner.rewrite(removed) if removed else pruner.model
+    return drop_blocks(cut, dropped) if dropped else cut
 
 
 def width_step(block: int, objective: str = "macs") -> int:
@@ -263,7 +276,11 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
     for group in todo:
         rows = [Candidate(group.channels, np.zeros(0, dtype=np.int64), 0.0, 0, 0)]
         for kept in plans[group.id][1:]:
-            removed = removal_at(group, scores[group.id], kept, step)
+            cut_alone = {group.id: removal_at(group, scores[group.id], kept, step)}
+            # A narrow width may empty a smaller member (a CIFAR spine's 16-channel stage at 1
+            # of 64): the best channel of that member is given back, as for any selection.
+            _respect_nonempty(pruner.analysis, cut_alone, scores)
+            removed = np.sort(cut_alone[group.id])
             if removed.size and not any(np.array_equal(removed, r.removed) for r in rows):
                 cut = pruner.rewrite({group.id: removed})
                 stats, blocked = _costs(cut, block)
@@ -278,6 +295,38 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
         table[group.id] = known[group.id] = rows
     bar.close()
     return table
+
+
+def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True,
+                   cache: dict | None = None) -> list[tuple]:
+    """Every identity-shortcut residual block removed alone: [(block, Candidate)], the
+    candidate's ``kept`` 0 (the block gone), its damage after refitting the layers that now read
+    the shortcut, and its savings."""
+    from tqdm.auto import tqdm
+
+    from onnx_ocnna.blocks import drop_blocks, find_residual_blocks
+    from onnx_ocnna.channels.analysis import prepare_graph
+
+    key = ("blocks", block, meter.refit, meter.fingerprint)
+    if cache is not None and key in cache:
+        return cache[key]
+    graph_outputs = {o.name for o in pruner.model.graph.output}
+    blocks = [b for b in find_residual_blocks(prepare_graph(pruner.model)) if b.output not in graph_outputs]
+    base, base_blocked = _costs(pruner.model, block)
+    rows = []
+    for residual in tqdm(blocks, desc="allocation: blocks", unit="block", disable=not progress or not blocks,
+                         leave=False):
+        try:
+            cut = drop_blocks(pruner.model, [residual])
+        except InputError:
+            continue
+        stats, blocked = _costs(cut, block)
+        rows.append((residual, Candidate(0, np.zeros(0, dtype=np.int64), meter.measure(cut, {}),
+                                         base.parameters - stats.parameters, base.macs - stats.macs,
+                                         base_blocked - blocked)))
+    if cache is not None:
+        cache[key] = rows
+    return rows
 
 
 def _saved(c: Candidate, objective: str) -> int:
@@ -353,7 +402,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
              *, target_params: float | None = None, target_macs: float | None = None,
              target_latency: float | None = None, latency_batch: int = 1, latency_threads: int = 1,
              damage_samples: int = 256, refit: bool = True, progress: bool = True,
-             cache: dict | None = None) -> Allocation:
+             cache: dict | None = None, blocks: bool = True) -> Allocation:
     """Choose each group's width for the budget from measured damage.
 
     Args:
@@ -366,6 +415,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             ``latency_threads`` intra-op threads; searched over the blocked-MACs budget.
         cache: measured candidates of earlier calls with the same scores (see
             :func:`measure_candidates`); filled by this call.
+        blocks: removing a whole identity-shortcut residual block is a candidate too, measured
+            and chosen like a width (:func:`measure_blocks`).
     Returns:
         the allocation (its ``removed`` is ready for the rewrite).
     """
@@ -386,18 +437,29 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     table = measure_candidates(pruner, scores, groups, meter, block, options.min_channels, progress, cache,
                                step=width_step(block, objective))
     base, base_blocked = _costs(pruner.model, block)
+    # A block is a pseudo-group with two rows, kept and removed, under a negative id.
+    residuals = measure_blocks(pruner, meter, block, progress, cache) if blocks else []
+    for index, (_, row) in enumerate(residuals):
+        table[-1 - index] = [Candidate(1, np.zeros(0, dtype=np.int64), 0.0, 0, 0), row]
 
     def removal(state: dict[int, int]) -> dict[int, np.ndarray]:
-        removed = {gid: table[gid][j].removed.copy() for gid, j in state.items() if table[gid][j].removed.size}
+        removed = {gid: table[gid][j].removed.copy() for gid, j in state.items()
+                   if gid >= 0 and table[gid][j].removed.size}
         _respect_nonempty(pruner.analysis, removed, scores)
         return {gid: r for gid, r in removed.items() if r.size}
+
+    def dropped(state: dict[int, int]) -> list:
+        return [residuals[-1 - gid][0] for gid, j in sorted(state.items(), reverse=True) if gid < 0 and j]
+
+    def rewrite(state: dict[int, int]) -> onnx.ModelProto:
+        return _rewrite(pruner, removal(state), dropped(state))
 
     def solve(kind: str, ratio: float) -> tuple[dict[int, int], float]:
         total = {"params": base.parameters, "macs": base.macs, "blocked": base_blocked}[kind]
         achieved = {}
 
         def fits(state):
-            cut = pruner.rewrite(removal(state))
+            cut = rewrite(state)
             if kind == "blocked":
                 value = count_macs(cut, block) / total
             else:
@@ -413,7 +475,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     if objective != "latency":
         state, achieved = solve(objective, target)
     else:
-        state, achieved, latency_rows = _search_latency(pruner, solve, removal, target, latency_batch,
+        state, achieved, latency_rows = _search_latency(pruner, solve, rewrite, target, latency_batch,
                                                         latency_threads, progress)
     choices = []
     for group in groups:
@@ -421,11 +483,16 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         choices.append(GroupChoice(group.id, list(group.members), group.channels, row.kept, row.damage,
                                    row.saved_params, row.saved_macs,
                                    [(c.kept, c.damage, c.saved_params, c.saved_macs) for c in table[group.id]]))
+    block_rows = [{"add": residual.add, "damage": row.damage, "saved_params": row.saved_params,
+                   "saved_macs": row.saved_macs, "removed": bool(state[-1 - i]),
+                   "why": ("removed: less damage per unit saved than the next width step of any group"
+                           if state[-1 - i] else "kept: narrowing groups costs less damage per unit saved")}
+                  for i, (residual, row) in enumerate(residuals)]
     return Allocation(removal(state), choices, objective, target, achieved, meter.samples,
-                      time.perf_counter() - start, latency_rows)
+                      time.perf_counter() - start, latency_rows, dropped=dropped(state), blocks=block_rows)
 
 
-def _search_latency(pruner, solve, removal, target: float, batch: int, threads: int, progress: bool):
+def _search_latency(pruner, solve, rewrite, target: float, batch: int, threads: int, progress: bool):
     """Search the blocked-MACs budget until the measured latency ratio meets ``target``; of the
     allocations that measure fast enough the widest (loosest budget) wins."""
     from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
@@ -437,10 +504,9 @@ def _search_latency(pruner, solve, removal, target: float, batch: int, threads: 
     rows: list[dict] = []
 
     def ratio_of(state) -> float:
-        removed = removal(state)
-        key = tuple(sorted((gid, tuple(r.tolist())) for gid, r in removed.items()))
+        key = tuple(sorted(state.items()))  # a state is one selection: widths and removed blocks
         if key not in measured:
-            row = interleaved_latency(pruner.model, pruner.rewrite(removed), batch, threads, runs=20)
+            row = interleaved_latency(pruner.model, rewrite(state), batch, threads, runs=20)
             measured[key] = row["after_ms"] / row["before_ms"]
             rows.append({**row, "ratio": measured[key]})
         return measured[key]

@@ -190,7 +190,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
              scope: str = "per-group", min_channels: int = 1, round_to: int | str = 1, exclude: list[str] | None = None,
              target_params: float | None = None, target_macs: float | None = None,
              target_latency: float | None = None, allocation: str = "measured", latency_batch: int = 1,
-             latency_threads: int = 1, damage_samples: int = 256,
+             latency_threads: int = 1, damage_samples: int = 256, block_removal: bool = True,
              criterion_options: dict | None = None, calibration_options: dict | None = None,
              progress: bool = True, scores: Scores | None = None, drop_blocks: bool = False,
              si_epsilon: float = 0.0, reconstruct: bool | None = None,
@@ -202,7 +202,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     aligned to ONNX Runtime's channel block, from the damage each candidate width does alone on
     ``damage_samples`` calibration images, so that the result keeps at most R of the parameters
     (MACs, measured latency at ``latency_batch`` / ``latency_threads``); ``percentile`` is then
-    ignored. ``allocation="uniform"`` instead searches one percentile for every group (the
+    ignored; with ``block_removal`` removing a whole identity-shortcut residual block is one
+    more candidate. ``allocation="uniform"`` instead searches one percentile for every group (the
     paper's setting; params/MACs targets only). With
     ``drop_blocks``, residual blocks that do not raise the Separation Index by ``si_epsilon``
     are removed first (labelled calibration data needed); filters are then selected on the
@@ -274,9 +275,9 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         allocated = allocate(pruner, scores.groups, options, source.batches(), target_params=target_params,
                              target_macs=target_macs, target_latency=target_latency, latency_batch=latency_batch,
                              latency_threads=latency_threads, damage_samples=damage_samples, progress=progress,
-                             cache=scores.damage_tables)
+                             cache=scores.damage_tables, blocks=block_removal)
         removed = allocated.removed
-        pruned = pruner.rewrite(removed) if removed else model
+        pruned = allocated.rewrite(pruner)
         timings["allocate_s"] = allocated.seconds
         settings.update(percentile=None, round_to=options.round_to, allocation="measured",
                         target={allocated.objective: allocated.target})
@@ -291,10 +292,11 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     else:
         removed = select(pruner.analysis, scores.groups, options)
         pruned = pruner.rewrite(removed) if removed else model
-    if not removed:
+    dropped = allocated.dropped if allocated is not None else []
+    if not removed and not dropped:
         notes.append("the selection removes no channel at this percentile")
     reconstruction = None
-    if reconstruct and removed:
+    if reconstruct and (removed or dropped):
         from onnx_ocnna.reconstruct import kept_outputs
         from onnx_ocnna.reconstruct import reconstruct as refit
 
@@ -312,8 +314,12 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         notes.append(f"reconstruction refitted {len(fitted)} of {len(reconstruction.layers)} layers on "
                      f"{reconstruction.samples} samples")
     if blocks:
-        dropped = [b.add for b in blocks if b.dropped]
-        notes.append(f"removed {len(dropped)} of {len(blocks)} identity-shortcut blocks by SI: {', '.join(dropped) or 'none'}")
+        by_si = [b.add for b in blocks if b.dropped]
+        notes.append(f"removed {len(by_si)} of {len(blocks)} identity-shortcut blocks by SI: {', '.join(by_si) or 'none'}")
+    if allocated is not None and allocated.dropped:
+        notes.append(f"the allocation removed {len(allocated.dropped)} residual block(s): "
+                     + ", ".join(b.add for b in allocated.dropped)
+                     + " (listed in the report, not in the plan: apply_plan cuts channels only)")
     timings["rewrite_s"] = (time.perf_counter() - start - scores.seconds - timings.get("drop_blocks_s", 0.0)
                             - timings.get("reconstruct_s", 0.0) - timings.get("allocate_s", 0.0))
     pruned, report = _finish(original, pruned, pruner, removed, settings, notes)
@@ -323,7 +329,9 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         report.extra["reconstruction"] = reconstruction.as_dict()
     if allocated is not None:
         report.extra["allocation"] = allocated.as_dict()
-    report.extra["widths"] = layer_widths(pruner.analysis, removed)
+    present = {n.name for n in pruned.graph.node}
+    report.extra["widths"] = [{**w, "after": w["after"] if w["layer"] in present else 0}
+                              for w in layer_widths(pruner.analysis, removed)]
     if blocks:
         report.extra["blocks"] = block_rows
     return pruned, report
@@ -379,6 +387,10 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
         damage[name] = meter(pruned_u)
     chosen = min(damage, key=lambda k: (damage[k], k != "measured"))
     allocated.final_check = {"damage_after_reconstruction": damage, "chosen": chosen}
+    if chosen != "measured":
+        allocated.dropped = []
+        for row in allocated.blocks:
+            row["removed"], row["why"] = False, f"kept: the {chosen} cut was written"
     notes.append("after reconstruction the closest to the original (output KL) is the "
                  f"{'allocated' if chosen == 'measured' else chosen} cut: "
                  + ", ".join(f"{k} {v:.4f}" for k, v in damage.items()) + "; it is the one written")

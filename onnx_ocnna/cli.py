@@ -104,6 +104,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                      help="intra-op threads --target-latency is measured with (default 1)")
     sel.add_argument("--damage-samples", type=_positive_int, default=256, metavar="N",
                      help="calibration images the allocation measures each candidate cut on (default 256)")
+    sel.add_argument("--no-block-removal", dest="block_removal", action="store_false",
+                     help="the allocation only narrows groups; by default removing a whole identity-shortcut "
+                          "residual block is a candidate too")
     sel.add_argument("--plot", type=Path, metavar="widths.png",
                      help="write a picture of every layer's width, original against pruned")
     sel.add_argument("--plan", type=Path, metavar="plan.json", help="apply this plan instead of scoring")
@@ -290,6 +293,7 @@ def _run_main(args) -> int:
             target_params=args.target_params, target_macs=args.target_macs,
             target_latency=args.target_latency, allocation=args.allocation, latency_batch=args.latency_batch,
             latency_threads=args.latency_threads, damage_samples=args.damage_samples,
+            block_removal=args.block_removal,
             criterion_options=_criterion_options(args), calibration_options=_calibration_options(args),
             progress=not args.quiet, drop_blocks=args.drop_blocks, si_epsilon=args.si_epsilon,
             reconstruct=args.reconstruct, reconstruct_options={"samples": args.reconstruct_samples})

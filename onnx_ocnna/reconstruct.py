@@ -175,13 +175,18 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
     """(layer node, skip reason or "") for every Conv and Gemm, in graph order. A layer is
     refitted when its input lost channels or carries values changed upstream (a refitted layer,
     or any node fed by one); refitting never stops that change, so the walk needs no fit.
-    Without ``propagate`` only the layers whose inputs lost channels are refitted."""
+    Without ``propagate`` only the layers whose inputs lost channels, or now read another tensor
+    (a removed block's readers read its shortcut), are refitted."""
     original_inits = {i.name: i for i in original.graph.initializer}
     inits = {i.name: i for i in model.graph.initializer}
     uses = _initializer_uses(model)
     changed: set[str] = set()  # tensors whose kept values may differ from the original's
     plan = []
     for node in model.graph.node:
+        twin = originals.get(node.name)
+        if twin is not None:
+            # A removed residual block: its readers now read the shortcut, not the Add's output.
+            changed.update(i for i, t in zip(node.input, twin.input) if i != t and i and i not in inits)
         if node.op_type in _FITTERS:
             reason = _skip_reason(node, originals.get(node.name), uses, inits, original_inits, changed)
             plan.append((node, reason))

@@ -83,3 +83,22 @@ class GraphBuilder:
         model.graph.output[0].CopyFrom(helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape))
         onnx.checker.check_model(model)
         return model
+
+
+def residual_net(zero_blocks: set[int], channels: int = 8, blocks: int = 3) -> onnx.ModelProto:
+    """Stem + ``blocks`` residual blocks (relu(x + conv(relu(conv(x))))) + a pad-free head, input
+    [N, 3, 6, 6]; the blocks in ``zero_blocks`` have an all-zero last conv, so they compute
+    exactly relu(x) = x."""
+    g = GraphBuilder(seed=1)
+    x = g.relu(g.conv("x", 3, channels, name="stem"))
+    for i in range(blocks):
+        h = g.relu(g.conv(x, channels, channels, name=f"b{i}_c1"))
+        r = g.conv(h, channels, channels, name=f"b{i}_c2")
+        if i in zero_blocks:
+            for init in g.inits:
+                if init.name in (f"b{i}_c2.w", f"b{i}_c2.b"):
+                    init.CopyFrom(numpy_helper.from_array(np.zeros(numpy_helper.to_array(init).shape, np.float32),
+                                                          init.name))
+        x = g.relu(g.node("Add", [r, x], name=f"b{i}_add")[0])
+    out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [x])[0]])[0], channels, 4)
+    return g.model(["N", 3, 6, 6], out)

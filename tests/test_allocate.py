@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import GraphBuilder
+from graphs import GraphBuilder, residual_net
+from shared_data import MODELS, needs_shared
 from onnx import numpy_helper
 
 import onnx_ocnna
@@ -185,3 +186,49 @@ def test_greedy_steps_over_a_width_that_saves_nothing_of_the_objective():
     table = {0: [alloc.Candidate(0, np.zeros(0, np.int64), 0.0, 0, 0, 0), row(0.1, 0), row(0.2, 10)]}
     state = alloc.greedy(table, "blocked", 10, lambda s: table[0][s[0]].saved_blocked >= 10)
     assert state == {0: 2}
+
+
+def test_a_harmless_residual_block_is_removed_and_the_graph_stays_valid():
+    """Block 1 computes relu(x) = x exactly: removing it saves two Convs at no damage, so the
+    allocation takes it before any width; the written model validates and matches the original."""
+    from onnx_ocnna.model_io import ort_session
+
+    model = residual_net({1}, channels=16)
+    full = onnx_ocnna.inspect(model)["stats"]["parameters"]
+    saved = 2 * (16 * 16 * 9 + 16)
+    data = {"x": np.random.default_rng(0).standard_normal((64, 3, 6, 6)).astype(np.float32)}
+    pruned, report = onnx_ocnna.compress(model, data, round_to=8, target_params=(full - saved) / full,
+                                         progress=False, reconstruct=False)
+    blocks = {b["add"]: b for b in report.extra["allocation"]["blocks"]}
+    assert set(blocks) == {"b0_add", "b1_add", "b2_add"}
+    assert blocks["b1_add"]["removed"] and blocks["b1_add"]["damage"] < 1e-6
+    assert not blocks["b0_add"]["removed"] and not blocks["b2_add"]["removed"]
+    assert all(g["kept"] == g["channels"] for g in report.extra["allocation"]["groups"])
+    assert not any(n.name.startswith("b1_") and n.op_type == "Conv" for n in pruned.graph.node)
+    widths = {w["layer"]: w["after"] for w in report.extra["widths"]}
+    assert widths["b1_c1"] == widths["b1_c2"] == 0 and widths["b0_c1"] == 16
+    x = data["x"][:8]
+    np.testing.assert_allclose(ort_session(pruned).run(None, {"x": x})[0], ort_session(model).run(None, {"x": x})[0],
+                               rtol=1e-4, atol=1e-5)
+    assert report.rpr == pytest.approx((full - saved) / full)
+
+
+@needs_shared
+def test_a_narrow_candidate_never_empties_a_smaller_member_of_a_nested_group():
+    """A CIFAR ResNet's spine holds the 16-channel stem output inside 64 channels; when the
+    stem's channels score lowest, keeping 1 of 64 would remove them all (the surgery refuses
+    it: the whole ResNet-56 harness row failed so). One of them is given back instead."""
+    import onnx
+
+    model = onnx.load(MODELS / "resnet20_ts_opset13.onnx")
+    pruner = onnx_ocnna.api.Pruner(model)
+    spine = max(pruner.analysis.groups, key=lambda g: len(g.members))
+    stem = alloc._nested_subsets(spine)[0]
+    scores = {g.id: np.ones(g.channels) for g in pruner.analysis.groups if g.prunable}
+    scores[spine.id][stem] = 0.0
+    x = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    meter = alloc.DamageMeter(model, [{model.graph.input[0].name: x}], pruner.prepared_model())
+    table = alloc.measure_candidates(pruner, scores, [spine], meter, 16, 1, progress=False, step=4)
+    assert min(row.kept for row in table[spine.id]) <= 2
+    for row in table[spine.id][1:]:
+        assert not np.isin(stem, row.removed).all()

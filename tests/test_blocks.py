@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graphs import GraphBuilder
+from graphs import GraphBuilder, residual_net
 
 from onnx_ocnna import api
 from onnx_ocnna.blocks import drop_blocks, find_residual_blocks, select_blocks
@@ -16,21 +16,7 @@ from onnx_ocnna.model_io import ort_session, validate_model
 
 
 def _resnet(zero_blocks: set[int]) -> onnx.ModelProto:
-    """Stem + 3 residual blocks (relu(x + conv(relu(conv(x))))) + a pad-free head; the blocks in
-    ``zero_blocks`` have an all-zero last conv, so they compute exactly relu(x) = x."""
-    g = GraphBuilder(seed=1)
-    x = g.relu(g.conv("x", 3, 8, name="stem"))
-    for i in range(3):
-        h = g.relu(g.conv(x, 8, 8, name=f"b{i}_c1"))
-        r = g.conv(h, 8, 8, name=f"b{i}_c2")
-        if i in zero_blocks:
-            for init in g.inits:
-                if init.name in (f"b{i}_c2.w", f"b{i}_c2.b"):
-                    init.CopyFrom(onnx.numpy_helper.from_array(np.zeros(onnx.numpy_helper.to_array(init).shape,
-                                                                         np.float32), init.name))
-        x = g.relu(g.node("Add", [r, x], name=f"b{i}_add")[0])
-    out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [x])[0]])[0], 8, 4)
-    return g.model(["N", 3, 6, 6], out)
+    return residual_net(zero_blocks)
 
 
 def _data(n: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
