@@ -54,6 +54,7 @@ def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test) ->
         row["widths"] = {g["id"]: [g["channels"], g["kept"]] for g in report.extra["allocation"]["groups"]}
         row["latency_search"] = report.extra["allocation"]["latency"]
         row["final_check"] = report.extra["allocation"].get("final_check", {})
+        row["blocks_removed"] = [b["add"] for b in report.extra["allocation"].get("blocks", []) if b["removed"]]
     return row
 
 
