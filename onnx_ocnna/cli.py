@@ -212,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
                 distributed.init()
         runners = {"main": _run_main, "inspect": _run_inspect, "score": _run_score, "quantize": _run_quantize,
                    "distill": _run_distill, "demo": _run_demo, "sweep": _run_sweep}
-        return runners[command](args)
+        code = runners[command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `onnx-ocnna inspect m.onnx | head -1`: the reader is gone; end quietly, as `cat` does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OcnnaError as exc:
         print(f"onnx-ocnna: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -146,6 +146,14 @@ def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathL
     return out
 
 
+def default_file_mode() -> int:
+    """The mode a new file gets from ``open`` under this process's umask (0o644 under 022);
+    files made with ``tempfile.mkstemp`` (0o600) are given it before they replace an output."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write ``model`` atomically: into a temporary directory beside ``path``, then rename.
 

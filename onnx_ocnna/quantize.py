@@ -42,6 +42,7 @@ from onnxruntime.quantization import (
 
 from onnx_ocnna.calibration import CalibrationSource, OrtReaderAdapter, model_input_spec
 from onnx_ocnna.errors import InputError, ValidationError
+from onnx_ocnna.model_io import default_file_mode
 
 # Protobuf's 2 GiB limit, with headroom: above it the temporary copies use external data.
 _INLINE_LIMIT = 1_900_000_000
@@ -132,6 +133,7 @@ def quantize_int8(
                     raise InputError("the calibration data produced no batch to calibrate the quantizer with") from exc
                 raise ValidationError(f"ONNX Runtime could not quantize the model: {exc}") from exc
             _check_runs(tmp, reader.first)
+            os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would make the INT8 output private
             os.replace(tmp, out_path)
         finally:
             if os.path.exists(tmp):

@@ -227,3 +227,25 @@ def test_bench_and_round_to_auto_reach_the_report(model_path, tmp_path, capsys):
     for row in rows:
         assert row["before_ms"] > 0 and row["after_ms"] > 0
         assert row["speedup"] == pytest.approx(row["before_ms"] / row["after_ms"])
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    """`onnx-ocnna inspect m.onnx | head -1`: the reader closes the pipe; no 'internal error',
+    no traceback, no 'Exception ignored' at exit."""
+    import subprocess
+    import sys
+
+    from graphs import GraphBuilder
+
+    g = GraphBuilder(seed=0)
+    model = g.model(["N", 3, 8, 8], g.relu(g.conv("x", 3, 8)))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    code = "import sys; from onnx_ocnna.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "inspect", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "internal error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+    assert proc.returncode == 141

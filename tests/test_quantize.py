@@ -121,10 +121,18 @@ def test_quantized_model_is_per_channel_qdq_small_and_close(digits: dict) -> Non
 
 
 def test_per_tensor_option_and_caller_model_untouched(digits: dict) -> None:
+    import os
+    import stat
+
     source = _ListSource([digits["x"][:128]])
     model = onnx.load(str(digits["dynamic"]))
     before = model.SerializeToString()
-    out = quantize_int8(model, source, digits["root"] / "per_tensor.onnx", per_channel=False)
+    mask = os.umask(0o022)
+    try:
+        out = quantize_int8(model, source, digits["root"] / "per_tensor.onnx", per_channel=False)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # like every other output, not mkstemp's 0600
     assert model.SerializeToString() == before
     q = onnx.load(str(out))
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
