@@ -289,6 +289,14 @@ def _run_main(args) -> int:
         from onnx_ocnna.errors import InputError
 
         raise InputError("--reconstruct refits after scoring; it cannot be combined with --plan")
+    targets = (args.target_params, args.target_macs, args.target_latency)
+    if (args.plan is None and args.percentile == 0 and all(t is None for t in targets) and not args.drop_blocks
+            and not args.quantize and not getattr(args, "distill", False)):
+        from onnx_ocnna.errors import InputError
+
+        # Said before loading and scoring: k = 0 removes nothing, and scoring can take minutes.
+        raise InputError("--percentile 0 removes no channel and nothing else is asked; give a percentile "
+                         "above 0 or a budget (--target-params/--target-macs/--target-latency)")
     model = api.as_model(args.input)
     if args.plan is not None:
         pruned, report = api.apply_plan(model, load_plan(args.plan))

@@ -249,3 +249,19 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
     proc.wait(timeout=120)
     assert "internal error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
     assert proc.returncode == 141
+
+
+def test_percentile_zero_alone_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
+    from graphs import GraphBuilder
+
+    from onnx_ocnna import api
+
+    g = GraphBuilder(seed=0)
+    path = tmp_path / "m.onnx"
+    onnx.save(g.model(["N", 3, 8, 8], g.relu(g.conv("x", 3, 8))), path)
+    monkeypatch.setattr(api, "score", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored")))
+    data = tmp_path / "x.npy"
+    np.save(data, np.zeros((4, 3, 8, 8), np.float32))
+    code = main([str(path), str(tmp_path / "o.onnx"), "--calib", str(data), "--percentile", "0"])
+    assert code != 0 and "--percentile 0 removes no channel" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
