@@ -138,12 +138,27 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
                               threads=distributed.cpu_share())
             accumulators = distributed.gather_accumulators(accumulators, crit.options)
             samples = distributed.all_sum(samples)
+        _check_sample_count(crit, samples)
         member_scores = {m: acc.scores() for m, acc in accumulators.items()}
     else:
         member_scores = {m: crit.weight_scores(member_info(analysis, m)) for m in members}
     groups = {g.id: member_scores_to_group(g, {m: member_scores[m] for m in g.members})
               for g in analysis.groups if g.prunable}
     return Scores(analysis, groups, criterion, samples, time.perf_counter() - start, member_scores)
+
+
+def _check_sample_count(crit, samples: int) -> None:
+    """Refuse a spread-based criterion on fewer samples than it is defined for; warn when few."""
+    import warnings
+
+    from onnx_ocnna.criteria.base import MIN_SAMPLES_ADVISED
+
+    if samples < crit.min_samples:
+        raise InputError(f"the {crit.name} criterion compares images with each other and needs at least "
+                         f"{crit.min_samples} calibration samples; got {samples}")
+    if crit.min_samples > 1 and samples < MIN_SAMPLES_ADVISED:
+        warnings.warn(f"only {samples} calibration samples: {crit.name} scores are noisy below "
+                      f"{MIN_SAMPLES_ADVISED} (give more with --calib)", stacklevel=3)
 
 
 def inspect(model: ModelLike) -> dict:

@@ -287,3 +287,20 @@ def test_registry() -> None:
     assert {"ocnna", "l1", "l2", "apoz", "mean-activation", "random"} <= set(CRITERIA)
     with pytest.raises(InputError):
         get_criterion("no-such-criterion")
+
+
+def test_spread_criteria_refuse_one_sample_and_warn_below_the_advised_minimum():
+    from graphs import GraphBuilder
+
+    from onnx_ocnna import api
+    from onnx_ocnna.errors import InputError
+
+    g = GraphBuilder(seed=0)
+    model = g.model(["N", 3, 8, 8], g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [
+        g.relu(g.conv(g.relu(g.conv("x", 3, 8)), 8, 8))])[0]])[0], 8, 3))
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(InputError, match="at least 2 calibration samples; got 1"):
+        api.score(model, x[:1], criterion="ocnna", progress=False)
+    with pytest.warns(UserWarning, match="only 8 calibration samples"):
+        api.score(model, x, criterion="ocnna", progress=False)
+    api.score(model, x[:1], criterion="mean-activation", progress=False)  # a mean needs no spread

@@ -60,6 +60,9 @@ class Accumulator:
         raise NotImplementedError
 
 
+MIN_SAMPLES_ADVISED = 32
+
+
 @dataclass
 class Criterion:
     """Base class: a named way of scoring the output channels of one producer.
@@ -71,6 +74,9 @@ class Criterion:
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    # A criterion built on a spread across images (OCNNA's coefficient of variation, SI's class
+    # separation) is undefined below this many samples; fewer than MIN_SAMPLES_ADVISED are noisy.
+    min_samples: ClassVar[int] = 1
     options: dict = field(default_factory=dict)
 
     def weight_scores(self, member: MemberInfo) -> np.ndarray:

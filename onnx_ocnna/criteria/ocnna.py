@@ -288,6 +288,7 @@ class OCNNA(Criterion):
 
     name = "ocnna"
     needs_data = True
+    min_samples = 2
 
     def new_accumulator(self, member: MemberInfo) -> OCNNAAccumulator:
         opts = self.options

@@ -429,6 +429,7 @@ class SeparationIndex(Criterion):
 
     name = "si"
     needs_data = True
+    min_samples = 2
     needs_labels = True
 
     def new_accumulator(self, member: MemberInfo) -> SIAccumulator:
