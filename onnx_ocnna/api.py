@@ -369,23 +369,29 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     # Aligned like the allocation, so either way the widths buy time in ONNX Runtime: to the
     # block, else to the allocation's width step (with 16-channel blocks a 16-channel layer can
     # lose no block, so no uniform percentile reaches MACs 0.5 on a CIFAR ResNet).
-    block = round_block(round_to)
-    # A parameter budget is about size: the unaligned uniform cut competes too.
-    aligns = [block, width_step(block)] + ([1] if target_params is not None else [])
-    uniform: dict[int, tuple] = {}
-    failure = ""
-    for align in dict.fromkeys(aligns):
-        if align > 1 and any(a > 1 for a in uniform):
-            continue  # one aligned competitor: the block's, else the width step's
+    def uniform_cut(align: int) -> tuple[float, dict, onnx.ModelProto]:
         uniform_options = SelectionOptions(percentile=options.percentile, scope=options.scope,
                                            min_channels=options.min_channels, round_to=align, exclude=options.exclude)
-        try:
-            removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, target_params, target_macs)
-        except InputError as exc:
-            failure = str(exc)
-            continue
-        if removed_u:
-            uniform[align] = (uniform_options.percentile, removed_u, pruned_u)
+        removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, target_params, target_macs)
+        return uniform_options.percentile, removed_u, pruned_u
+
+    block = round_block(round_to)
+    uniform: dict[int, tuple] = {}
+    failure = ""
+    # One aligned competitor: the block's, else the width step's; a parameter budget is about
+    # size, so the unaligned uniform cut competes too.
+    for aligns in ((block, width_step(block)), (1,) if target_params is not None else ()):
+        for align in aligns:
+            if align in uniform:
+                continue
+            try:
+                cut = uniform_cut(align)
+            except InputError as exc:
+                failure = str(exc)
+                continue
+            if cut[1]:  # a cut that removes nothing is no competitor
+                uniform[align] = cut
+                break
     if not uniform:
         allocated.final_check = {"chosen": "measured",
                                  "skipped": f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"}

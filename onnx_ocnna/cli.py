@@ -291,7 +291,7 @@ def _run_main(args) -> int:
         raise InputError("--reconstruct refits after scoring; it cannot be combined with --plan")
     targets = (args.target_params, args.target_macs, args.target_latency)
     if (args.plan is None and args.percentile == 0 and all(t is None for t in targets) and not args.drop_blocks
-            and not args.quantize and not getattr(args, "distill", False)):
+            and not args.quantize and not args.distill):
         from onnx_ocnna.errors import InputError
 
         # Said before loading and scoring: k = 0 removes nothing, and scoring can take minutes.

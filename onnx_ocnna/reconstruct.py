@@ -111,7 +111,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
                                   ridge=ridge)
     originals = {n.name: n for n in original.graph.node if n.name}
     plan = _plan_layers(model, originals, original, propagate=not local)
-    from_equations = ({name for name in _untouched_inputs(model, plan) & set(kept_inputs or {})
+    from_equations = ({name for name in _untouched_inputs(model, plan, originals) & set(kept_inputs or {})
                        if equations.covers(originals[name])} if local and equations is not None else set())
     to_fit = [(node, originals[node.name]) for node, reason in plan if not reason and node.name not in from_equations]
     targets = _Targets(original, [(twin.output[0], kept.get(node.name)) for node, twin in to_fit], feeds,
@@ -183,10 +183,7 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
     changed: set[str] = set()  # tensors whose kept values may differ from the original's
     plan = []
     for node in model.graph.node:
-        twin = originals.get(node.name)
-        if twin is not None:
-            # A removed residual block: its readers now read the shortcut, not the Add's output.
-            changed.update(i for i, t in zip(node.input, twin.input) if i != t and i and i not in inits)
+        changed.update(_rewired_inputs(node, originals, inits))
         if node.op_type in _FITTERS:
             reason = _skip_reason(node, originals.get(node.name), uses, inits, original_inits, changed)
             plan.append((node, reason))
@@ -197,13 +194,25 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
     return plan
 
 
-def _untouched_inputs(model: onnx.ModelProto, plan: list[tuple]) -> set[str]:
+def _rewired_inputs(node, originals: dict, inits: dict) -> list[str]:
+    """Inputs of ``node`` that are not the tensors its original twin reads: a removed residual
+    block's readers read its shortcut, not the Add's output."""
+    twin = originals.get(node.name)
+    if twin is None:
+        return []
+    return [i for i, t in zip(node.input, twin.input) if i != t and i and i not in inits]
+
+
+def _untouched_inputs(model: onnx.ModelProto, plan: list[tuple], originals: dict) -> set[str]:
     """Names of the layers to fit whose input is the original's tensor minus the cut channels:
-    no layer that lost input channels (whose outputs therefore changed) lies upstream of it."""
+    not re-wired, and no layer that lost input channels (whose outputs therefore changed) lies
+    upstream of it."""
     cut = {node.name for node, reason in plan if not reason}
+    inits = {i.name for i in model.graph.initializer}
     changed: set[str] = set()
     untouched = set()
     for node in model.graph.node:
+        changed.update(_rewired_inputs(node, originals, inits))
         if node.name in cut and node.input[0] not in changed:
             untouched.add(node.name)
         if node.name in cut or any(i in changed for i in node.input):
