@@ -147,6 +147,29 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
     return Scores(analysis, groups, criterion, samples, time.perf_counter() - start, member_scores)
 
 
+def check_preprocessing(model: onnx.ModelProto, data: Any, options: dict | None, where: str) -> str | None:
+    """Warn (and return the warning) when the original model is near chance on labelled ``data``.
+
+    A wrong normalisation prunes and reports without any error, so this runs before any work
+    is reported; unlabelled data passes silently.
+    """
+    import copy
+    import warnings
+
+    from onnx_ocnna.evaluate import near_chance_warning
+
+    source = as_source(data, model, **(options or {}))
+    if source.one_shot or not source.has_labels:  # a reader must not be consumed here
+        return None
+    source = copy.copy(source)
+    # Image folders list their files class by class: the samples read must span the classes.
+    source.shuffle, source.seed = True, 0
+    message = near_chance_warning(model, source.batches(), where)
+    if message is not None:
+        warnings.warn(message, stacklevel=3)
+    return message
+
+
 def _check_sample_count(crit, samples: int) -> None:
     """Refuse a spread-based criterion on fewer samples than it is defined for; warn when few."""
     import warnings
@@ -241,6 +264,9 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         raise InputError("--reconstruct needs calibration data (--calib)")
     timings = {}
     start = time.perf_counter()
+    preprocessing_warning = None
+    if calibration is not None and scores is None:
+        preprocessing_warning = check_preprocessing(model, calibration, calibration_options, "the calibration data")
     blocks = []
     if drop_blocks:
         from onnx_ocnna.blocks import select_blocks
@@ -267,7 +293,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
                 "reconstruct_options": reconstruct_options or {},
                 "round_to": options.round_to, "exclude": exclude or [], "criterion_options": criterion_options or {},
                 "calibration_samples": scores.samples}
-    notes: list[str] = []
+    notes: list[str] = [preprocessing_warning] if preprocessing_warning else []
     if not any(g.prunable and g.id not in options.exclude for g in pruner.analysis.groups):
         reasons = sorted({g.frozen_reason for g in pruner.analysis.groups if g.frozen_reason})
         why = "; ".join(reasons[:5]) if reasons else "the model has no Conv filters whose channels can be removed"

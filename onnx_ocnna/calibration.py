@@ -14,8 +14,9 @@ Choices (documented here because callers rely on them):
   and centre-crop H x W (torchvision's ``Resize(S)`` + ``CenterCrop``; with ``crop`` C != H x W the
   shorter side becomes ``S * max(H/C_h, W/C_w)`` so the crop keeps the same fraction), scale to
   [0, 1], then ``(x - mean) / std`` with mean/std on 0-1 pixels, all in float32 (bit-identical to
-  torchvision's ToTensor + Normalize), finally cast to the input's dtype. The default preset is
-  ``raw``. A symbolic height/width is taken from the ``size`` option, else the preset's ``size``,
+  torchvision's ToTensor + Normalize), finally cast to the input's dtype. There is no default:
+  a folder needs a preset or mean/std (``raw``, 0-1 pixels, said on purpose), because a wrong
+  normalisation gives accuracies that look plausible. A symbolic height/width is taken from the ``size`` option, else the preset's ``size``,
   else its ``crop``; without one that is an error. Layout: NCHW if dim 1 is 1 or 3, else NHWC if
   dim 3 is, else the preset must say ``layout``.
 * **max_samples** picks a deterministic subset with ``numpy.random.default_rng(seed)``: with
@@ -61,7 +62,8 @@ from onnx_ocnna.errors import InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 _PRESET_KEYS = frozenset({"description", "mean", "std", "size", "resize", "crop", "layout"})
-_DEFAULT_PRESET = "raw"
+#: What an image folder without a preset is normalised with when mean/std are given.
+_BASE_PRESET = "raw"
 
 
 @dataclass
@@ -498,7 +500,8 @@ def open_calibration(
             input name with optional ``labels`` [N], an array or dict of arrays like those, or an
             ORT ``CalibrationDataReader``.
         model: the model the data feeds; its non-initializer inputs define names, shapes, dtypes.
-        preprocess: image preset name (see :func:`list_presets`), JSON path or dict; default "raw".
+        preprocess: image preset name (see :func:`list_presets`), JSON path or dict; an image
+            folder needs this or ``mean``/``std`` (which then apply to 0-1 pixels).
         mean, std: per-channel (or scalar) values on 0-1 pixels; override the preset.
         size: H x W for images when the model's spatial dims are symbolic; overrides the preset.
         max_samples: use a deterministic, seeded subset of this many samples (class-balanced
@@ -757,8 +760,14 @@ def _open_folder(root: Path, specs: list[InputSpec], preprocess: Any, mean: Any,
             f"{', '.join(s.name for s in specs)} (give a .npz keyed by input name)."
         )
     spec = specs[0]
+    if preprocess is None and mean is None and std is None:
+        # Raw 0-1 pixels fed to a normalised model give believable, meaningless accuracies.
+        raise InputError(
+            f"an image folder needs its preprocessing: --preprocess {'|'.join(list_presets())}|FILE.json "
+            "or --mean/--std (raw = 0-1 pixels on purpose; `onnx-ocnna presets` describes each)."
+        )
     preset = (_validate_preset(dict(preprocess), "the preprocess dict") if isinstance(preprocess, Mapping)
-              else load_preset(preprocess if preprocess is not None else _DEFAULT_PRESET))
+              else load_preset(preprocess if preprocess is not None else _BASE_PRESET))
     plan = _image_plan(spec, preset, mean, std, size)
     files, labels, class_names = _scan_folder(root)
     batch = _effective_batch(specs, batch_size)

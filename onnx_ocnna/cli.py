@@ -30,7 +30,9 @@ def _add_calibration_options(parser: argparse.ArgumentParser, required: bool = F
     group = parser.add_argument_group("calibration data")
     group.add_argument("--calib", metavar="DATA", required=required,
                        help="image folder (class sub-folders give labels), .npy, or .npz keyed by input name")
-    group.add_argument("--preprocess", metavar="NAME|FILE", help="image preset (imagenet, cifar10, raw) or a JSON file")
+    group.add_argument("--preprocess", metavar="NAME|FILE",
+                       help="image folders need one: a preset (cifar10, imagenet, imagenet-32, raw; "
+                            "`onnx-ocnna presets` describes them) or a JSON file; or give --mean/--std")
     group.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean on 0-1 pixels")
     group.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per-channel std on 0-1 pixels")
     group.add_argument("--size", type=_ints, metavar="H,W", help="image size when the model's is dynamic")
@@ -72,7 +74,8 @@ def _add_distill_options(group, flag: bool = True) -> None:
 
 def build_parser() -> dict[str, argparse.ArgumentParser]:
     main = _Parser(prog="onnx-ocnna", description="Prune the filters of a CNN in an ONNX model.",
-                   epilog="subcommands: inspect, score, demo, distill, quantize, sweep (onnx-ocnna SUBCOMMAND --help)")
+                   epilog="subcommands: inspect, score, demo, distill, quantize, sweep, presets "
+                          "(onnx-ocnna SUBCOMMAND --help)")
     main.add_argument("input", type=Path, help="input .onnx model")
     main.add_argument("output", type=Path, help="output .onnx model (never the input)")
     main.add_argument("--version", action="version", version=f"onnx-ocnna {__version__}")
@@ -180,6 +183,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     demo.add_argument("--epochs", type=_positive_int, default=20)
     demo.add_argument("--output", type=Path, help="also write the compressed model here")
     demo.add_argument("--quiet", action="store_true")
+    presets = _Parser(prog="onnx-ocnna presets", description="The image preprocessing presets (--preprocess NAME).")
     sweep = _Parser(prog="onnx-ocnna sweep",
                     description="Accuracy and RPR against the percentile k (plot + CSV), scoring once.")
     sweep.add_argument("input", type=Path)
@@ -196,7 +200,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     sweep.add_argument("--overwrite", action="store_true")
     sweep.add_argument("--quiet", action="store_true")
     return {"main": main, "inspect": inspect, "score": score, "quantize": quantize, "distill": distill, "demo": demo,
-            "sweep": sweep}
+            "sweep": sweep, "presets": presets}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parsers = build_parser()
     command = argv[0] if argv and argv[0] in parsers and argv[0] != "main" else "main"
     args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
+    _show_warnings_as_lines()
     try:
         if command in ("main", "score", "distill"):
             from onnx_ocnna import distributed
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             if distributed.launched():  # under torchrun: join the process group before any work
                 distributed.init()
         runners = {"main": _run_main, "inspect": _run_inspect, "score": _run_score, "quantize": _run_quantize,
-                   "distill": _run_distill, "demo": _run_demo, "sweep": _run_sweep}
+                   "distill": _run_distill, "demo": _run_demo, "sweep": _run_sweep, "presets": _run_presets}
         code = runners[command](args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
         return code
@@ -232,6 +237,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx-ocnna: internal error: {type(exc).__name__}: {text} (set ONNX_OCNNA_DEBUG=1 for the traceback; "
               "please report it)", file=sys.stderr)
         return 1
+
+
+def _show_warnings_as_lines() -> None:
+    """Python warnings as one ``onnx-ocnna: warning: ...`` line each, without source locations."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"onnx-ocnna: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
+def _run_presets(args) -> int:
+    from onnx_ocnna.calibration import list_presets, load_preset
+
+    for name in list_presets():
+        preset = load_preset(name)
+        values = [f"mean {preset['mean']}", f"std {preset['std']}"]
+        for key in ("size", "resize", "crop", "layout"):
+            if key in preset:
+                values.append(f"{key} {list(preset[key]) if isinstance(preset[key], tuple) else preset[key]}")
+        print(f"{name}: {preset['description']}\n    {', '.join(values)}")
+    return 0
 
 
 def _primary() -> bool:
@@ -298,6 +326,9 @@ def _run_main(args) -> int:
         raise InputError("--percentile 0 removes no channel and nothing else is asked; give a percentile "
                          "above 0 or a budget (--target-params/--target-macs/--target-latency)")
     model = api.as_model(args.input)
+    if args.eval and args.eval != args.calib:  # the calibration data is checked by compress
+        eval_options = {**_calibration_options(args), "max_samples": args.eval_samples}
+        api.check_preprocessing(model, args.eval, eval_options, "the --eval data")
     if args.plan is not None:
         pruned, report = api.apply_plan(model, load_plan(args.plan))
     else:

@@ -90,7 +90,7 @@ def test_class_folders_give_sorted_labels(tmp_path):
     for cls, count in (("zebra", 2), ("ant", 3), ("moth", 1)):
         for i in range(count):
             write_image(tmp_path / cls / f"{i}.png", random_pixels(rng))
-    source = open_calibration(tmp_path, nchw(), batch_size=4)
+    source = open_calibration(tmp_path, nchw(), batch_size=4, preprocess="raw")
     assert source.class_names == ["ant", "moth", "zebra"]
     assert source.has_labels and source.num_samples == 6 and len(source) == 2
     labels = np.concatenate([b.labels for b in all_batches(source)])
@@ -105,7 +105,7 @@ def test_nested_folders_are_read_recursively(tmp_path):
     write_image(tmp_path / "dog" / "c.JPG", random_pixels(rng))
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     write_image(tmp_path / "dog" / ".hidden" / "d.png", random_pixels(rng))
-    source = open_calibration(tmp_path, nchw())
+    source = open_calibration(tmp_path, nchw(), preprocess="raw")
     assert source.num_samples == 3
     assert [Path(f).name for f in source.files] == ["a.png", "b.PNG", "c.JPG"]
     assert np.concatenate([b.labels for b in all_batches(source)]).tolist() == [0, 0, 1]
@@ -115,7 +115,7 @@ def test_flat_folder_has_no_labels(tmp_path):
     rng = np.random.default_rng(2)
     for i in range(5):
         write_image(tmp_path / f"{i}.bmp", random_pixels(rng))
-    source = open_calibration(tmp_path, nchw(), batch_size=2)
+    source = open_calibration(tmp_path, nchw(), batch_size=2, preprocess="raw")
     batches = all_batches(source)
     assert not source.has_labels and source.class_names is None
     assert [b.feeds["x"].shape[0] for b in batches] == [2, 2, 1]
@@ -153,7 +153,7 @@ def test_explicit_mean_std_override_preset_and_resize(tmp_path):
 def test_grayscale_model_and_float16_input(tmp_path):
     rng = np.random.default_rng(5)
     rgb = write_image(tmp_path / "a.png", random_pixels(rng))
-    source = open_calibration(tmp_path, nchw(c=1, elem=TensorProto.FLOAT16))
+    source = open_calibration(tmp_path, nchw(c=1, elem=TensorProto.FLOAT16), preprocess="raw")
     (batch,) = all_batches(source)
     gray = np.asarray(Image.fromarray(rgb).convert("L"), np.float32) / 255
     assert batch.feeds["x"].dtype == np.float16 and batch.feeds["x"].shape == (1, 1, 8, 8)
@@ -165,10 +165,10 @@ def test_symbolic_spatial_dims_need_a_size(tmp_path):
     write_image(tmp_path / "a.png", random_pixels(rng, 12, 12))
     model = make_model(("x", ["N", 3, "H", "W"], TensorProto.FLOAT))
     with pytest.raises(InputError, match="symbolic height/width"):
-        open_calibration(tmp_path, model)
-    assert all_batches(open_calibration(tmp_path, model, size=4))[0].feeds["x"].shape == (1, 3, 4, 4)
-    assert all_batches(open_calibration(tmp_path, model, size=[5]))[0].feeds["x"].shape == (1, 3, 5, 5)
-    assert all_batches(open_calibration(tmp_path, model, size=[5, 6]))[0].feeds["x"].shape == (1, 3, 5, 6)
+        open_calibration(tmp_path, model, preprocess="raw")
+    assert all_batches(open_calibration(tmp_path, model, size=4, preprocess="raw"))[0].feeds["x"].shape == (1, 3, 4, 4)
+    assert all_batches(open_calibration(tmp_path, model, size=[5], preprocess="raw"))[0].feeds["x"].shape == (1, 3, 5, 5)
+    assert all_batches(open_calibration(tmp_path, model, size=[5, 6], preprocess="raw"))[0].feeds["x"].shape == (1, 3, 5, 6)
     assert all_batches(open_calibration(tmp_path, model, preprocess="cifar10"))[0].feeds["x"].shape == (1, 3, 32, 32)
 
 
@@ -192,7 +192,7 @@ def test_imagenet_preset_matches_torchvision(tmp_path):
 
 
 def test_presets_load_by_name_and_path(tmp_path):
-    assert {"imagenet", "cifar10", "raw"} <= set(list_presets())
+    assert {"imagenet", "imagenet-32", "cifar10", "raw"} <= set(list_presets())
     imagenet = load_preset("imagenet")
     assert imagenet["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert imagenet["std"] == pytest.approx([0.229, 0.224, 0.225])
@@ -206,7 +206,7 @@ def test_presets_load_by_name_and_path(tmp_path):
 
 
 def test_bad_presets_raise(tmp_path):
-    with pytest.raises(InputError, match="unknown preprocessing preset 'imagenett'.*cifar10, imagenet, raw"):
+    with pytest.raises(InputError, match="unknown preprocessing preset 'imagenett'.*cifar10, imagenet, imagenet-32, raw"):
         load_preset("imagenett")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"mean": [0.5], "scale": 2}))
@@ -305,12 +305,12 @@ def test_max_samples_is_class_balanced_and_seeded(tmp_path):
         for i in range(count):
             write_image(tmp_path / cls / f"{i:02d}.png", random_pixels(rng, 2, 2))
     model = nchw(2, 2)
-    source = open_calibration(tmp_path, model, max_samples=9, seed=0)
+    source = open_calibration(tmp_path, model, max_samples=9, seed=0, preprocess="raw")
     labels = np.concatenate([b.labels for b in all_batches(source)])
     assert np.bincount(labels).tolist() == [4, 3, 2]
     assert source.files == sorted(source.files)  # produced in file order
-    again = open_calibration(tmp_path, model, max_samples=9, seed=0)
-    other = open_calibration(tmp_path, model, max_samples=9, seed=1)
+    again = open_calibration(tmp_path, model, max_samples=9, seed=0, preprocess="raw")
+    other = open_calibration(tmp_path, model, max_samples=9, seed=1, preprocess="raw")
     assert again.files == source.files and other.files != source.files
 
 
@@ -328,7 +328,7 @@ def test_fixed_batch_models(tmp_path):
     rng = np.random.default_rng(12)
     for i in range(5):
         write_image(tmp_path / f"{i}.png", random_pixels(rng))
-    source = open_calibration(tmp_path, nchw(batch=1), batch_size=32)
+    source = open_calibration(tmp_path, nchw(batch=1), batch_size=32, preprocess="raw")
     assert source.batch_size == 1 and len(source) == 5
     assert [b.feeds["x"].shape for b in all_batches(source)] == [(1, 3, 8, 8)] * 5
     data = np.zeros((10, 3, 8, 8), np.float32)
@@ -427,7 +427,7 @@ def test_bad_paths_and_images(tmp_path):
         open_calibration(tmp_path / "nope", nchw())
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(InputError, match="contains no images"):
-        open_calibration(tmp_path / "empty", nchw())
+        open_calibration(tmp_path / "empty", nchw(), preprocess="raw")
     (tmp_path / "data.csv").write_text("1,2")
     with pytest.raises(InputError, match="must be a folder of images, a .npy or a .npz"):
         open_calibration(tmp_path / "data.csv", nchw())
@@ -435,14 +435,14 @@ def test_bad_paths_and_images(tmp_path):
     write_image(tmp_path / "mixed" / "a.png", random_pixels(rng))
     write_image(tmp_path / "mixed" / "sub" / "b.png", random_pixels(rng))
     with pytest.raises(InputError, match="both directly inside it and in sub-folders"):
-        open_calibration(tmp_path / "mixed", nchw())
+        open_calibration(tmp_path / "mixed", nchw(), preprocess="raw")
     corrupt = tmp_path / "corrupt"
     write_image(corrupt / "good.png", random_pixels(rng))
     (corrupt / "zz_bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    source = open_calibration(corrupt, nchw())
+    source = open_calibration(corrupt, nchw(), preprocess="raw")
     with pytest.raises(InputError, match="cannot read image .*zz_bad.jpg"):
         all_batches(source)
-    with pytest.raises(InputError, match="unknown preprocessing preset 'foo'; available: cifar10, imagenet, raw"):
+    with pytest.raises(InputError, match="unknown preprocessing preset 'foo'; available: cifar10, imagenet, imagenet-32, raw"):
         open_calibration(corrupt, nchw(), preprocess="foo")
 
 
@@ -451,18 +451,18 @@ def test_truncated_image_is_reported(tmp_path):
     Image.fromarray(random_pixels(np.random.default_rng(15), 64, 64)).save(path, quality=90)
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(InputError, match="cannot read image .*a.jpg"):
-        all_batches(open_calibration(tmp_path, nchw()))
+        all_batches(open_calibration(tmp_path, nchw(), preprocess="raw"))
 
 
 def test_unsupported_image_inputs(tmp_path):
     write_image(tmp_path / "a.png", random_pixels(np.random.default_rng(16)))
     with pytest.raises(InputError, match="cannot tell whether model input 'x'"):
-        open_calibration(tmp_path, make_model(("x", ["N", 8, 8, 8], TensorProto.FLOAT)))
+        open_calibration(tmp_path, make_model(("x", ["N", 8, 8, 8], TensorProto.FLOAT)), preprocess="raw")
     with pytest.raises(InputError, match="images need a float input"):
-        open_calibration(tmp_path, make_model(("x", ["N", 3, 8, 8], TensorProto.UINT8)))
+        open_calibration(tmp_path, make_model(("x", ["N", 3, 8, 8], TensorProto.UINT8)), preprocess="raw")
     two = make_model(("a", ["N", 3, 8, 8], TensorProto.FLOAT), ("b", ["N", 3, 8, 8], TensorProto.FLOAT))
     with pytest.raises(InputError, match="single-input model only"):
-        open_calibration(tmp_path, two)
+        open_calibration(tmp_path, two, preprocess="raw")
 
 
 def test_preset_options_ignored_for_arrays_warn():
@@ -478,7 +478,7 @@ def test_preset_options_ignored_for_arrays_warn():
 @pytest.mark.shared
 @pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason=f"shared CIFAR-10 images not found at {SHARED_CIFAR}")
 def test_shared_cifar10_train():
-    source = open_calibration(SHARED_CIFAR, nchw(32, 32), preprocess="cifar10", max_samples=100, batch_size=64)
+    source = open_calibration(SHARED_CIFAR, nchw(32, 32), preprocess="imagenet-32", max_samples=100, batch_size=64)
     assert source.num_samples == 100 and len(source.class_names) == 10
     batches = all_batches(source)
     assert [b.feeds["x"].shape for b in batches] == [(64, 3, 32, 32), (36, 3, 32, 32)]
@@ -489,3 +489,30 @@ def test_shared_cifar10_train():
     # Normalised CIFAR pixels: roughly zero mean, within the range the mean/std allow.
     x = np.concatenate([b.feeds["x"] for b in batches])
     assert -2.2 < x.min() < -1.5 and 2.0 < x.max() < 2.7 and abs(x.mean()) < 0.5
+
+
+# -------------------------------------------------------------------- preprocessing said explicitly
+
+
+def test_an_image_folder_needs_its_preprocessing_said(tmp_path):
+    write_image(tmp_path / "cat" / "a.png", random_pixels(np.random.default_rng(0)))
+    # Raw 0-1 pixels were the silent default: a normalised model then reports believable,
+    # meaningless accuracies.
+    with pytest.raises(InputError, match=r"needs its preprocessing: --preprocess "
+                                         r"cifar10\|imagenet\|imagenet-32\|raw\|FILE.json or --mean/--std"):
+        open_calibration(tmp_path, nchw())
+    assert all_batches(open_calibration(tmp_path, nchw(), preprocess="raw"))[0].feeds["x"].max() <= 1
+    assert all_batches(open_calibration(tmp_path, nchw(), mean=0.5, std=0.5))[0].feeds["x"].min() >= -1
+    # Arrays are already preprocessed: nothing to say.
+    assert all_batches(open_calibration(np.zeros((2, 3, 8, 8), np.float32), nchw()))[0].feeds["x"].shape[0] == 2
+
+
+def test_presets_say_what_they_are():
+    cifar = load_preset("cifar10")
+    assert cifar["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert cifar["std"] == pytest.approx([0.2470, 0.2435, 0.2616])
+    imagenet_32 = load_preset("imagenet-32")  # the old "cifar10": ImageNet statistics at 32x32
+    assert imagenet_32["mean"] == pytest.approx(IMAGENET_MEAN.tolist())
+    assert imagenet_32["std"] == pytest.approx(IMAGENET_STD.tolist())
+    assert cifar["size"] == imagenet_32["size"] == (32, 32)
+    assert "ImageNet" in imagenet_32["description"] and "CIFAR-10" in cifar["description"]

@@ -265,3 +265,41 @@ def test_percentile_zero_alone_is_refused_before_scoring(tmp_path, capsys, monke
     code = main([str(path), str(tmp_path / "o.onnx"), "--calib", str(data), "--percentile", "0"])
     assert code != 0 and "--percentile 0 removes no channel" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _digits_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """Class sub-folders of 8x8 grayscale PNGs (0-255 = the model's 0-1 pixels)."""
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(image[0] * 255).astype(np.uint8), mode="L").save(root / str(label) / f"{i}.png")
+    return root
+
+
+def test_recommended_command_on_a_folder_asks_for_the_preprocessing(tmp_path, capsys, digits):
+    model, split, images, labels = digits
+    save_model(model, tmp_path / "in.onnx")
+    folder = _digits_folder(tmp_path / "calib", images[split["calibration"]][:40], labels[split["calibration"]][:40])
+    code, out, err = _run([tmp_path / "in.onnx", tmp_path / "out.onnx", "--calib", folder, "--target-latency", "0.5"],
+                          capsys)
+    line = _one_line_error(code, err)
+    assert "needs its preprocessing: --preprocess cifar10|imagenet|imagenet-32|raw" in line
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_original_near_chance_is_warned_before_the_table(tmp_path, capsys, digits):
+    model, split, images, labels = digits
+    save_model(model, tmp_path / "in.onnx")
+    calib = split["calibration"]
+    folder = _digits_folder(tmp_path / "calib", images[calib], labels[calib])
+    common = [tmp_path / "in.onnx", tmp_path / "out.onnx", "--calib", folder, "--criterion", "l1", "--quiet",
+              "--no-reconstruct", "--overwrite"]
+    code, out, err = _run(common + ["--preprocess", "raw"], capsys)
+    assert code == 0 and "warning" not in err
+    # Statistics of another data set: the original keeps 27 % top-1, 78 % of it on one class.
+    code, out, err = _run(common + ["--mean", "0.5", "--std", "0.25"], capsys)
+    assert code == 0
+    warning = [line for line in err.splitlines() if line.startswith("onnx-ocnna: warning: the original model scores")]
+    assert len(warning) == 1 and "preprocessing is probably wrong" in warning[0], err
+    assert ".py:" not in err  # one line, no source location

@@ -127,7 +127,7 @@ def _folder_source(tmp_path: Path, n: int = 21, batch: int = 4):
         folder = tmp_path / f"class{i % 3}"
         folder.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return model, open_calibration(str(tmp_path), model, batch_size=batch)
+    return model, open_calibration(str(tmp_path), model, batch_size=batch, preprocess="raw")
 
 
 def _batches_equal(a, b) -> None:

@@ -48,3 +48,18 @@ def test_blocked_macs_round_conv_channels_up_to_the_block():
     assert count_macs(model) == 4 * 36 * 3 * 9 + 12 * 36 * 4 * 9
     # Output channels 4 -> 8 and 12 -> 16, the second Conv's input 4 -> 8; the image's 3 too.
     assert count_macs(model, block=8) == 8 * 36 * 8 * 9 + 16 * 36 * 8 * 9
+
+
+def test_near_chance_warning_names_the_likely_cause(digits):
+    from onnx_ocnna.evaluate import near_chance_warning
+    from onnx_ocnna.calibration import open_calibration
+
+    model, split, images, labels = digits
+    test = split["test"]
+    right = open_calibration({"input": images[test], "labels": labels[test]}, model, batch_size=64)
+    assert near_chance_warning(model, right.batches(), "the data") is None
+    shifted = open_calibration({"input": images[test], "labels": (labels[test] + 1) % 10}, model, batch_size=64)
+    message = near_chance_warning(model, shifted.batches(), "the data")
+    assert message is not None and "preprocessing is probably wrong" in message and "chance is 10.0 %" in message
+    unlabelled = open_calibration(images[test], model, batch_size=64)
+    assert near_chance_warning(model, unlabelled.batches(), "the data") is None

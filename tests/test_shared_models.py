@@ -28,7 +28,7 @@ def test_lossless_oracle(name):
 @pytest.mark.parametrize("name", ["resnet20_ts_opset13", "resnet56_ts_opset13_bn"])
 def test_ocnna_k40_end_to_end(name):
     model = onnx.load(MODELS / f"{name}.onnx")
-    options = {"preprocess": "cifar10", "max_samples": 256, "batch_size": 64}
+    options = {"preprocess": "imagenet-32", "max_samples": 256, "batch_size": 64}
     pruned, report = api.compress(model, str(CIFAR_TRAIN), percentile=40, calibration_options=options,
                                   progress=False)
     assert report.rpr <= 0.45, report.table()
@@ -36,7 +36,7 @@ def test_ocnna_k40_end_to_end(name):
     validate_model(pruned)
     from onnx_ocnna.evaluate import compare_accuracy
 
-    held_out = api.as_source(str(CIFAR_TEST), model, preprocess="cifar10", max_samples=500, batch_size=100)
+    held_out = api.as_source(str(CIFAR_TEST), model, preprocess="imagenet-32", max_samples=500, batch_size=100)
     accuracy = compare_accuracy(model, pruned, held_out.batches)
     # Without distillation the pruned network loses accuracy; it must still be a working
     # classifier that mostly agrees with the original, and the base model must be sane.

@@ -26,7 +26,7 @@ def _folder(tmp_path, classes=4, per_class=8):
 
 
 def test_folder_source_shuffles_per_pass_when_asked(tmp_path):
-    source = open_calibration(str(_folder(tmp_path)), _model(), batch_size=8)
+    source = open_calibration(str(_folder(tmp_path)), _model(), batch_size=8, preprocess="raw")
     plain = [b.labels.tolist() for b in source.batches()]
     assert all(len(set(labels)) == 1 for labels in plain)  # class by class without shuffling
     source.shuffle, source.seed = True, 0

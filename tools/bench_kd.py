@@ -55,7 +55,7 @@ CRITERIA = {
     "si": ("si", {}),
     "random": ("random", {"seed": 0}),
 }
-PREPROCESS = "cifar10"
+PREPROCESS = "imagenet-32"
 
 
 class ArraySource(CalibrationSource):

@@ -94,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--calib", required=True)
-    parser.add_argument("--preprocess", default="cifar10")
+    parser.add_argument("--preprocess", default="imagenet-32")
     parser.add_argument("--samples", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", nargs="+", default=["ocnna:0.95", "ocnna:1.0"],

@@ -79,7 +79,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
 def cifar_subset(split: str, samples: int, seed: int, cache: Path, shuffle: bool = False) -> Path:
     """Decode a class-balanced subset of CIFAR-10 ``split`` once into ``cache``/<...>.npz.
 
-    Returns the .npz path with ``input`` [N, 3, 32, 32] float32 (preset "cifar10") and ``labels`` [N].
+    Returns the .npz path with ``input`` [N, 3, 32, 32] float32 (preset "imagenet-32") and ``labels`` [N].
     The subset is onnx_ocnna's seeded class-balanced choice; ``shuffle`` permutes it (seeded),
     because the subset comes out sorted by class and training on class-sorted batches fails.
     """
@@ -89,7 +89,7 @@ def cifar_subset(split: str, samples: int, seed: int, cache: Path, shuffle: bool
     from onnx_ocnna import api
 
     model = onnx.load(model_path("resnet20"), load_external_data=False)
-    source = api.as_source(SHARED / "cifar10" / split, model, preprocess="cifar10", max_samples=samples,
+    source = api.as_source(SHARED / "cifar10" / split, model, preprocess="imagenet-32", max_samples=samples,
                            batch_size=500, seed=seed)
     xs, ys = [], []
     for batch in source.batches():
