@@ -181,7 +181,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                    description="Compress and distil the digits CNN shipped in the package (no network needed).")
     demo.add_argument("--percentile", type=_percentile, default=40.0)
     demo.add_argument("--epochs", type=_positive_int, default=20)
-    demo.add_argument("--output", type=Path, help="also write the compressed model here")
+    demo.add_argument("--output", type=Path, metavar="OUT",
+                      help="where the compressed model goes (default digits_cnn.ocnna.onnx here)")
+    demo.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     demo.add_argument("--quiet", action="store_true")
     presets = _Parser(prog="onnx-ocnna presets", description="The image preprocessing presets (--preprocess NAME).")
     sweep = _Parser(prog="onnx-ocnna sweep",
@@ -452,7 +454,9 @@ def _run_sweep(args) -> int:
 def _run_demo(args) -> int:
     from onnx_ocnna.demo import run_demo
 
-    print(run_demo(percentile=args.percentile, epochs=args.epochs, output=args.output, progress=not args.quiet))
+    output = {"output": args.output} if args.output is not None else {}
+    print(run_demo(percentile=args.percentile, epochs=args.epochs, overwrite=args.overwrite, progress=not args.quiet,
+                   **output))
     return 0
 
 

@@ -12,9 +12,16 @@ from onnx_ocnna.demo import digits_model_and_data
 from onnx_ocnna.model_io import load_model, ort_session
 
 
-def test_demo_compresses_and_recovers_accuracy(capsys):
+def test_demo_compresses_and_recovers_accuracy(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     assert main(["demo", "--quiet"]) == 0
     out = capsys.readouterr().out
+    written = tmp_path / "digits_cnn.ocnna.onnx"  # the demo hands over its model, and says where
+    assert f"wrote the compressed model to {written}" in out
+    demo_model = load_model(written)
+    assert sum(np.prod(i.dims) for i in demo_model.graph.initializer) < 0.45 * 56_874
+    speedups = [float(s) for s in re.findall(r"ms \(([0-9.]+)x faster\)", out)]
+    assert len(speedups) == 2  # batch 1 and 32, measured in ONNX Runtime
     rpr = float(re.search(r"RPR = ([0-9.]+)", out).group(1))
     before = float(re.search(r"before distillation: ([0-9.]+) %", out).group(1))
     after = float(re.search(r"top-1 after distillation: ([0-9.]+) %", out).group(1))
@@ -23,6 +30,14 @@ def test_demo_compresses_and_recovers_accuracy(capsys):
     assert original - before < 5.0  # the default reconstruction alone keeps most of the accuracy
     assert after >= before - 0.5  # distillation does not undo it
     assert original - after < 3.0
+    # The same accuracy from the written file as printed.
+    model, data = digits_model_and_data()
+    x, y = data["test"]["input"], data["test"]["labels"]
+    assert abs(100 * float((ort_session(demo_model).run(None, {"input": x})[0].argmax(1) == y).mean()) - after) < 0.01
+    # Never overwritten without being asked: refused at once, file untouched.
+    stamp = written.stat().st_mtime_ns
+    assert main(["demo", "--quiet"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and written.stat().st_mtime_ns == stamp
 
 
 def test_main_command_with_distill_and_distill_subcommand(tmp_path, capsys):
