@@ -72,6 +72,58 @@ def _add_distill_options(group, flag: bool = True) -> None:
     group.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
 
 
+def _add_selection_options(group) -> None:
+    group.add_argument("--scope", choices=["per-group", "global"], default="per-group")
+    group.add_argument("--min-channels", type=_positive_int, default=1, metavar="N")
+    group.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                       help="keep a multiple of N channels in every tensor; 'auto' = ONNX Runtime's "
+                            "channel block on this CPU (16 with AVX-512, else 8), for real speed-ups")
+    group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="leave groups whose Conv or weight name matches (repeatable)")
+
+
+def _add_budget_options(group, many: bool = False) -> None:
+    """The budget options; with ``many`` each takes a list of ratios (one sweep point each)."""
+    kind, metavar, each = (_floats, "R,R,...", "one point per ratio: ") if many else (float, "R", "")
+    group.add_argument("--target-params", type=kind, metavar=metavar,
+                       help=f"{each}keep at most R of the parameters; widths per group from measured damage")
+    group.add_argument("--target-macs", type=kind, metavar=metavar,
+                       help=f"{each}keep at most R of the MACs; widths per group from measured damage")
+    group.add_argument("--target-latency", type=kind, metavar=metavar,
+                       help=f"{each}ONNX Runtime latency at most R of the original's, measured here "
+                            "(--latency-batch, --latency-threads)")
+    group.add_argument("--allocation", choices=["measured", "uniform"], default="measured",
+                       help="how a target is spent: per-group widths from measured damage (default) or one "
+                            "percentile for every group (the paper's setting)")
+    group.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
+                       help="batch size --target-latency is measured at (default 1)")
+    group.add_argument("--latency-threads", type=_positive_int, default=1, metavar="T",
+                       help="intra-op threads --target-latency is measured with (default 1)")
+    group.add_argument("--damage-samples", type=_positive_int, default=256, metavar="N",
+                       help="calibration images the allocation measures each candidate cut on (default 256)")
+    group.add_argument("--no-block-removal", dest="block_removal", action="store_false",
+                       help="the allocation only narrows groups; by default removing a whole identity-shortcut "
+                            "residual block is a candidate too")
+
+
+def _add_reconstruct_options(parser) -> None:
+    rec = parser.add_argument_group("reconstruction (least squares, no training)")
+    rec.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                     help="refit every layer after a cut so its outputs match the original's on the calibration "
+                          "data (on by default with --calib; --no-reconstruct turns it off)")
+    rec.add_argument("--reconstruct-samples", type=_positive_int, default=512, metavar="N",
+                     help="calibration samples the refit reads (default 512)")
+
+
+def _compress_options(args) -> dict:
+    """The selection, budget and recovery options shared by the main command and the sweep."""
+    return {"scope": args.scope, "min_channels": args.min_channels, "round_to": args.round_to,
+            "exclude": args.exclude, "allocation": args.allocation, "latency_batch": args.latency_batch,
+            "latency_threads": args.latency_threads, "damage_samples": args.damage_samples,
+            "block_removal": args.block_removal, "reconstruct": args.reconstruct,
+            "reconstruct_options": {"samples": args.reconstruct_samples}}
+
+
 def build_parser() -> dict[str, argparse.ArgumentParser]:
     main = _Parser(prog="onnx-ocnna", description="Prune the filters of a CNN in an ONNX model.",
                    epilog="subcommands: inspect, score, demo, distill, quantize, sweep, presets "
@@ -84,32 +136,8 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     sel = main.add_argument_group("selection")
     sel.add_argument("--percentile", type=_percentile, default=40.0, metavar="K",
                      help="remove the K %% least important channels of each group (default 40)")
-    sel.add_argument("--scope", choices=["per-group", "global"], default="per-group")
-    sel.add_argument("--min-channels", type=_positive_int, default=1, metavar="N")
-    sel.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
-                     help="keep a multiple of N channels in every tensor; 'auto' = ONNX Runtime's "
-                          "channel block on this CPU (16 with AVX-512, else 8), for real speed-ups")
-    sel.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                     help="leave groups whose Conv or weight name matches (repeatable)")
-    sel.add_argument("--target-params", type=float, metavar="R",
-                     help="keep at most R of the parameters; widths per group from measured damage")
-    sel.add_argument("--target-macs", type=float, metavar="R",
-                     help="keep at most R of the MACs; widths per group from measured damage")
-    sel.add_argument("--target-latency", type=float, metavar="R",
-                     help="ONNX Runtime latency at most R of the original's, measured here "
-                          "(--latency-batch, --latency-threads)")
-    sel.add_argument("--allocation", choices=["measured", "uniform"], default="measured",
-                     help="how a target is spent: per-group widths from measured damage (default) or one "
-                          "percentile for every group (the paper's setting)")
-    sel.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
-                     help="batch size --target-latency is measured at (default 1)")
-    sel.add_argument("--latency-threads", type=_positive_int, default=1, metavar="T",
-                     help="intra-op threads --target-latency is measured with (default 1)")
-    sel.add_argument("--damage-samples", type=_positive_int, default=256, metavar="N",
-                     help="calibration images the allocation measures each candidate cut on (default 256)")
-    sel.add_argument("--no-block-removal", dest="block_removal", action="store_false",
-                     help="the allocation only narrows groups; by default removing a whole identity-shortcut "
-                          "residual block is a candidate too")
+    _add_selection_options(sel)
+    _add_budget_options(sel)
     sel.add_argument("--plot", type=Path, metavar="widths.png",
                      help="write a picture of every layer's width, original against pruned")
     sel.add_argument("--plan", type=Path, metavar="plan.json", help="apply this plan instead of scoring")
@@ -117,12 +145,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                      help="first remove residual blocks that do not raise the Separation Index (needs labels)")
     sel.add_argument("--si-epsilon", type=float, default=0.0, metavar="E",
                      help="a block must raise SI by more than E to stay (default 0)")
-    rec = main.add_argument_group("reconstruction (least squares, no training)")
-    rec.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
-                     help="refit every layer after a cut so its outputs match the original's on the calibration "
-                          "data (on by default with --calib; --no-reconstruct turns it off)")
-    rec.add_argument("--reconstruct-samples", type=_positive_int, default=512, metavar="N",
-                     help="calibration samples the refit reads (default 512)")
+    _add_reconstruct_options(main)
     kd = main.add_argument_group("knowledge distillation (PyTorch; the original model teaches)")
     _add_distill_options(kd)
     out = main.add_argument_group("output")
@@ -148,10 +171,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     _add_calibration_options(score)
     _add_scoring_options(score)
     score.add_argument("--percentile", type=_percentile, default=40.0, metavar="K")
-    score.add_argument("--scope", choices=["per-group", "global"], default="per-group")
-    score.add_argument("--min-channels", type=_positive_int, default=1, metavar="N")
-    score.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto")
-    score.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    _add_selection_options(score)
     score.add_argument("--overwrite", action="store_true")
     score.add_argument("--quiet", action="store_true")
     quantize = _Parser(prog="onnx-ocnna quantize",
@@ -195,8 +215,12 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     _add_scoring_options(sweep)
     sweep.add_argument("--eval", metavar="DATA", required=True, help="held-out data")
     sweep.add_argument("--eval-samples", type=_positive_int, metavar="N")
-    sweep.add_argument("--percentiles", type=_floats, default=[float(k) for k in range(0, 90, 10)],
-                       metavar="K,K,...", help="default 0,10,...,80")
+    sweep.add_argument("--percentiles", type=_floats, metavar="K,K,...",
+                       help="one point per percentile (default 0,10,...,80 unless a --target-* list is given)")
+    points = sweep.add_argument_group("selection, budgets and reconstruction, as in the main command")
+    _add_selection_options(points)
+    _add_budget_options(points, many=True)
+    _add_reconstruct_options(sweep)
     sweep.add_argument("--distill", action="store_true", help="distil every pruned model")
     _add_distill_options(sweep, flag=False)
     sweep.add_argument("--overwrite", action="store_true")
@@ -335,15 +359,11 @@ def _run_main(args) -> int:
         pruned, report = api.apply_plan(model, load_plan(args.plan))
     else:
         pruned, report = api.compress(
-            model, args.calib, percentile=args.percentile, criterion=args.criterion, scope=args.scope,
-            min_channels=args.min_channels, round_to=args.round_to, exclude=args.exclude,
-            target_params=args.target_params, target_macs=args.target_macs,
-            target_latency=args.target_latency, allocation=args.allocation, latency_batch=args.latency_batch,
-            latency_threads=args.latency_threads, damage_samples=args.damage_samples,
-            block_removal=args.block_removal,
+            model, args.calib, percentile=args.percentile, criterion=args.criterion,
+            target_params=args.target_params, target_macs=args.target_macs, target_latency=args.target_latency,
             criterion_options=_criterion_options(args), calibration_options=_calibration_options(args),
             progress=not args.quiet, drop_blocks=args.drop_blocks, si_epsilon=args.si_epsilon,
-            reconstruct=args.reconstruct, reconstruct_options={"samples": args.reconstruct_samples})
+            **_compress_options(args))
     if args.distill:
         pruned, kd = _distill(args, pruned, model)
         report.extra["distillation"] = kd.to_dict()
@@ -434,7 +454,16 @@ def _run_sweep(args) -> int:
     distill_options = {"lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
                        "augment": not args.no_augment, "hflip": not args.no_flip, "optimizer": args.optimizer,
                        "bn": args.bn}
-    rows = run_sweep(model, args.calib, args.eval, args.percentiles, criterion=args.criterion,
+    lists = {o: getattr(args, f"target_{o}") for o in ("params", "macs", "latency")
+             if getattr(args, f"target_{o}") is not None}
+    if len(lists) > 1 or (lists and args.percentiles is not None):
+        from onnx_ocnna.errors import InputError
+
+        raise InputError("a sweep runs along one axis: --percentiles or one --target-* list")
+    targets = next(iter(lists.items())) if lists else None
+    percentiles = None if targets else args.percentiles or [float(k) for k in range(0, 90, 10)]
+    rows = run_sweep(model, args.calib, args.eval, percentiles, targets=targets, criterion=args.criterion,
+                     compress_options=_compress_options(args),
                      criterion_options=_criterion_options(args), distill_epochs=args.epochs if args.distill else 0,
                      train_data=args.train, distill_options=distill_options,
                      calibration_options=_calibration_options(args),
@@ -442,10 +471,14 @@ def _run_sweep(args) -> int:
                      out_png=args.output, out_csv=csv_path, progress=not args.quiet)
     labelled = bool(rows) and rows[0].get("top1_after") is not None
     columns = ["top1_after", "top1_distilled"] if labelled else ["agreement", "agreement_distilled"]
-    print(f"{'k':>5}  {'RPR':>6}  {'MACs':>6}  " + "  ".join(f"{c:>19}" for c in columns))
+    axis = f"{targets[0]} target" if targets else "k"
+    titles = {"top1_after": "top-1", "top1_distilled": "top-1 distilled", "agreement": "agreement",
+              "agreement_distilled": "agreement distilled"}
+    print(f"{axis:>14}  {'RPR':>6}  {'MACs':>6}  " + "  ".join(f"{titles[c]:>19}" for c in columns))
     for row in rows:
         cells = ["-" if row.get(c) is None else f"{100 * row[c]:.2f} %" for c in columns]
-        print(f"{row['percentile']:>5g}  {row['rpr']:>6.3f}  {row['macs_ratio']:>6.3f}  "
+        point = row["target"] if targets else row["percentile"]
+        print(f"{point:>14g}  {row['rpr']:>6.3f}  {row['macs_ratio']:>6.3f}  "
               + "  ".join(f"{cell:>19}" for cell in cells))
     print(f"wrote {args.output} and {csv_path}")
     return 0

@@ -1,8 +1,9 @@
 """Accuracy and size against the pruning percentile k (the OCNNA paper's Figure 3).
 
-The channels are scored once; every k then only selects and rewrites, so a sweep of nine
-percentiles costs one scoring pass plus nine cheap rewrites (and, with ``distill_epochs``,
-nine distillations).
+The channels are scored once; every point then only selects, rewrites and (by default, as the
+main command) reconstructs, so a sweep of nine percentiles costs one scoring pass plus nine
+rewrites and refits (and, with ``distill_epochs``, nine distillations). Budgets (``targets``)
+share the measured damage tables the same way.
 """
 
 from __future__ import annotations
@@ -19,51 +20,69 @@ from onnx_ocnna import api
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.evaluate import predictions
 
-CSV_FIELDS = ("percentile", "rpr", "macs_ratio", "parameters", "macs", "top1_before", "top1_after", "agreement",
-              "top1_distilled", "agreement_distilled", "distill_seconds")
+CSV_FIELDS = ("percentile", "objective", "target", "rpr", "macs_ratio", "parameters", "macs", "top1_before",
+              "top1_after", "agreement", "top1_distilled", "agreement_distilled", "distill_seconds")
+TARGET_OBJECTIVES = ("params", "macs", "latency")
 
 
-def run_sweep(model: api.ModelLike, calibration: Any, eval_data: Any, percentiles: list[float], *,
-              criterion: str = "ocnna", criterion_options: dict | None = None, distill_epochs: int = 0,
-              train_data: Any = None, distill_options: dict | None = None,
+def run_sweep(model: api.ModelLike, calibration: Any, eval_data: Any, percentiles: list[float] | None = None, *,
+              targets: tuple[str, list[float]] | None = None, criterion: str = "ocnna",
+              criterion_options: dict | None = None, compress_options: dict | None = None,
+              distill_epochs: int = 0, train_data: Any = None, distill_options: dict | None = None,
               calibration_options: dict | None = None, eval_options: dict | None = None,
               out_png: str | os.PathLike | None = None, out_csv: str | os.PathLike | None = None,
               title: str | None = None, progress: bool = False) -> list[dict]:
-    """Prune ``model`` at every percentile k and measure it on held-out data.
+    """Prune ``model`` at every percentile k, or for every budget of ``targets``, and measure
+    it on held-out data.
 
     Args:
-        calibration: data for scoring (see :func:`api.score`); weight-only criteria may pass None.
+        calibration: data for scoring, reconstruction and the measured allocation (see
+            :func:`api.compress`); weight-only criteria without reconstruction may pass None.
         eval_data: held-out data, read like calibration data with ``eval_options``; with labels
             the plot shows top-1, without them top-1 agreement with the original model.
         percentiles: the k values (0-100), plotted in the given order.
+        targets: instead of percentiles, ``(objective, ratios)`` with objective "params",
+            "macs" or "latency": one point per budget (the measured damage tables are shared
+            between points, so extra points cost little more than their rewrite).
+        compress_options: the main command's other options, passed to :func:`api.compress`
+            for every point (reconstruct, reconstruct_options, scope, min_channels, round_to,
+            exclude, allocation, latency_batch, latency_threads, damage_samples, block_removal).
+            Reconstruction is on by default whenever ``calibration`` is given, as there.
         distill_epochs: > 0 distils every pruned model (teacher: the original) on ``train_data``
             (default: ``calibration``) with ``distill_options`` (lr, temperature, ... of
-            :func:`api.distill`); k values that remove nothing are not distilled.
+            :func:`api.distill`); points that remove nothing are not distilled.
         out_png, out_csv: where to write the plot and the table (parent folders must exist).
     Returns:
-        One dict per k with the keys of :data:`CSV_FIELDS` (accuracies are fractions in [0, 1],
-        None where they do not apply).
+        One dict per point with the keys of :data:`CSV_FIELDS` (accuracies are fractions in
+        [0, 1], None where they do not apply).
     """
-    if not percentiles:
-        raise InputError("the sweep needs at least one percentile")
-    bad = [k for k in percentiles if not 0 <= k <= 100]
-    if bad:
-        raise InputError(f"percentiles must lie in 0..100, got {bad[0]:g}")
+    points = _points(percentiles, targets)
     if distill_epochs < 0:
         raise InputError(f"distill_epochs must be 0 or more, got {distill_epochs}")
+    options = dict(compress_options or {})
+    taken = {"percentile", "scores", "criterion", "criterion_options", "calibration_options", "progress",
+             "target_params", "target_macs", "target_latency"} & set(options)
+    if taken:
+        raise InputError(f"compress_options may not set {sorted(taken)}; the sweep sets them")
     model = api.as_model(model)
     held_out = api.as_source(eval_data, model, **(eval_options or calibration_options or {}))
+    api.check_preprocessing(model, held_out, None, "the evaluation data")
     base_pred, labels = predictions(model, held_out.batches())
     if not len(base_pred):
         raise InputError("the evaluation data holds no samples")
+    if calibration is not None:
+        calibration = api.as_source(calibration, model, **(calibration_options or {}))
     scores = api.score(model, calibration, criterion=criterion, criterion_options=criterion_options,
                        calibration_options=calibration_options, progress=progress)
     rows = []
-    for k in percentiles:
-        pruned, report = api.compress(model, scores=scores, percentile=k, criterion=criterion,
-                                      criterion_options=criterion_options, progress=progress)
-        row = {"percentile": k, "rpr": report.rpr, "macs_ratio": report.macs_ratio,
-               "parameters": report.after.parameters, "macs": report.after.macs,
+    for objective, value in points:
+        budget = {} if objective == "percentile" else {f"target_{objective}": value}
+        pruned, report = api.compress(model, calibration, scores=scores, criterion=criterion,
+                                      percentile=value if objective == "percentile" else 40.0,
+                                      criterion_options=criterion_options, progress=progress, **budget, **options)
+        row = {"percentile": report.settings.get("percentile"), "objective": objective,
+               "target": None if objective == "percentile" else value, "rpr": report.rpr,
+               "macs_ratio": report.macs_ratio, "parameters": report.after.parameters, "macs": report.after.macs,
                **_accuracy(model, pruned, held_out, base_pred, labels, "")}
         if distill_epochs:
             row.update(_distil(model, pruned, report, held_out, base_pred, labels, distill_epochs,
@@ -75,6 +94,28 @@ def run_sweep(model: api.ModelLike, calibration: Any, eval_data: Any, percentile
     if out_png is not None:
         plot_sweep(rows, out_png, title=title or f"{criterion} sweep")
     return rows
+
+
+def _points(percentiles: list[float] | None, targets: tuple[str, list[float]] | None) -> list[tuple[str, float]]:
+    """The sweep's points as (objective, value): ("percentile", k) or (objective, ratio)."""
+    if (percentiles is None) == (targets is None):
+        raise InputError("the sweep needs either percentiles or targets, not both")
+    if percentiles is not None:
+        if not percentiles:
+            raise InputError("the sweep needs at least one percentile")
+        bad = [k for k in percentiles if not 0 <= k <= 100]
+        if bad:
+            raise InputError(f"percentiles must lie in 0..100, got {bad[0]:g}")
+        return [("percentile", float(k)) for k in percentiles]
+    objective, ratios = targets
+    if objective not in TARGET_OBJECTIVES:
+        raise InputError(f"a sweep target is one of {', '.join(TARGET_OBJECTIVES)}, got {objective!r}")
+    if not ratios:
+        raise InputError(f"the sweep needs at least one --target-{objective} ratio")
+    bad = [r for r in ratios if not 0 < r <= 1]
+    if bad:
+        raise InputError(f"--target-{objective} ratios must lie in (0, 1], got {bad[0]:g}")
+    return [(objective, float(r)) for r in ratios]
 
 
 def _accuracy(model: onnx.ModelProto, pruned: onnx.ModelProto, source, base_pred: np.ndarray,
@@ -90,7 +131,7 @@ def _accuracy(model: onnx.ModelProto, pruned: onnx.ModelProto, source, base_pred
 
 def _distil(model, pruned, report, held_out, base_pred, labels, epochs, train_data, calibration_options,
             distill_options, progress) -> dict:
-    if not any(g.get("removed") for g in report.groups):
+    if report.after.parameters == report.before.parameters and report.after.macs == report.before.macs:
         # Nothing was removed: the model is the original, distilling it would only add noise.
         result = _accuracy(model, model, held_out, base_pred, labels, "_distilled")
         return {**result, "distill_seconds": 0.0}
@@ -118,7 +159,8 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "sweep") 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = [r["percentile"] for r in rows]
+    by_target = rows[0]["objective"] != "percentile"
+    ks = [r["target"] if by_target else r["percentile"] for r in rows]
     labelled = rows[0].get("top1_after") is not None
     key, name = ("top1", "top-1") if labelled else ("agreement", "agreement with original")
     fig, left = plt.subplots(figsize=(7, 4.2), dpi=120)
@@ -129,7 +171,10 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "sweep") 
                   label=f"{name}, pruned + distilled")
     if labelled:
         left.axhline(100 * rows[0]["top1_before"], color="tab:blue", ls=":", lw=1, label="original model")
-    left.set_xlabel("percentile k (channels removed per group, %)")
+    left.set_xlabel(f"target {rows[0]['objective']} ratio" if by_target
+                    else "percentile k (channels removed per group, %)")
+    if by_target:
+        left.invert_xaxis()  # smaller budgets to the right, as larger k are
     left.set_ylabel(f"{name} (%)")
     left.set_ylim(0, 105)  # 105 % and 1.05 keep the two axes' grids aligned
     right = left.twinx()

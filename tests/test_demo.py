@@ -81,3 +81,17 @@ def test_sweep_command_writes_plot_and_csv(tmp_path, capsys):
     printed = capsys.readouterr().out
     rprs = [float(line.split()[1]) for line in printed.splitlines()[1:4]]
     assert rprs[0] == 1.0 and rprs[0] > rprs[1] > rprs[2]
+    # The main command's recovery and budget options: a sweep along --target-macs, reconstructed.
+    out = tmp_path / "budgets.png"
+    code = main(["sweep", str(tmp_path / "digits.onnx"), "--calib", str(tmp_path / "calibration.npz"),
+                 "--eval", str(tmp_path / "test.npz"), "--target-macs", "0.8,0.5", "--reconstruct-samples", "128",
+                 "--round-to", "8", "-o", str(out), "--quiet"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["macs", "target"]
+    macs = [float(line.split()[2]) for line in lines[1:3]]
+    assert macs[0] <= 0.8 and macs[1] <= 0.5
+    code = main(["sweep", str(tmp_path / "digits.onnx"), "--calib", str(tmp_path / "calibration.npz"),
+                 "--eval", str(tmp_path / "test.npz"), "--target-macs", "0.5", "--percentiles", "10",
+                 "-o", str(out), "--quiet", "--overwrite"])
+    assert code == 2 and "one axis" in capsys.readouterr().err

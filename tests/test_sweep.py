@@ -51,7 +51,7 @@ def test_sweep_scores_once_and_measures_every_k(digits, tmp_path, monkeypatch):
 def test_sweep_with_distillation_recovers_accuracy(digits):
     model, data = digits
     rows = run_sweep(model, data["calibration"], data["test"], [0, 40], distill_epochs=3, train_data=data["train"],
-                     distill_options={"hflip": False})
+                     distill_options={"hflip": False}, compress_options={"reconstruct": False})
     assert rows[0]["distill_seconds"] == 0.0 and rows[0]["top1_distilled"] == rows[0]["top1_after"]
     assert rows[1]["top1_distilled"] > rows[1]["top1_after"] + 0.2
 
@@ -69,3 +69,24 @@ def test_sweep_rejects_bad_percentiles(digits, ks):
     model, data = digits
     with pytest.raises(InputError):
         run_sweep(model, data["calibration"], data["test"], ks)
+
+
+def test_sweep_recovers_and_budgets_like_the_main_command(digits, tmp_path):
+    model, data = digits
+    plain = run_sweep(model, data["calibration"], data["test"], [60], compress_options={"reconstruct": False})
+    default = run_sweep(model, data["calibration"], data["test"], [60])
+    # Reconstruction is on by default, as in the main command (the old sweep plotted k = 60 unrefitted).
+    _, report = api.compress(model, data["calibration"], percentile=60, progress=False)
+    assert default[0]["parameters"] == report.after.parameters
+    assert default[0]["top1_after"] > plain[0]["top1_after"] + 0.05
+    rows = run_sweep(model, data["calibration"], data["test"], targets=("params", [0.7, 0.4]),
+                     out_png=tmp_path / "t.png", out_csv=tmp_path / "t.csv")
+    assert [r["objective"] for r in rows] == ["params", "params"] and [r["target"] for r in rows] == [0.7, 0.4]
+    assert rows[0]["rpr"] <= 0.7 and rows[1]["rpr"] <= 0.4 and rows[0]["percentile"] is None
+    _, budget = api.compress(model, data["calibration"], target_params=0.4, progress=False)
+    assert rows[1]["parameters"] == budget.after.parameters  # the same model as the main command's
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(InputError, match="either percentiles or targets"):
+        run_sweep(model, data["calibration"], data["test"], [10], targets=("params", [0.5]))
+    with pytest.raises(InputError, match=r"ratios must lie in \(0, 1\]"):
+        run_sweep(model, data["calibration"], data["test"], targets=("macs", [1.5]))
