@@ -59,6 +59,8 @@ class Scores:
         damage_tables: the budget allocation's measured candidate widths per group, kept by
             their settings, so that compressing again with these scores (another budget) does
             not measure them again.
+        calibration: what the calibration data was and how it was preprocessed
+            (``CalibrationSource.describe``); None for weight-only criteria.
     """
 
     analysis: ChannelAnalysis
@@ -68,6 +70,7 @@ class Scores:
     seconds: float = 0.0
     member_scores: dict[str, np.ndarray] = field(default_factory=dict)
     damage_tables: dict = field(default_factory=dict)
+    calibration: dict | None = None
 
 
 class Pruner:
@@ -118,12 +121,14 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
     members = [m for g in analysis.groups if g.prunable for m in g.members]
     start = time.perf_counter()
     samples = 0
+    described = None
     if crit.needs_data:
         if calibration is None:
             raise InputError(f"the {criterion} criterion needs calibration data (--calib)")
         source = as_source(calibration, model, **(calibration_options or {}))
         if crit.needs_labels and not source.has_labels:
             raise InputError(f"the {criterion} criterion needs labelled calibration data (class sub-folders or npz 'labels')")
+        described = source.describe()
         # Under torchrun each process reads its own block of batches; the statistics are then
         # gathered and merged in rank order (a no-op in a single process).
         source = distributed.shard_source(source)
@@ -144,7 +149,8 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
         member_scores = {m: crit.weight_scores(member_info(analysis, m)) for m in members}
     groups = {g.id: member_scores_to_group(g, {m: member_scores[m] for m in g.members})
               for g in analysis.groups if g.prunable}
-    return Scores(analysis, groups, criterion, samples, time.perf_counter() - start, member_scores)
+    return Scores(analysis, groups, criterion, samples, time.perf_counter() - start, member_scores,
+                  calibration=described)
 
 
 def check_preprocessing(model: onnx.ModelProto, data: Any, options: dict | None, where: str) -> str | None:
@@ -232,7 +238,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
              criterion_options: dict | None = None, calibration_options: dict | None = None,
              progress: bool = True, scores: Scores | None = None, drop_blocks: bool = False,
              si_epsilon: float = 0.0, reconstruct: bool | None = None,
-             reconstruct_options: dict | None = None) -> tuple[onnx.ModelProto, Report]:
+             reconstruct_options: dict | None = None, eval_data: Any = None,
+             eval_options: dict | None = None) -> tuple[onnx.ModelProto, Report]:
     """Score, select and rewrite. Returns the pruned model (validated) and its report.
 
     With ``target_params``, ``target_macs`` or ``target_latency`` R the budget is allocated
@@ -248,8 +255,13 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     remaining network. With ``reconstruct``, the layers after every cut are refitted by least
     squares on the calibration data (:mod:`onnx_ocnna.reconstruct`; ``reconstruct_options``:
     samples, positions, ridge, seed); by default (None) it is on whenever calibration data is given.
+    With ``eval_data`` (held-out data read like calibration data with ``eval_options``, or an
+    :class:`~onnx_ocnna.evaluate.HeldOut` of the original), ``report.accuracy`` holds the
+    held-out top-1 (agreement without labels) after pruning and after reconstruction; this
+    costs one pass over it per stage, the un-refitted cut being gone afterwards.
     """
     model = original = as_model(model)
+    held_out = _held_out(original, eval_data, eval_options or calibration_options)
     if reconstruct is None:
         reconstruct = calibration is not None
     if allocation not in ("measured", "uniform"):
@@ -267,6 +279,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     preprocessing_warning = None
     if calibration is not None and scores is None:
         preprocessing_warning = check_preprocessing(model, calibration, calibration_options, "the calibration data")
+    calibration_data = calibration  # as given: --drop-blocks replaces it by the opened source
     blocks = []
     if drop_blocks:
         from onnx_ocnna.blocks import select_blocks
@@ -284,6 +297,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         scores = score(model, calibration, criterion=criterion, criterion_options=criterion_options,
                        calibration_options=calibration_options, progress=progress, pruner=pruner)
     timings["score_s"] = scores.seconds
+    calibration_record = _calibration_record(calibration_data, model, calibration_options, scores)
     block_rows = [b.as_dict() for b in blocks]
     options = SelectionOptions(percentile=percentile, scope=scope, min_channels=min_channels, round_to=round_to,
                                exclude=pruner.analysis.excluded(exclude or []))
@@ -301,9 +315,11 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
             notes.append(f"no filter is prunable after block removal: {why}")
             pruned, report = _finish(original, model, pruner, {}, settings, notes)
             report.extra["blocks"] = block_rows
+            report.calibration = calibration_record
             return pruned, report
         notes.append(f"nothing prunable, model written unchanged: {why}")
-        report = Report(model_stats(model), model_stats(model), group_rows(pruner.analysis, {}), settings, notes)
+        report = Report(model_stats(model), model_stats(model), group_rows(pruner.analysis, {}), settings, notes,
+                        calibration=calibration_record)
         return model, report
 
     allocated = None
@@ -337,10 +353,12 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     if not removed and not dropped:
         notes.append("the selection removes no channel at this percentile")
     reconstruction = None
+    cut = pruned  # before any refit, for the held-out story
     if reconstruct and (removed or dropped):
         from onnx_ocnna.reconstruct import kept_outputs
         from onnx_ocnna.reconstruct import reconstruct as refit
 
+        refit_start = time.perf_counter()
         source = as_source(calibration, model, **(calibration_options or {}))
         # Image folders list their files class by class: the first samples must not be one class.
         source.shuffle, source.seed = True, (reconstruct_options or {}).get("seed", 0)
@@ -350,7 +368,10 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
             removed, pruned, reconstruction = _best_of_recipes(
                 model, pruner, scores, round_to, options, source, allocated, (removed, pruned, reconstruction),
                 target_params, target_macs, damage_samples, reconstruct_options, progress, notes)
-        timings["reconstruct_s"] = reconstruction.seconds
+            if allocated.final_check.get("chosen", "measured") != "measured":
+                cut = pruner.rewrite(removed)  # the uniform cut won: a pure channel removal
+        # Wall time, with the uniform competitor's search and refit when there is one.
+        timings["reconstruct_s"] = time.perf_counter() - refit_start
         fitted = [f for f in reconstruction.layers if not f.skipped]
         notes.append(f"reconstruction refitted {len(fitted)} of {len(reconstruction.layers)} layers on "
                      f"{reconstruction.samples} samples")
@@ -361,10 +382,21 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         notes.append(f"the allocation removed {len(allocated.dropped)} residual block(s): "
                      + ", ".join(b.add for b in allocated.dropped)
                      + " (listed in the report, not in the plan: apply_plan cuts channels only)")
+    stages = []
+    if held_out is not None:
+        eval_start = time.perf_counter()
+        stages.append(("pruned", held_out.measure(cut)))
+        if reconstruction is not None:
+            stages.append(("reconstructed", held_out.measure(pruned)))
+        timings["evaluate_s"] = time.perf_counter() - eval_start
     timings["rewrite_s"] = (time.perf_counter() - start - scores.seconds - timings.get("drop_blocks_s", 0.0)
-                            - timings.get("reconstruct_s", 0.0) - timings.get("allocate_s", 0.0))
+                            - timings.get("reconstruct_s", 0.0) - timings.get("allocate_s", 0.0)
+                            - timings.get("evaluate_s", 0.0))
     pruned, report = _finish(original, pruned, pruner, removed, settings, notes)
     report.timings = timings
+    report.calibration = calibration_record
+    for stage, accuracy in stages:
+        report.record_accuracy(stage, accuracy)
     report.extra["plan"] = build_plan(pruner.analysis, removed, pruner.sha256, scores.groups)
     if reconstruction is not None:
         report.extra["reconstruction"] = reconstruction.as_dict()
@@ -376,6 +408,31 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     if blocks:
         report.extra["blocks"] = block_rows
     return pruned, report
+
+
+def _held_out(original: onnx.ModelProto, data: Any, options: dict | None):
+    """``data`` as a HeldOut of ``original`` (None stays None; a HeldOut is used as it is)."""
+    from onnx_ocnna.evaluate import HeldOut
+
+    if data is None or isinstance(data, HeldOut):
+        return data
+    return HeldOut(original, as_source(data, original, **(options or {})).batches)
+
+
+def _calibration_record(data: Any, model: onnx.ModelProto, options: dict | None, scores: Scores) -> dict | None:
+    """Where the calibration data came from, how it was preprocessed, how much scoring read."""
+    if data is None:
+        return None
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    # A weight-only criterion read nothing: the data is opened once more just to describe it.
+    described = scores.calibration or as_source(data, model, **options).describe()
+    record = {"source": os.fspath(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
+              **described, "scored_samples": scores.samples,
+              "max_samples": options.get("max_samples"), "seed": options.get("seed")}
+    if record.get("preprocessing") is not None:  # images: the preset the mean/std/size came from
+        # No preset: --mean/--std were given on 0-1 pixels.
+        record["preprocessing"] = {"preset": options.get("preprocess"), **record["preprocessing"]}
+    return record
 
 
 def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated, measured,

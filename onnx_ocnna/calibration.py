@@ -271,6 +271,11 @@ class CalibrationSource:
             raise TypeError(f"{type(self).__name__} does not know its number of batches")
         return math.ceil(self.num_samples / self.batch_size)
 
+    def describe(self) -> dict:
+        """What the samples are and how they were preprocessed (for the report)."""
+        return {"kind": "reader", "samples": self.num_samples, "labels": self.has_labels,
+                "batch_size": self.batch_size, "preprocessing": None}
+
 
 class _ImageFolderSource(CalibrationSource):
     """Decodes images batch by batch; the next batch is decoded in a thread while the current
@@ -302,6 +307,14 @@ class _ImageFolderSource(CalibrationSource):
                 if pending is not None:
                     pending.cancel()
 
+    def describe(self) -> dict:
+        plan = self._plan
+        return {**super().describe(), "kind": "image folder", "classes": len(self.class_names or []) or None,
+                "preprocessing": {"layout": plan.layout, "size": [plan.height, plan.width], "channels": plan.channels,
+                                  "mean": plan.mean.tolist(), "std": plan.std.tolist(),
+                                  "resize_shorter": plan.resize_shorter,
+                                  "formula": "(pixel / 255 - mean) / std"}}
+
     def _decode(self, positions: np.ndarray) -> Batch:
         files = [self.files[i] for i in positions]
         plan = self._plan
@@ -329,6 +342,10 @@ class _ArraySource(CalibrationSource):
         self.indices = indices
         self.num_samples = len(indices)
         self.batch_size = batch_size
+
+    def describe(self) -> dict:
+        # Arrays are fed as they are: any preprocessing happened before they were saved.
+        return {**super().describe(), "kind": "arrays"}
 
     def batches(self) -> Iterator[Batch]:
         order = self._sample_order()

@@ -7,10 +7,12 @@ nothing is written unless the result passed validation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from onnx_ocnna import __version__
 from onnx_ocnna.errors import OcnnaError
@@ -266,13 +268,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show_warnings_as_lines() -> None:
-    """Python warnings as one ``onnx-ocnna: warning: ...`` line each, without source locations."""
+    """Python warnings as one ``onnx-ocnna: warning: ...`` line each, without source locations.
+
+    Only the format changes, so callers that record warnings (pytest, catch_warnings) still do.
+    """
     import warnings
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"onnx-ocnna: warning: {message}", file=file or sys.stderr)
-
-    warnings.showwarning = show
+    warnings.formatwarning = lambda message, *rest, **kw: f"onnx-ocnna: warning: {message}\n"
 
 
 def _run_presets(args) -> int:
@@ -351,10 +353,21 @@ def _run_main(args) -> int:
         # Said before loading and scoring: k = 0 removes nothing, and scoring can take minutes.
         raise InputError("--percentile 0 removes no channel and nothing else is asked; give a percentile "
                          "above 0 or a budget (--target-params/--target-macs/--target-latency)")
-    model = api.as_model(args.input)
+    started = time.perf_counter()
+    spent: dict[str, float] = {}  # stage seconds before the report exists
+    with _timed(spent, "load_s"):
+        model = api.as_model(args.input)
     if args.eval and args.eval != args.calib:  # the calibration data is checked by compress
         eval_options = {**_calibration_options(args), "max_samples": args.eval_samples}
         api.check_preprocessing(model, args.eval, eval_options, "the --eval data")
+    held_out = None
+    if args.eval and _primary():  # under torchrun only rank 0 evaluates
+        from onnx_ocnna.evaluate import HeldOut
+
+        # The original's predictions, once: each stage (pruned, reconstructed, distilled, INT8) is
+        # measured against them.
+        with _timed(spent, "evaluate_s"):
+            held_out = HeldOut(model, _eval_source(args, model).batches)
     if args.plan is not None:
         pruned, report = api.apply_plan(model, load_plan(args.plan))
     else:
@@ -363,28 +376,40 @@ def _run_main(args) -> int:
             target_params=args.target_params, target_macs=args.target_macs, target_latency=args.target_latency,
             criterion_options=_criterion_options(args), calibration_options=_calibration_options(args),
             progress=not args.quiet, drop_blocks=args.drop_blocks, si_epsilon=args.si_epsilon,
-            **_compress_options(args))
+            eval_data=held_out, **_compress_options(args))
+    timings = report.timings = {key: spent.get(key, 0.0) + report.timings.get(key, 0.0)
+                                for key in {**spent, **report.timings}}
+    if held_out is not None and report.accuracy is None:  # a plan, or nothing was prunable
+        with _timed(timings, "evaluate_s"):
+            report.record_accuracy("pruned", held_out.measure(pruned))
     if args.distill:
-        pruned, kd = _distill(args, pruned, model)
-        report.extra["distillation"] = kd.to_dict()
+        with _timed(timings, "distill_s"):
+            pruned, kd = _distill(args, pruned, model)
+        report.extra["distillation"] = {**kd.to_dict(), "train_data": args.train or args.calib}
+        if held_out is not None:
+            with _timed(timings, "evaluate_s"):
+                report.record_accuracy("distilled", held_out.measure(pruned))
     if not _primary():
         return 0  # under torchrun only rank 0 evaluates and writes
-    if args.eval:
-        from onnx_ocnna.evaluate import compare_accuracy
-
-        report.accuracy = compare_accuracy(model, pruned, _eval_source(args, model).batches).as_dict()
     if args.bench:
         from onnx_ocnna.evaluate import compare_latency
 
-        report.latency = compare_latency(model, pruned)
+        with _timed(timings, "bench_s"):
+            report.latency = compare_latency(model, pruned)
     external = uses_external_data(args.input) or None
     if args.quantize:
-        _quantize_into(args, model, pruned, fp32_path, report, external)
+        _quantize_into(args, model, pruned, fp32_path, report, external, held_out)
     else:
-        save_model(pruned, args.output, external_data=external)
+        with _timed(timings, "write_s"):
+            save_model(pruned, args.output, external_data=external)
     if args.save_plan is not None and "plan" in report.extra:
-        save_plan(report.extra["plan"], args.save_plan)
+        with _timed(timings, "write_s"):
+            save_plan(report.extra["plan"], args.save_plan)
+    if held_out is not None:
+        report.accuracy["data"] = args.eval
+    timings["total_s"] = time.perf_counter() - started
     if args.report is not None:
+        _describe_run(args, report, fp32_path)
         report.save(args.report)
     if getattr(args, "plot", None) is not None and report.extra.get("widths"):
         from onnx_ocnna.report import plot_widths
@@ -400,6 +425,29 @@ def _run_main(args) -> int:
     else:
         print(f"wrote {args.output}")
     return 0
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[key]`` (a stage can run in several pieces)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def _describe_run(args, report, fp32_path: Path | None) -> None:
+    """The command, and the input and written files with their hashes, into the report."""
+    from onnx_ocnna.report import file_record
+
+    # sys.argv: what was typed; main(argv) called from Python records its caller's argv.
+    report.command = list(sys.argv)
+    report.input = file_record(args.input)
+    report.output = file_record(args.output)
+    if fp32_path is not None:  # --quantize: OUT is the INT8 model, the float one sits beside it
+        report.output["format"] = "int8"
+        report.output["float"] = file_record(fp32_path)
 
 
 def _distill(args, student, teacher):
@@ -493,36 +541,35 @@ def _run_demo(args) -> int:
     return 0
 
 
-def _quantize_into(args, model, pruned, fp32_path: Path, report, external) -> None:
+def _quantize_into(args, model, pruned, fp32_path: Path, report, external, held_out) -> None:
     """Save the float pruned model, quantize it into OUT, and measure both."""
     from onnx_ocnna import api
     from onnx_ocnna.model_io import load_model, save_model
     from onnx_ocnna.quantize import quantize_int8
 
-    save_model(pruned, fp32_path, external_data=external)
-    source = api.as_source(args.calib, model, **_calibration_options(args))
-    quantize_int8(fp32_path, source, args.output)
+    with _timed(report.timings, "write_s"):
+        save_model(pruned, fp32_path, external_data=external)
+    with _timed(report.timings, "quantize_s"):
+        source = api.as_source(args.calib, model, **_calibration_options(args))
+        quantize_int8(fp32_path, source, args.output)
     int8 = load_model(args.output)
     info = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": args.output.stat().st_size}
     info["size_ratio"] = info["int8_bytes"] / info["fp32_bytes"]
-    if args.eval:
-        from onnx_ocnna.evaluate import compare_accuracy
-
-        info["accuracy"] = compare_accuracy(model, int8, _eval_source(args, model).batches).as_dict()
+    if held_out is not None:
+        with _timed(report.timings, "evaluate_s"):
+            accuracy = held_out.measure(int8)
+        info["accuracy"] = accuracy.as_dict()
+        report.record_accuracy("int8", accuracy, current=False)  # the table's stage rows show it
     if args.bench:
         from onnx_ocnna.evaluate import compare_latency
 
-        info["latency"] = compare_latency(pruned, int8)
+        with _timed(report.timings, "bench_s"):
+            info["latency"] = compare_latency(pruned, int8)
     report.extra["int8"] = info
 
 
 def _quantized_table(info: dict) -> str:
     lines = [f"INT8 (QDQ): file {info['int8_bytes'] / 1024:.1f} KiB = {info['size_ratio']:.3f} x the float pruned file"]
-    acc = info.get("accuracy")
-    if acc:
-        if acc.get("top1_after") is not None:
-            lines.append(f"INT8 top-1 {100 * acc['top1_after']:.2f} % (original {100 * acc['top1_before']:.2f} %)")
-        lines.append(f"INT8 agreement with the original {100 * acc['agreement']:.2f} %")
     for row in info.get("latency", []):
         lines.append(f"latency b{row['batch']} t{row['threads']}: float pruned {row['before_ms']:.2f} ms, "
                      f"INT8 {row['after_ms']:.2f} ms ({row['speedup']:.2f}x)")
@@ -560,10 +607,11 @@ def _run_quantize(args) -> int:
 
 def _run_inspect(args) -> int:
     from onnx_ocnna import api
+    from onnx_ocnna.jsonio import dumps
 
     info = api.inspect(args.input)
     if args.json:
-        print(json.dumps(info, indent=1))
+        print(dumps(info))
         return 0
     stats = info["stats"]
     print(f"{args.input}: opset {info['opset']}, {stats['nodes']} nodes, {stats['parameters']:,} parameters, "

@@ -42,16 +42,32 @@ def predictions(model: onnx.ModelProto, batches: Iterable[Batch]) -> tuple[np.nd
     return pred, (np.concatenate(labels) if labels and len(labels) == len(preds) else None)
 
 
+class HeldOut:
+    """Held-out data and the original model's predictions on it, computed once, so that every
+    stage of a run (pruned, reconstructed, distilled, INT8) is measured against one reference."""
+
+    def __init__(self, original: onnx.ModelProto, batches: Callable[[], Iterable[Batch]]) -> None:
+        self.batches = batches
+        self.reference, self.labels = predictions(original, batches())
+
+    @property
+    def samples(self) -> int:
+        return len(self.reference)
+
+    def measure(self, model: onnx.ModelProto) -> Accuracy:
+        """Top-1 of the original and of ``model`` (None without labels), and their agreement."""
+        pred, _ = predictions(model, self.batches())
+        labels, n = self.labels, self.samples
+        return Accuracy(
+            samples=n,
+            top1_before=float(np.mean(self.reference == labels)) if labels is not None else None,
+            top1_after=float(np.mean(pred == labels)) if labels is not None else None,
+            agreement=float(np.mean(self.reference == pred)) if n else 0.0,
+        )
+
+
 def compare_accuracy(before: onnx.ModelProto, after: onnx.ModelProto, batches: Callable[[], Iterable[Batch]]) -> Accuracy:
-    pred_before, labels = predictions(before, batches())
-    pred_after, _ = predictions(after, batches())
-    n = len(pred_before)
-    return Accuracy(
-        samples=n,
-        top1_before=float(np.mean(pred_before == labels)) if labels is not None else None,
-        top1_after=float(np.mean(pred_after == labels)) if labels is not None else None,
-        agreement=float(np.mean(pred_before == pred_after)) if n else 0.0,
-    )
+    return HeldOut(before, batches).measure(after)
 
 
 #: Labelled samples the preprocessing check reads, and how few make it meaningful.

@@ -10,6 +10,7 @@ import numpy as np
 
 from onnx_ocnna.channels.analysis import ChannelAnalysis
 from onnx_ocnna.errors import InputError, PlanError
+from onnx_ocnna.jsonio import write_json
 
 PLAN_FORMAT = "onnx-ocnna-plan"
 PLAN_VERSION = 1
@@ -39,8 +40,8 @@ def build_plan(analysis: ChannelAnalysis, removed: dict[int, np.ndarray], model_
         if not group.prunable:
             entry["frozen"] = group.frozen_reason
         if scores is not None and group.id in scores:
-            # Strict JSON has no infinity: a steady filter's +inf score is written as "inf".
-            entry["scores"] = [float(s) if np.isfinite(s) else str(float(s)) for s in scores[group.id]]
+            # A non-finite score (a steady filter's CV is 0/0) is written as null (jsonio).
+            entry["scores"] = [float(s) for s in scores[group.id]]
         groups.append(entry)
     groups.extend(extra_entries)
     plan = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "model_sha256": model_sha256, "groups": groups}
@@ -63,10 +64,7 @@ def _member_positions(group, channels) -> dict[str, list[int]]:
 
 
 def save_plan(plan: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    os.replace(tmp, path)
+    write_json(path, plan)
 
 
 def load_plan(path: str | os.PathLike) -> dict:

@@ -338,7 +338,7 @@ def first_launch(files):
 
 
 def _plan_scores(group: dict) -> np.ndarray:
-    return np.array([float(s) for s in group["scores"]])
+    return np.array([np.nan if s is None else float(s) for s in group["scores"]])  # null: non-finite
 
 
 @torchrun
