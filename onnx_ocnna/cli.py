@@ -201,10 +201,13 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parsers = build_parser()
-    command = argv[0] if argv and argv[0] in parsers and argv[0] != "main" else "main"
-    args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
+    # Where this run's entries in the record of written files begin (none before model_io loads).
+    io = sys.modules.get("onnx_ocnna.model_io")
+    before = len(io.written_files()) if io is not None else 0
     try:
+        parsers = build_parser()
+        command = argv[0] if argv and argv[0] in parsers and argv[0] != "main" else "main"
+        args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
         if command in ("main", "score", "distill"):
             from onnx_ocnna import distributed
 
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx-ocnna: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("onnx-ocnna: interrupted; nothing was written", file=sys.stderr)
+        print(f"onnx-ocnna: interrupted; {_written_since(before)}", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not a user error: one line, the traceback on request
         if os.environ.get("ONNX_OCNNA_DEBUG"):
@@ -232,6 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx-ocnna: internal error: {type(exc).__name__}: {text} (set ONNX_OCNNA_DEBUG=1 for the traceback; "
               "please report it)", file=sys.stderr)
         return 1
+
+
+def _written_since(before: int) -> str:
+    """What an interrupted run leaves behind, said truthfully: every output is written to a
+    temporary file and renamed, so a file is there complete or not at all."""
+    io = sys.modules.get("onnx_ocnna.model_io")  # not imported yet: nothing can have been written
+    # A file staged and then renamed onto an output is in the record but no longer exists.
+    done = [] if io is None else list(dict.fromkeys(p for p in io.written_files()[before:] if p.exists()))
+    if not done:
+        return "nothing was written"
+    return f"only {', '.join(map(str, done))} {'was' if len(done) == 1 else 'were'} written"
 
 
 def _primary() -> bool:
@@ -426,26 +440,29 @@ def _run_demo(args) -> int:
 
 
 def _quantize_into(args, model, pruned, fp32_path: Path, report, external) -> None:
-    """Save the float pruned model, quantize it into OUT, and measure both."""
+    """Quantize the float pruned model into OUT, measure both, and only then write the float
+    model and OUT: a Ctrl-C while calibrating or measuring leaves neither."""
     from onnx_ocnna import api
-    from onnx_ocnna.model_io import load_model, save_model
+    from onnx_ocnna.model_io import atomic_output, load_model, save_model
     from onnx_ocnna.quantize import quantize_int8
 
-    save_model(pruned, fp32_path, external_data=external)
     source = api.as_source(args.calib, model, **_calibration_options(args))
-    quantize_int8(fp32_path, source, args.output)
-    int8 = load_model(args.output)
-    info = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": args.output.stat().st_size}
+    measured = {}
+    with atomic_output(args.output) as staged:
+        quantize_int8(pruned, source, staged)
+        int8 = load_model(staged)
+        if args.eval:
+            from onnx_ocnna.evaluate import compare_accuracy
+
+            measured["accuracy"] = compare_accuracy(model, int8, _eval_source(args, model).batches).as_dict()
+        if args.bench:
+            from onnx_ocnna.evaluate import compare_latency
+
+            measured["latency"] = compare_latency(pruned, int8)
+        save_model(pruned, fp32_path, external_data=external)
+        info = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": staged.stat().st_size}
     info["size_ratio"] = info["int8_bytes"] / info["fp32_bytes"]
-    if args.eval:
-        from onnx_ocnna.evaluate import compare_accuracy
-
-        info["accuracy"] = compare_accuracy(model, int8, _eval_source(args, model).batches).as_dict()
-    if args.bench:
-        from onnx_ocnna.evaluate import compare_latency
-
-        info["latency"] = compare_latency(pruned, int8)
-    report.extra["int8"] = info
+    report.extra["int8"] = {**info, **measured}
 
 
 def _quantized_table(info: dict) -> str:
@@ -463,29 +480,33 @@ def _quantized_table(info: dict) -> str:
 
 def _run_quantize(args) -> int:
     from onnx_ocnna import api
-    from onnx_ocnna.model_io import load_model
+    from onnx_ocnna.model_io import atomic_output, load_model
     from onnx_ocnna.quantize import quantize_int8
 
     _check_output(args, args.output)
     model = api.as_model(args.input)
     source = api.as_source(args.calib, model, **_calibration_options(args))
-    quantize_int8(args.input, source, args.output)
-    int8 = load_model(args.output)
-    before, after = args.input.stat().st_size, args.output.stat().st_size
-    print(f"INT8 (QDQ) model: {after / 1024:.1f} KiB, {after / before:.3f} x the input file")
-    if args.eval:
-        from onnx_ocnna.evaluate import compare_accuracy
+    lines = []
+    # Staged until the measurements are done, so that a Ctrl-C during them leaves no output.
+    with atomic_output(args.output) as staged:
+        quantize_int8(args.input, source, staged)
+        int8 = load_model(staged)
+        before, after = args.input.stat().st_size, staged.stat().st_size
+        lines.append(f"INT8 (QDQ) model: {after / 1024:.1f} KiB, {after / before:.3f} x the input file")
+        if args.eval:
+            from onnx_ocnna.evaluate import compare_accuracy
 
-        acc = compare_accuracy(model, int8, _eval_source(args, model).batches)
-        if acc.top1_before is not None:
-            print(f"top-1: float {100 * acc.top1_before:.2f} %, INT8 {100 * acc.top1_after:.2f} %")
-        print(f"agreement with the float model: {100 * acc.agreement:.2f} % (n={acc.samples})")
-    if args.bench:
-        from onnx_ocnna.evaluate import compare_latency
+            acc = compare_accuracy(model, int8, _eval_source(args, model).batches)
+            if acc.top1_before is not None:
+                lines.append(f"top-1: float {100 * acc.top1_before:.2f} %, INT8 {100 * acc.top1_after:.2f} %")
+            lines.append(f"agreement with the float model: {100 * acc.agreement:.2f} % (n={acc.samples})")
+        if args.bench:
+            from onnx_ocnna.evaluate import compare_latency
 
-        for row in compare_latency(model, int8):
-            print(f"latency b{row['batch']} t{row['threads']}: float {row['before_ms']:.2f} ms, "
-                  f"INT8 {row['after_ms']:.2f} ms ({row['speedup']:.2f}x)")
+            for row in compare_latency(model, int8):
+                lines.append(f"latency b{row['batch']} t{row['threads']}: float {row['before_ms']:.2f} ms, "
+                             f"INT8 {row['after_ms']:.2f} ms ({row['speedup']:.2f}x)")
+    print("\n".join(lines))
     print(f"wrote {args.output}")
     return 0
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from onnx_ocnna.channels.analysis import ChannelAnalysis
 from onnx_ocnna.errors import InputError, PlanError
+from onnx_ocnna.model_io import atomic_output
 
 PLAN_FORMAT = "onnx-ocnna-plan"
 PLAN_VERSION = 1
@@ -63,10 +64,8 @@ def _member_positions(group, channels) -> dict[str, list[int]]:
 
 
 def save_plan(plan: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(plan, indent=1))
 
 
 def load_plan(path: str | os.PathLike) -> dict:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from onnx_ocnna.channels.analysis import ChannelAnalysis
 from onnx_ocnna.metrics import ModelStats
+from onnx_ocnna.model_io import atomic_output
 
 
 @dataclass
@@ -39,10 +39,8 @@ class Report:
         return data
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.as_dict(), indent=1, default=_jsonable))
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.as_dict(), indent=1, default=_jsonable))
 
     def table(self) -> str:
         """The before/after table printed by the CLI."""
@@ -104,11 +102,11 @@ def plot_widths(report: Report, path: str | os.PathLike, title: str = "") -> Non
     ax.set_title(title or f"widths: RPR {report.rpr:.3f}, MACs {report.macs_ratio:.3f}")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
 
 
 def group_rows(analysis: ChannelAnalysis, removed: dict) -> list[dict]:
