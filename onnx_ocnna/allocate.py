@@ -274,30 +274,29 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
     base, base_blocked = _costs(pruner.model, block)
     todo = [g for g in groups if g.id not in known]
     plans = {g.id: candidate_widths(g.channels, step, max(1, min(g.channels, floor))) for g in todo}
-    bar = tqdm(total=sum(len(w) - 1 for w in plans.values()), desc="allocation: damage", unit="cut",
-               disable=not progress or not todo, leave=False)
-    table: dict[int, list[Candidate]] = {g.id: known[g.id] for g in groups if g.id in known}
-    for group in todo:
-        rows = [Candidate(group.channels, np.zeros(0, dtype=np.int64), 0.0, 0, 0)]
-        for kept in plans[group.id][1:]:
-            cut_alone = {group.id: removal_at(group, scores[group.id], kept, step)}
-            # A narrow width may empty a smaller member (a CIFAR spine's 16-channel stage at 1
-            # of 64): the best channel of that member is given back, as for any selection.
-            _respect_nonempty(pruner.analysis, cut_alone, scores)
-            removed = np.sort(cut_alone[group.id])
-            if removed.size and not any(np.array_equal(removed, r.removed) for r in rows):
-                cut = pruner.rewrite({group.id: removed})
-                stats, blocked = _costs(cut, block)
-                damage = meter.measure(cut, kept_outputs(pruner.analysis, {group.id: removed}),
-                                       kept_input_masks(pruner.analysis, {group.id: removed}))
-                # A narrower cut removes a superset of the channels: never count it as less harmful.
-                damage = max(damage, max(r.damage for r in rows))
-                rows.append(Candidate(group.channels - int(removed.size), removed, damage,
-                                      base.parameters - stats.parameters, base.macs - stats.macs,
-                                      base_blocked - blocked))
-            bar.update(1)
-        table[group.id] = known[group.id] = rows
-    bar.close()
+    with tqdm(total=sum(len(w) - 1 for w in plans.values()), desc="allocation: damage", unit="cut",
+              disable=not progress or not todo, leave=False) as bar:  # closed on Ctrl-C too
+        table: dict[int, list[Candidate]] = {g.id: known[g.id] for g in groups if g.id in known}
+        for group in todo:
+            rows = [Candidate(group.channels, np.zeros(0, dtype=np.int64), 0.0, 0, 0)]
+            for kept in plans[group.id][1:]:
+                cut_alone = {group.id: removal_at(group, scores[group.id], kept, step)}
+                # A narrow width may empty a smaller member (a CIFAR spine's 16-channel stage at 1
+                # of 64): the best channel of that member is given back, as for any selection.
+                _respect_nonempty(pruner.analysis, cut_alone, scores)
+                removed = np.sort(cut_alone[group.id])
+                if removed.size and not any(np.array_equal(removed, r.removed) for r in rows):
+                    cut = pruner.rewrite({group.id: removed})
+                    stats, blocked = _costs(cut, block)
+                    damage = meter.measure(cut, kept_outputs(pruner.analysis, {group.id: removed}),
+                                           kept_input_masks(pruner.analysis, {group.id: removed}))
+                    # A narrower cut removes a superset of the channels: never count it as less harmful.
+                    damage = max(damage, max(r.damage for r in rows))
+                    rows.append(Candidate(group.channels - int(removed.size), removed, damage,
+                                          base.parameters - stats.parameters, base.macs - stats.macs,
+                                          base_blocked - blocked))
+                bar.update(1)
+            table[group.id] = known[group.id] = rows
     return table
 
 

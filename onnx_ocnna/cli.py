@@ -233,11 +233,15 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parsers = build_parser()
-    command = argv[0] if argv and argv[0] in parsers and argv[0] != "main" else "main"
-    args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
     _show_warnings_as_lines()
+    # Where this run's entries in the record of written files begin (none before model_io loads).
+    io = sys.modules.get("onnx_ocnna.model_io")
+    before = len(io.written_files()) if io is not None else 0
     try:
+        parsers = build_parser()
+        command = argv[0] if argv and argv[0] in parsers and argv[0] != "main" else "main"
+        args = parsers[command].parse_args(argv[1:] if command != "main" else argv)
+        args.argv = argv  # as given, for the report (sys.argv is the caller's when main() is called)
         if command in ("main", "score", "distill"):
             from onnx_ocnna import distributed
 
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx-ocnna: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("onnx-ocnna: interrupted; nothing was written", file=sys.stderr)
+        print(f"onnx-ocnna: interrupted; {_written_since(before)}", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not a user error: one line, the traceback on request
         if os.environ.get("ONNX_OCNNA_DEBUG"):
@@ -288,6 +292,17 @@ def _run_presets(args) -> int:
                 values.append(f"{key} {list(preset[key]) if isinstance(preset[key], tuple) else preset[key]}")
         print(f"{name}: {preset['description']}\n    {', '.join(values)}")
     return 0
+
+
+def _written_since(before: int) -> str:
+    """What an interrupted run leaves behind, said truthfully: every output is written to a
+    temporary file and renamed, so a file is there complete or not at all."""
+    io = sys.modules.get("onnx_ocnna.model_io")  # not imported yet: nothing can have been written
+    # A file staged and then renamed onto an output is in the record but no longer exists.
+    done = [] if io is None else list(dict.fromkeys(p for p in io.written_files()[before:] if p.exists()))
+    if not done:
+        return "nothing was written"
+    return f"only {', '.join(map(str, done))} {'was' if len(done) == 1 else 'were'} written"
 
 
 def _primary() -> bool:
@@ -441,8 +456,7 @@ def _describe_run(args, report, fp32_path: Path | None) -> None:
     """The command, and the input and written files with their hashes, into the report."""
     from onnx_ocnna.report import file_record
 
-    # sys.argv: what was typed; main(argv) called from Python records its caller's argv.
-    report.command = list(sys.argv)
+    report.command = ["onnx-ocnna", *args.argv]
     report.input = file_record(args.input)
     report.output = file_record(args.output)
     if fp32_path is not None:  # --quantize: OUT is the INT8 model, the float one sits beside it
@@ -542,30 +556,33 @@ def _run_demo(args) -> int:
 
 
 def _quantize_into(args, model, pruned, fp32_path: Path, report, external, held_out) -> None:
-    """Save the float pruned model, quantize it into OUT, and measure both."""
+    """Quantize the float pruned model into OUT, measure both, and only then write the float
+    model and OUT: a Ctrl-C while calibrating or measuring leaves neither."""
     from onnx_ocnna import api
-    from onnx_ocnna.model_io import load_model, save_model
+    from onnx_ocnna.model_io import atomic_output, load_model, save_model
     from onnx_ocnna.quantize import quantize_int8
 
-    with _timed(report.timings, "write_s"):
-        save_model(pruned, fp32_path, external_data=external)
-    with _timed(report.timings, "quantize_s"):
-        source = api.as_source(args.calib, model, **_calibration_options(args))
-        quantize_int8(fp32_path, source, args.output)
-    int8 = load_model(args.output)
-    info = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": args.output.stat().st_size}
-    info["size_ratio"] = info["int8_bytes"] / info["fp32_bytes"]
-    if held_out is not None:
-        with _timed(report.timings, "evaluate_s"):
-            accuracy = held_out.measure(int8)
-        info["accuracy"] = accuracy.as_dict()
-        report.record_accuracy("int8", accuracy, current=False)  # the table's stage rows show it
-    if args.bench:
-        from onnx_ocnna.evaluate import compare_latency
+    measured = {}
+    with atomic_output(args.output) as staged:
+        with _timed(report.timings, "quantize_s"):
+            source = api.as_source(args.calib, model, **_calibration_options(args))
+            quantize_int8(pruned, source, staged)
+        int8 = load_model(staged)
+        if held_out is not None:
+            with _timed(report.timings, "evaluate_s"):
+                accuracy = held_out.measure(int8)
+            measured["accuracy"] = accuracy.as_dict()
+            report.record_accuracy("int8", accuracy, current=False)  # the table's stage rows show it
+        if args.bench:
+            from onnx_ocnna.evaluate import compare_latency
 
-        with _timed(report.timings, "bench_s"):
-            info["latency"] = compare_latency(pruned, int8)
-    report.extra["int8"] = info
+            with _timed(report.timings, "bench_s"):
+                measured["latency"] = compare_latency(pruned, int8)
+        with _timed(report.timings, "write_s"):
+            save_model(pruned, fp32_path, external_data=external)
+        info = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": staged.stat().st_size}
+    info["size_ratio"] = info["int8_bytes"] / info["fp32_bytes"]
+    report.extra["int8"] = {**info, **measured}
 
 
 def _quantized_table(info: dict) -> str:
@@ -578,29 +595,33 @@ def _quantized_table(info: dict) -> str:
 
 def _run_quantize(args) -> int:
     from onnx_ocnna import api
-    from onnx_ocnna.model_io import load_model
+    from onnx_ocnna.model_io import atomic_output, load_model
     from onnx_ocnna.quantize import quantize_int8
 
     _check_output(args, args.output)
     model = api.as_model(args.input)
     source = api.as_source(args.calib, model, **_calibration_options(args))
-    quantize_int8(args.input, source, args.output)
-    int8 = load_model(args.output)
-    before, after = args.input.stat().st_size, args.output.stat().st_size
-    print(f"INT8 (QDQ) model: {after / 1024:.1f} KiB, {after / before:.3f} x the input file")
-    if args.eval:
-        from onnx_ocnna.evaluate import compare_accuracy
+    lines = []
+    # Staged until the measurements are done, so that a Ctrl-C during them leaves no output.
+    with atomic_output(args.output) as staged:
+        quantize_int8(args.input, source, staged)
+        int8 = load_model(staged)
+        before, after = args.input.stat().st_size, staged.stat().st_size
+        lines.append(f"INT8 (QDQ) model: {after / 1024:.1f} KiB, {after / before:.3f} x the input file")
+        if args.eval:
+            from onnx_ocnna.evaluate import compare_accuracy
 
-        acc = compare_accuracy(model, int8, _eval_source(args, model).batches)
-        if acc.top1_before is not None:
-            print(f"top-1: float {100 * acc.top1_before:.2f} %, INT8 {100 * acc.top1_after:.2f} %")
-        print(f"agreement with the float model: {100 * acc.agreement:.2f} % (n={acc.samples})")
-    if args.bench:
-        from onnx_ocnna.evaluate import compare_latency
+            acc = compare_accuracy(model, int8, _eval_source(args, model).batches)
+            if acc.top1_before is not None:
+                lines.append(f"top-1: float {100 * acc.top1_before:.2f} %, INT8 {100 * acc.top1_after:.2f} %")
+            lines.append(f"agreement with the float model: {100 * acc.agreement:.2f} % (n={acc.samples})")
+        if args.bench:
+            from onnx_ocnna.evaluate import compare_latency
 
-        for row in compare_latency(model, int8):
-            print(f"latency b{row['batch']} t{row['threads']}: float {row['before_ms']:.2f} ms, "
-                  f"INT8 {row['after_ms']:.2f} ms ({row['speedup']:.2f}x)")
+            for row in compare_latency(model, int8):
+                lines.append(f"latency b{row['batch']} t{row['threads']}: float {row['before_ms']:.2f} ms, "
+                             f"INT8 {row['after_ms']:.2f} ms ({row['speedup']:.2f}x)")
+    print("\n".join(lines))
     print(f"wrote {args.output}")
     return 0
 

@@ -18,6 +18,11 @@ from onnx_ocnna.errors import InputError
 from onnx_ocnna.model_io import ort_session
 
 
+# How often a waiting worker checks for a stop, and how long the consumer waits for it to end.
+_POLL_SECONDS = 0.05
+_JOIN_SECONDS = 10.0
+
+
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also returns the tensors ``names`` (types left to inference)."""
     extended = onnx.ModelProto()
@@ -52,19 +57,43 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
 
     results: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
+    stop = threading.Event()  # set by the consumer when it gives up (Ctrl-C, a failed update)
+
+    def hand_over(item) -> bool:
+        """Put ``item`` in the queue unless the consumer has stopped; a plain ``put`` into the
+        full queue would block this thread forever, and the consumer's join with it."""
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=_POLL_SECONDS)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def infer() -> None:
+        iterator = iter(batches)
         try:
-            for batch in batches:
+            for batch in iterator:
+                if stop.is_set():
+                    break
                 feeds = {k: v for k, v in batch.feeds.items() if k in feeds_names}
                 outputs = session.run([session.get_outputs()[output_index[n]].name for n in names], feeds)
-                results.put((batch.labels, dict(zip(names, outputs))))
+                if not hand_over((batch.labels, dict(zip(names, outputs)))):
+                    break
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
         finally:
-            results.put(None)
+            # Close a generator here, in the thread that ran it, so its clean-up (the image
+            # decoder's prefetch) runs now rather than whenever it is collected.
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except BaseException as exc:
+                    failure.append(exc)
+            hand_over(None)
 
-    worker = threading.Thread(target=infer, daemon=True)
+    worker = threading.Thread(target=infer, daemon=True, name="ocnna-collect")
     worker.start()
     seen = 0
     bar = tqdm(total=total, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress, leave=False)
@@ -75,9 +104,15 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
                 accumulator.update(outputs[measured[member]], labels)
             seen += len(next(iter(outputs.values()))) if outputs else 0
             bar.update(1)
+    except BaseException:
+        stop.set()
+        _drain(results)  # frees the activations at once; the worker sees the stop within a poll
+        raise
     finally:
         bar.close()
-        worker.join()
+        # Bounded: the worker finishes at most the batch it is running. A daemon thread still
+        # inside ONNX Runtime cannot hold the exit up, but it would race the runtime's teardown.
+        worker.join(_JOIN_SECONDS)
     if failure:
         exc = failure[0]
         if isinstance(exc, InputError):
@@ -86,6 +121,14 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     if seen == 0:
         raise InputError("the calibration data produced no batches")
     return seen
+
+
+def _drain(items: queue.Queue) -> None:
+    while True:
+        try:
+            items.get_nowait()
+        except queue.Empty:
+            return
 
 
 def member_scores_to_group(group, member_scores: dict[str, np.ndarray]) -> np.ndarray:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,8 +51,9 @@ def dumps(value: Any, indent: int | None = 1) -> str:
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Write strict JSON atomically: a temporary file beside ``path``, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dumps(value) + "\n")
-    os.replace(tmp, path)
+    """Write strict JSON atomically (:func:`model_io.atomic_output`: a temporary file beside
+    ``path``, renamed when complete, removed on any error or Ctrl-C)."""
+    from onnx_ocnna.model_io import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(dumps(value) + "\n")

@@ -6,7 +6,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -15,6 +17,8 @@ from onnx_ocnna.errors import InputError, ValidationError
 
 # Above this size a model must be saved with external data (protobuf's 2 GiB limit).
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Files this process has put in place, in order: the CLI names them when a run is interrupted.
+_written: list[Path] = []
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -154,6 +158,30 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def written_files() -> list[Path]:
+    """Every file :func:`atomic_output` and :func:`save_model` have put in place in this process."""
+    return list(_written)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write into: moved onto ``path`` when the block ends,
+    removed when it raises (Ctrl-C included), so ``path`` is never left half-written and no
+    temporary file is left behind. The temporary name keeps ``path``'s suffix (matplotlib reads
+    the format from it)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.resolve().parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would make the output private
+        os.replace(tmp, path)
+        _written.append(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write ``model`` atomically: into a temporary directory beside ``path``, then rename.
 
@@ -177,9 +205,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
             if (tmp_dir / data_name).exists():
                 os.replace(tmp_dir / data_name, path.parent / data_name)
+                _written.append(path.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
         os.replace(tmp_model, path)
+        _written.append(path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path

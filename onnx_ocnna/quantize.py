@@ -42,7 +42,7 @@ from onnxruntime.quantization import (
 
 from onnx_ocnna.calibration import CalibrationSource, OrtReaderAdapter, model_input_spec
 from onnx_ocnna.errors import InputError, ValidationError
-from onnx_ocnna.model_io import default_file_mode
+from onnx_ocnna.model_io import atomic_output
 
 # Protobuf's 2 GiB limit, with headroom: above it the temporary copies use external data.
 _INLINE_LIMIT = 1_900_000_000
@@ -112,13 +112,11 @@ def quantize_int8(
                               stacklevel=2)
 
         reader = OrtReaderAdapter(calibration, fixed, max_batches)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-        os.close(fd)
-        try:
+        with atomic_output(out_path) as tmp:
             try:
                 quantize_static(
                     source_model,
-                    tmp,
+                    str(tmp),
                     reader,
                     quant_format=QuantFormat.QDQ,
                     per_channel=per_channel,
@@ -132,12 +130,7 @@ def quantize_int8(
                 if reader.exhausted and reader.first is None:
                     raise InputError("the calibration data produced no batch to calibrate the quantizer with") from exc
                 raise ValidationError(f"ONNX Runtime could not quantize the model: {exc}") from exc
-            _check_runs(tmp, reader.first)
-            os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would make the INT8 output private
-            os.replace(tmp, out_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            _check_runs(str(tmp), reader.first)
     return out_path
 
 

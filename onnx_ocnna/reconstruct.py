@@ -116,19 +116,18 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
     to_fit = [(node, originals[node.name]) for node, reason in plan if not reason and node.name not in from_equations]
     targets = _Targets(original, [(twin.output[0], kept.get(node.name)) for node, twin in to_fit], feeds,
                        positions, seed, budget=_TARGET_BUDGET)
-    bar = _progress(len(plan), progress)
-    for node, reason in plan:
-        fit = LayerFit(node.name, node.op_type, skipped=reason)
-        report.layers.append(fit)
-        if not reason:
-            twin = originals[node.name]
-            given = (equations.restricted(twin, kept_inputs[node.name], kept.get(node.name))
-                     if node.name in from_equations else None)
-            _FITTERS[node.op_type](model, node, twin.output[0], targets, feeds, fit, ridge, given)
-        bar.update(1)
-        if fit.error_after is not None:
-            bar.set_postfix_str(f"{node.name}: {fit.error_before:.3f} -> {fit.error_after:.3f}")
-    bar.close()
+    with _progress(len(plan), progress) as bar:  # closed on Ctrl-C too
+        for node, reason in plan:
+            fit = LayerFit(node.name, node.op_type, skipped=reason)
+            report.layers.append(fit)
+            if not reason:
+                twin = originals[node.name]
+                given = (equations.restricted(twin, kept_inputs[node.name], kept.get(node.name))
+                         if node.name in from_equations else None)
+                _FITTERS[node.op_type](model, node, twin.output[0], targets, feeds, fit, ridge, given)
+            bar.update(1)
+            if fit.error_after is not None:
+                bar.set_postfix_str(f"{node.name}: {fit.error_before:.3f} -> {fit.error_after:.3f}")
     report.seconds = time.perf_counter() - start
     return model, report
 

@@ -16,6 +16,7 @@ from onnx_ocnna.channels.analysis import ChannelAnalysis
 from onnx_ocnna.evaluate import Accuracy
 from onnx_ocnna.jsonio import write_json
 from onnx_ocnna.metrics import ModelStats
+from onnx_ocnna.model_io import atomic_output
 
 # 1: the first versioned layout (before it: no schema_version, no command/input/output/
 # calibration/versions, accuracy without stages, "inf" strings for non-finite scores).
@@ -181,11 +182,11 @@ def plot_widths(report: Report, path: str | os.PathLike, title: str = "") -> Non
     ax.set_title(title or f"widths: RPR {report.rpr:.3f}, MACs {report.macs_ratio:.3f}")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
 
 
 def group_rows(analysis: ChannelAnalysis, removed: dict) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ import onnx
 from onnx_ocnna import api
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.evaluate import predictions
+from onnx_ocnna.model_io import atomic_output
 
 CSV_FIELDS = ("percentile", "objective", "target", "rpr", "macs_ratio", "parameters", "macs", "top1_before",
               "top1_after", "agreement", "top1_distilled", "agreement_distilled", "distill_seconds")
@@ -142,14 +142,11 @@ def _distil(model, pruned, report, held_out, base_pred, labels, epochs, train_da
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
     """The sweep table, one line per k, columns :data:`CSV_FIELDS` (empty where not measured)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
-    os.replace(tmp, path)
 
 
 def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "sweep") -> None:
@@ -188,8 +185,8 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "sweep") 
     left.set_title(title)
     left.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)

@@ -197,7 +197,7 @@ def _greedy(
                 dist_w = dist.astype(dtype)
     finally:
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)  # after a Ctrl-C, do not run the queued candidates
     if steps == 0:
         # Single-feature SI is still useful for ranking channels that were never selected.
         single = _counts_full(dist_w, cols_w, y, list(range(c))) / n

@@ -96,6 +96,7 @@ from onnx_ocnna.distill.conv_norm import ConvNorms
 from onnx_ocnna.distill.torch_graph import OnnxModule, as_tensor
 from onnx_ocnna.distill.writeback import check_agreement, write_back
 from onnx_ocnna.errors import InputError
+from onnx_ocnna.model_io import atomic_output
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BN_MODES = ("frozen", "recompute", "train")
@@ -405,12 +406,8 @@ class _Distiller:
             }
             path = self._checkpoint_path()
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
+            with atomic_output(path) as tmp:
                 torch.save(state, tmp)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
         distributed.barrier()
 
     def _resume(self, report: DistillReport) -> int:
