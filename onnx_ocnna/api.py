@@ -296,7 +296,9 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     if scores is None:
         scores = score(model, calibration, criterion=criterion, criterion_options=criterion_options,
                        calibration_options=calibration_options, progress=progress, pruner=pruner)
-    timings["score_s"] = scores.seconds
+        timings["score_s"] = scores.seconds
+    else:  # precomputed (a sweep, a search): no scoring time was spent in this call
+        timings["score_s"] = 0.0
     calibration_record = _calibration_record(calibration_data, model, calibration_options, scores)
     block_rows = [b.as_dict() for b in blocks]
     options = SelectionOptions(percentile=percentile, scope=scope, min_channels=min_channels, round_to=round_to,
@@ -389,7 +391,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         if reconstruction is not None:
             stages.append(("reconstructed", held_out.measure(pruned)))
         timings["evaluate_s"] = time.perf_counter() - eval_start
-    timings["rewrite_s"] = (time.perf_counter() - start - scores.seconds - timings.get("drop_blocks_s", 0.0)
+    timings["rewrite_s"] = (time.perf_counter() - start - timings["score_s"] - timings.get("drop_blocks_s", 0.0)
                             - timings.get("reconstruct_s", 0.0) - timings.get("allocate_s", 0.0)
                             - timings.get("evaluate_s", 0.0))
     pruned, report = _finish(original, pruned, pruner, removed, settings, notes)

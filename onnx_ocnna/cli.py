@@ -140,6 +140,14 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                      help="remove the K %% least important channels of each group (default 40)")
     _add_selection_options(sel)
     _add_budget_options(sel)
+    sel.add_argument("--max-drop", type=float, metavar="D",
+                     help="the most compressed model at most D points below the original on --eval (top-1, "
+                          "or agreement without labels): searches the budget along --objective, and INT8 with "
+                          "--quantize auto; --eval must not be the calibration or training data")
+    sel.add_argument("--objective", choices=["latency", "macs", "params", "size"], default="latency",
+                     help="what --max-drop minimises (default latency, measured at --latency-batch/-threads)")
+    sel.add_argument("--pareto", type=Path, metavar="pareto.png",
+                     help="with --max-drop: plot every candidate's accuracy against the objective")
     sel.add_argument("--plot", type=Path, metavar="widths.png",
                      help="write a picture of every layer's width, original against pruned")
     sel.add_argument("--plan", type=Path, metavar="plan.json", help="apply this plan instead of scoring")
@@ -157,9 +165,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     out.add_argument("--eval-samples", type=_positive_int, metavar="N",
                      help="evaluate on a seeded class-balanced subset of N held-out samples (default: all)")
     out.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency before/after")
-    out.add_argument("--quantize", choices=["int8"],
-                     help="write OUT as an INT8 (QDQ) model calibrated on --calib; the float pruned model "
-                          "goes to OUT's name with .fp32.onnx")
+    out.add_argument("--quantize", choices=["int8", "auto"],
+                     help="int8: write OUT as an INT8 (QDQ) model calibrated on --calib, the float pruned model "
+                          "to OUT's name with .fp32.onnx; auto (with --max-drop): INT8 where it stays within D")
     out.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -355,7 +363,8 @@ def _run_main(args) -> int:
     if args.quantize and not args.calib:
         from onnx_ocnna.errors import InputError
 
-        raise InputError("--quantize int8 needs calibration data (--calib)")
+        raise InputError(f"--quantize {args.quantize} needs calibration data (--calib)")
+    _check_search_options(args)
     if args.plan is not None and args.reconstruct:  # None (the default) means "on when possible"
         from onnx_ocnna.errors import InputError
 
@@ -383,6 +392,8 @@ def _run_main(args) -> int:
         # measured against them.
         with _timed(spent, "evaluate_s"):
             held_out = HeldOut(model, _eval_source(args, model).batches)
+    if args.max_drop is not None:
+        return _run_max_drop(args, model, held_out, spent, started)
     if args.plan is not None:
         pruned, report = api.apply_plan(model, load_plan(args.plan))
     else:
@@ -442,6 +453,88 @@ def _run_main(args) -> int:
     return 0
 
 
+def _check_search_options(args) -> None:
+    """--max-drop's requirements, said before any work."""
+    from onnx_ocnna.errors import InputError
+    from onnx_ocnna.search import same_data
+
+    if args.max_drop is None:
+        if args.quantize == "auto":
+            raise InputError("--quantize auto chooses INT8 where it stays within --max-drop D; give --max-drop "
+                             "(or --quantize int8 to always quantize)")
+        if args.pareto is not None:
+            raise InputError("--pareto plots the candidates of a --max-drop search; give --max-drop")
+        return
+    if not args.max_drop > 0:
+        raise InputError(f"--max-drop must be a positive number of points, got {args.max_drop:g}")
+    if not args.eval or not args.calib:
+        raise InputError("--max-drop measures every candidate on held-out data: give --calib and --eval")
+    given = [f"--target-{o}" for o in ("params", "macs", "latency") if getattr(args, f"target_{o.replace('-', '_')}")]
+    if given or args.plan is not None or args.drop_blocks:
+        raise InputError(f"--max-drop searches the budget itself; it cannot be combined with "
+                         f"{(given + (['--plan'] if args.plan else []) + (['--drop-blocks'] if args.drop_blocks else []))[0]}")
+    for flag, other in (("--calib", args.calib), ("--train", args.train)):
+        if other is not None and same_data(args.eval, other):
+            raise InputError(f"--eval {args.eval} and {flag} {other} name the same files: the accepted drop must be "
+                             "measured on data the model was not calibrated or trained on")
+    if args.distill and not args.train:
+        raise InputError("--max-drop --distill trains on --train, which must not be the --eval data: give --train")
+
+
+def _run_max_drop(args, model, held_out, spent: dict, started: float) -> int:
+    """``--max-drop D``: search, write the chosen candidate, print the study's table."""
+    import shutil
+    import tempfile
+
+    from onnx_ocnna.model_io import atomic_output, save_model, uses_external_data
+    from onnx_ocnna.search import candidates_table, most_compressed, plot_pareto
+
+    distill_options = _distill_options(args) if args.distill else None
+    with tempfile.TemporaryDirectory(prefix="ocnna-search-") as work:
+        with _timed(spent, "search_s"):
+            result = most_compressed(
+                model, args.calib, held_out, args.max_drop, objective=args.objective,
+                quantize="auto" if args.quantize == "auto" else "none", criterion=args.criterion,
+                criterion_options=_criterion_options(args), calibration_options=_calibration_options(args),
+                compress_options=_compress_options(args), distill_options=distill_options,
+                latency_batch=args.latency_batch, latency_threads=args.latency_threads, work_dir=work,
+                progress=not args.quiet)
+        chosen = result.chosen
+        report = chosen.report
+        if report is None:  # the original, quantized: no pruning report exists
+            from onnx_ocnna.metrics import model_stats
+            from onnx_ocnna.report import Report
+
+            report = Report(model_stats(model), model_stats(model), notes=["INT8 of the unpruned model"])
+        report.timings = {**report.timings, **spent}
+        report.extra["search"] = result.as_dict()
+        if chosen.int8:
+            report.notes.append(f"written as INT8 (QDQ): {chosen.size_bytes / 1024:.1f} KiB, {chosen.size_ratio:.3f} "
+                                "of the original's file; the float model above goes beside it")
+        external = uses_external_data(args.input) or None
+        fp32_path = None
+        with _timed(report.timings, "write_s"):
+            if chosen.int8:
+                fp32_path = args.output.with_name(args.output.stem + ".fp32.onnx")
+                save_model(chosen.model, fp32_path, external_data=external)
+                with atomic_output(args.output) as staged:
+                    shutil.copyfile(chosen.path, staged)
+            else:
+                save_model(chosen.model, args.output, external_data=external)
+    if args.pareto is not None:
+        top = held_out.measure(model)
+        original = 100 * (top.top1_before if result.labelled else 1.0)
+        plot_pareto(result, args.pareto, original)
+    report.timings["total_s"] = time.perf_counter() - started
+    if args.report is not None:
+        _describe_run(args, report, fp32_path)
+        report.save(args.report)
+    print(report.table())
+    print(candidates_table(result))
+    print(f"wrote {fp32_path} (float) and {args.output} (INT8)" if chosen.int8 else f"wrote {args.output}")
+    return 0
+
+
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     """Add the wall time of the block to ``timings[key]`` (a stage can run in several pieces)."""
@@ -466,6 +559,12 @@ def _describe_run(args, report, fp32_path: Path | None) -> None:
 
 def _distill(args, student, teacher):
     from onnx_ocnna import api
+
+    return api.distill(student, teacher, **_distill_options(args))
+
+
+def _distill_options(args) -> dict:
+    """Keyword arguments of :func:`api.distill` (training data included) from the options."""
     from onnx_ocnna.errors import InputError
 
     train = args.train or args.calib
@@ -477,11 +576,10 @@ def _distill(args, student, teacher):
     if args.train:
         options["max_samples"] = args.train_samples
     eval_options = {**_calibration_options(args), "max_samples": args.eval_samples}
-    return api.distill(student, teacher, train, epochs=args.epochs, lr=args.lr, temperature=args.temperature,
-                       alpha=args.alpha, augment=not args.no_augment, hflip=not args.no_flip,
-                       eval_data=args.eval, calibration_options=options, eval_options=eval_options,
-                       progress=not args.quiet, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
-                       resume=args.resume, optimizer=args.optimizer, bn=args.bn)
+    return dict(train=train, epochs=args.epochs, lr=args.lr, temperature=args.temperature, alpha=args.alpha,
+                augment=not args.no_augment, hflip=not args.no_flip, eval_data=args.eval,
+                calibration_options=options, eval_options=eval_options, progress=not args.quiet, seed=args.seed,
+                checkpoint_dir=args.checkpoint_dir, resume=args.resume, optimizer=args.optimizer, bn=args.bn)
 
 
 def _run_distill(args) -> int:
