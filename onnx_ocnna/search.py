@@ -99,7 +99,7 @@ def most_compressed(model: api.ModelLike, calibration: Any, held_out: HeldOut, m
                     criterion_options: dict | None = None, calibration_options: dict | None = None,
                     compress_options: dict | None = None, distill_options: dict | None = None,
                     latency_batch: int = 1, latency_threads: int = 1, work_dir: str | os.PathLike | None = None,
-                    progress: bool = True) -> SearchResult:
+                    scores: api.Scores | None = None, progress: bool = True) -> SearchResult:
     """Search the budget (and INT8) for the smallest model within ``max_drop`` points.
 
     Args:
@@ -112,6 +112,8 @@ def most_compressed(model: api.ModelLike, calibration: Any, held_out: HeldOut, m
             round_to, allocation, damage_samples, block_removal, ...).
         distill_options: when given, every pruned candidate is distilled (keyword arguments of
             :func:`api.distill`, ``train`` included) before it is measured.
+        scores: precomputed scores of ``model`` (their cached damage tables are reused and
+            extended, so searches for several drops cost one scoring and one damage measurement).
         work_dir: where INT8 candidates are written (default: a temporary folder that lives
             as long as the returned result's paths are needed -- pass one to keep them).
     Returns:
@@ -131,8 +133,10 @@ def most_compressed(model: api.ModelLike, calibration: Any, held_out: HeldOut, m
     model = api.as_model(model)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="ocnna-search-"))
     source = api.as_source(calibration, model, **(calibration_options or {}))
-    api.check_preprocessing(model, source, None, "the calibration data")
-    scores = api.score(model, source, criterion=criterion, criterion_options=criterion_options, progress=progress)
+    if scores is None:
+        api.check_preprocessing(model, source, None, "the calibration data")
+        scores = api.score(model, source, criterion=criterion, criterion_options=criterion_options,
+                           progress=progress)
     original_bytes = model.ByteSize()
     labelled = held_out.labels is not None
     baseline = held_out.measure(model)
