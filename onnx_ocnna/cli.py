@@ -467,6 +467,10 @@ def _check_search_options(args) -> None:
         return
     if not args.max_drop > 0:
         raise InputError(f"--max-drop must be a positive number of points, got {args.max_drop:g}")
+    from onnx_ocnna import distributed
+
+    if distributed.launched():
+        raise InputError("--max-drop runs its search in one process; start it without torchrun")
     if not args.eval or not args.calib:
         raise InputError("--max-drop measures every candidate on held-out data: give --calib and --eval")
     given = [f"--target-{o}" for o in ("params", "macs", "latency") if getattr(args, f"target_{o.replace('-', '_')}")]
@@ -486,7 +490,7 @@ def _run_max_drop(args, model, held_out, spent: dict, started: float) -> int:
     import shutil
     import tempfile
 
-    from onnx_ocnna.model_io import atomic_output, save_model, uses_external_data
+    from onnx_ocnna.model_io import atomic_output, load_model, save_model, uses_external_data
     from onnx_ocnna.search import candidates_table, most_compressed, plot_pareto
 
     distill_options = _distill_options(args) if args.distill else None
@@ -506,8 +510,18 @@ def _run_max_drop(args, model, held_out, spent: dict, started: float) -> int:
             from onnx_ocnna.report import Report
 
             report = Report(model_stats(model), model_stats(model), notes=["INT8 of the unpruned model"])
-        report.timings = {**report.timings, **spent}
+        # The run's stages are loading, the search (every candidate's scoring, allocation, refit
+        # and measurement) and writing; the chosen candidate's own steps are in its search row.
+        report.timings = dict(spent)
         report.extra["search"] = result.as_dict()
+        # The table's held-out rows: the chosen float model at the last recovery step, then INT8.
+        stage = ("distilled" if args.distill else "reconstructed" if report.settings.get("reconstruct")
+                 else "pruned")
+        with _timed(report.timings, "evaluate_s"):
+            if chosen.report is not None:
+                report.record_accuracy(stage, held_out.measure(chosen.model))
+            if chosen.int8:
+                report.record_accuracy("int8", held_out.measure(load_model(chosen.path)), current=chosen.report is None)
         if chosen.int8:
             report.notes.append(f"written as INT8 (QDQ): {chosen.size_bytes / 1024:.1f} KiB, {chosen.size_ratio:.3f} "
                                 "of the original's file; the float model above goes beside it")

@@ -89,6 +89,7 @@ def test_command_line_writes_the_choice_and_its_study(digits, tmp_path, capsys):
     assert any(c["budget"] is None and c["int8"] for c in search["candidates"])
     assert chosen["size_ratio"] < 0.3  # pruning and INT8 together
     assert "chosen" in out and "max-drop search (size, at most 1 points)" in out
+    assert "after reconstruction" in out and "after INT8 quantization" in out  # the written model's story
     written = onnx.load(str(tmp_path / "out.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in written.graph.node)  # OUT is the INT8 choice
     assert (tmp_path / "out.fp32.onnx").exists()  # and its float model beside it
