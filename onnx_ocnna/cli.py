@@ -481,8 +481,6 @@ def _check_search_options(args) -> None:
         if other is not None and same_data(args.eval, other):
             raise InputError(f"--eval {args.eval} and {flag} {other} name the same files: the accepted drop must be "
                              "measured on data the model was not calibrated or trained on")
-    if args.distill and not args.train:
-        raise InputError("--max-drop --distill trains on --train, which must not be the --eval data: give --train")
 
 
 def _run_max_drop(args, model, held_out, spent: dict, started: float) -> int:
