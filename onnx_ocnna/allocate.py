@@ -219,9 +219,13 @@ class DamageMeter:
         """Damage of ``model`` (the original cut). ``kept``: layer -> kept output channels;
         ``kept_inputs``: layer -> mask of its surviving input channels (enables the sliced refit)."""
         if self.refit:
+            # Plain least squares for every candidate: the sliced equations cannot follow the
+            # activation, and fitting only the candidates that run the model through it made
+            # those look cheaper (ResNet-20, MACs 0.5: 61.0 % against 68.8 % top-1).
             model, _ = reconstruct(self.prepared, model, kept, lambda: iter(_as_batches(self.feeds)),
                                    samples=self.samples, positions=16, progress=False, local=True,
-                                   equations=self.equations, kept_inputs=kept_inputs)
+                                   equations=self.equations, kept_inputs=kept_inputs,
+                                   activation_aware=False)
         return self(model)
 
     def _log_probs(self, model: onnx.ModelProto) -> np.ndarray:
