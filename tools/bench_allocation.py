@@ -10,8 +10,12 @@ For each CIFAR-10 ResNet of ../shared/data and each target, three recipes are ru
 Each row records RPR, MACs ratio, top-1, ONNX Runtime latency against the original (interleaved,
 spinning off, 1 thread, batch 1 and 32) and the wall time of the call. Results are written after
 every row to ``docs/results/allocation_<model>.json``; ``--resume`` skips rows already there.
+Each pruned model is kept in ``--models-dir``, so that ``--remeasure-latency`` can time the
+rows again on a quieter machine (speed-ups measured while other jobs share the 2 cores are
+noise; the allocation's own latency search is timed at run time all the same).
 
     python tools/bench_allocation.py --models resnet56 --targets macs:0.5 latency:0.5
+    python tools/bench_allocation.py --models resnet56 --remeasure-latency
 """
 
 from __future__ import annotations
@@ -30,9 +34,8 @@ from bench.common import REPO, SHARED, cifar_subset, load_arrays, model_path, to
 RECIPES = ("uniform", "uniform + reconstruct", "default")
 
 
-def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test) -> dict:
+def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, save_as: Path | None = None) -> dict:
     from onnx_ocnna import api
-    from onnx_ocnna.evaluate import interleaved_latency
 
     target = {f"target_{kind}": ratio}
     start = time.perf_counter()
@@ -46,16 +49,45 @@ def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test) ->
     seconds = time.perf_counter() - start
     acc, _ = top1(pruned, test)
     row = {"rpr": report.rpr, "macs_ratio": report.macs_ratio, "top1": acc, "seconds": seconds,
-           "timings": report.timings, "percentile": report.settings.get("percentile")}
-    for batch in (1, 32):
-        lat = interleaved_latency(model, pruned, batch, 1, runs=30)
-        row[f"speedup_b{batch}"] = lat["speedup"]
+           "timings": report.timings, "percentile": report.settings.get("percentile"),
+           "load_average": os.getloadavg()}
+    if save_as is not None:
+        import onnx
+
+        save_as.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(pruned, str(save_as))
+        row["model_path"] = str(save_as)
+    row.update(speedups(model, pruned))
     if "allocation" in report.extra:
         row["widths"] = {g["id"]: [g["channels"], g["kept"]] for g in report.extra["allocation"]["groups"]}
         row["latency_search"] = report.extra["allocation"]["latency"]
         row["final_check"] = report.extra["allocation"].get("final_check", {})
         row["blocks_removed"] = [b["add"] for b in report.extra["allocation"].get("blocks", []) if b["removed"]]
     return row
+
+
+def speedups(model, pruned) -> dict:
+    """ONNX Runtime speed-up of ``pruned`` over ``model``, 1 thread, batch 1 and 32 (median of
+    30 interleaved runs), with the load average when it was measured."""
+    from onnx_ocnna.evaluate import interleaved_latency
+
+    out = {f"speedup_b{batch}": interleaved_latency(model, pruned, batch, 1, runs=30)["speedup"] for batch in (1, 32)}
+    out["latency_load_average"] = os.getloadavg()
+    return out
+
+
+def remeasure(path: Path, model) -> None:
+    """Time every row whose pruned model was kept again, in place."""
+    import onnx
+
+    results = json.loads(path.read_text())
+    for name, row in results.items():
+        if not isinstance(row, dict) or not row.get("model_path") or not Path(row["model_path"]).exists():
+            continue
+        row.setdefault("speedups_before_remeasure", {k: row.get(k) for k in ("speedup_b1", "speedup_b32")})
+        row.update(speedups(model, onnx.load(row["model_path"])))
+        write_json(path, results)
+        print(path.stem, name, row["speedup_b1"], row["speedup_b32"], flush=True)
 
 
 def main() -> int:
@@ -68,6 +100,10 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=5000)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    parser.add_argument("--models-dir", type=Path, default=Path("/tmp/ocnna_bench_models"),
+                        help="where the pruned models are kept for --remeasure-latency")
+    parser.add_argument("--remeasure-latency", action="store_true",
+                        help="only time the kept pruned models of the existing results again")
     args = parser.parse_args()
     if not SHARED.exists():
         print(f"needs {SHARED} (the shared CIFAR-10 data)", file=sys.stderr)
@@ -83,6 +119,9 @@ def main() -> int:
     calib = {"input": calib["input"], "labels": calib["labels"]}
     for key in args.models.split(","):
         path = args.out / f"allocation_{key}.json"
+        if args.remeasure_latency:
+            remeasure(path, onnx.load(model_path(key)))
+            continue
         results = json.loads(path.read_text()) if args.resume and path.exists() else {}
         model = onnx.load(model_path(key))
         base, _ = top1(model, test)
@@ -97,7 +136,9 @@ def main() -> int:
                 if name in results:
                     continue
                 try:
-                    row = run_row(model, scores, recipe, kind, float(ratio), calib, test)
+                    slug = f"{key}_{recipe}_{kind}{ratio}".replace(" ", "").replace("+", "_")
+                    row = run_row(model, scores, recipe, kind, float(ratio), calib, test,
+                                  save_as=args.models_dir / f"{slug}.onnx")
                 except Exception as exc:  # a failed row is a result too
                     row = {"error": f"{type(exc).__name__}: {exc}"}
                 results[name] = row
