@@ -20,7 +20,8 @@ of the block, at most 8, plus half and a quarter of that), because unaligned wid
 (docs/benchmarks.md). A latency target is met by searching a budget of *blocked* MACs (channel
 counts rounded up to the block, as NCHWc kernels pay for them: a 4-channel layer costs what an
 8-channel one does) and measuring each result's ONNX Runtime latency against the original's,
-interleaved; measured latencies are kept per selection, so no model is timed twice in one run.
+interleaved; a result that meets the target is timed a second time and the slower timing counts,
+and measured latencies are kept per selection, so no model is timed more than twice in one run.
 """
 
 from __future__ import annotations
@@ -515,9 +516,18 @@ def _search_latency(pruner, solve, rewrite, target: float, batch: int, threads: 
     def ratio_of(state) -> float:
         key = tuple(sorted(state.items()))  # a state is one selection: widths and removed blocks
         if key not in measured:
-            row = interleaved_latency(pruner.model, rewrite(state), batch, threads, runs=20)
-            measured[key] = row["after_ms"] / row["before_ms"]
-            rows.append({**row, "ratio": measured[key]})
+            cut = rewrite(state)
+            row = interleaved_latency(pruner.model, cut, batch, threads, runs=20)
+            ratio = row["after_ms"] / row["before_ms"]
+            if ratio <= target:
+                # Timed again before it is trusted, and the slower of the two counts: on a
+                # loaded machine one timing of a ResNet-56 cut measured 0.24 of the original
+                # where it measures 0.52 (interleaving evens out load, not a stall of one run).
+                again = interleaved_latency(pruner.model, cut, batch, threads, runs=20)
+                row["first_ratio"] = ratio
+                ratio = max(ratio, again["after_ms"] / again["before_ms"])
+            measured[key] = ratio
+            rows.append({**row, "ratio": ratio})
         return measured[key]
 
     # Budgets of blocked MACs (channels rounded up to the block, what NCHWc kernels pay for).

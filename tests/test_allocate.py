@@ -121,29 +121,54 @@ def test_measured_allocation_needs_data_and_one_target():
         onnx_ocnna.compress(model, _data(), target_latency=1.5, progress=False)
 
 
-def test_latency_target_times_each_selection_once(monkeypatch):
-    """The latency search meets its target with the latency it measured, and no selection is
-    timed twice (the fake latency is the MACs ratio, so the search is deterministic)."""
-    from onnx_ocnna import evaluate
+def _fake_latency(timed: list, first_spike: float | None = None):
+    """interleaved_latency stand-in whose ratio is the MACs ratio (a deterministic search);
+    with ``first_spike`` the first timing of every selection gives that ratio instead (a
+    noise spike on a loaded machine)."""
     from onnx_ocnna.metrics import model_stats
-
-    timed: list[tuple] = []
 
     def fake(before, after, batch, threads, runs=20, warmup=3):
         key = tuple((i.name, tuple(i.dims)) for i in after.graph.initializer)
-        timed.append(key)
         ratio = model_stats(after).macs / model_stats(before).macs
+        if first_spike is not None and key not in timed:
+            ratio = first_spike
+        timed.append(key)
         return {"batch": batch, "threads": threads, "before_ms": 1.0, "after_ms": ratio, "speedup": 1 / ratio,
                 "runs": runs}
 
-    monkeypatch.setattr(evaluate, "interleaved_latency", fake)
+    return fake
+
+
+def test_latency_target_times_each_selection_at_most_twice(monkeypatch):
+    """The latency search meets its target with the latency it measured; a selection is timed
+    once, or twice when the first timing meets the target (then confirmed), never more."""
+    from onnx_ocnna import evaluate
+
+    timed: list[tuple] = []
+    monkeypatch.setattr(evaluate, "interleaved_latency", _fake_latency(timed))
     model = _chain()
     _, report = onnx_ocnna.compress(model, _data(), round_to=4, target_latency=0.6, progress=False,
                                     reconstruct=False)
     rows = report.extra["allocation"]["latency"]
-    assert rows and len(timed) == len(set(timed)) == len(rows)
+    assert rows and len(set(timed)) == len(rows)
+    confirmed = {k for k in timed if timed.count(k) == 2}
+    assert all(timed.count(k) <= 2 for k in timed)
+    assert len(confirmed) == sum(1 for r in rows if r["ratio"] <= 0.6) >= 1
     assert report.extra["allocation"]["achieved"] <= 0.6
     assert report.macs_ratio <= 0.6
+
+
+def test_latency_target_is_not_met_by_one_lucky_timing(monkeypatch):
+    """A first timing far below the target (a spike) is checked by a second one, so the
+    written model meets the target by its real latency (here its MACs ratio)."""
+    from onnx_ocnna import evaluate
+
+    timed: list[tuple] = []
+    monkeypatch.setattr(evaluate, "interleaved_latency", _fake_latency(timed, first_spike=0.1))
+    _, report = onnx_ocnna.compress(_chain(), _data(), round_to=4, target_latency=0.6, progress=False,
+                                    reconstruct=False)
+    assert report.macs_ratio <= 0.6
+    assert all(r["first_ratio"] == 0.1 for r in report.extra["allocation"]["latency"])
 
 
 def test_default_recipe_reconstructs_and_writes_the_closer_candidate():
