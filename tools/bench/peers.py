@@ -99,10 +99,12 @@ def run_ocnna(job: dict) -> dict:
                     "tool_s": score_s + time.perf_counter() - start, "search_s": 0.0,
                     "timings": report.timings}
                 continue
+            # The uniform percentile (the paper's setting): with calibration data a budget is
+            # otherwise allocated, which is the "default" job.
             pruned, report = api.compress(model, calib if job.get("reconstruct") else None, scores=scores,
                                           target_params=target, criterion=job["criterion"],
                                           criterion_options=options, exclude=job.get("exclude"), progress=False,
-                                          reconstruct=bool(job.get("reconstruct")),
+                                          reconstruct=bool(job.get("reconstruct")), allocation="uniform",
                                           calibration_options={"batch_size": 64})
             seconds = time.perf_counter() - start
             out["targets"][str(target)] = {
