@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from onnx_ocnna import distributed
 from onnx_ocnna.calibration import CalibrationSource, open_calibration
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
+from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
 from onnx_ocnna.criteria import MemberInfo, get_criterion
 from onnx_ocnna.errors import InputError, ValidationError
@@ -76,9 +77,11 @@ class Scores:
 class Pruner:
     """One model prepared for repeated rewrites (a target search applies many removals)."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, observed: dict | None = None) -> None:
+        """``observed``: run-time shapes (:func:`onnx_ocnna.shapes.observed_shapes`), the last
+        source of shapes, used where no other source knows one (see :func:`pruner_for`)."""
         self.model = model
-        graph = prepare_graph(model)
+        graph = prepare_graph(model, observed)
         self._prepared = gs.export_onnx(graph, do_type_check=False)
         _restore_model_fields(self._prepared, model)
         self.analysis = analyse(model, gs.import_onnx(self._prepared))
@@ -93,6 +96,35 @@ class Pruner:
 
     def rewrite(self, removed: dict[int, np.ndarray]) -> onnx.ModelProto:
         return apply_removal(self.model, self.fresh_analysis(), removed)
+
+
+def pruner_for(model: onnx.ModelProto, calibration: Any = None, calibration_options: dict | None = None) -> Pruner:
+    """A :class:`Pruner`; when a group is frozen only because a shape is unknown and calibration
+    data is given, the shapes observed on a calibration batch are the last source of shapes.
+
+    The batch is run whole and without its last sample, so the batch axis shows as dynamic.
+    Observed sizes are trusted only when every other input dim is static: a dynamic height or
+    width seen at one size would be taken for a constant.
+    """
+    pruner = Pruner(model)
+    if calibration is None or not any(SHAPE_HINT in g.frozen_reason for g in pruner.analysis.groups):
+        return pruner
+    from onnx_ocnna.calibration import model_input_spec
+    from onnx_ocnna.shapes import observed_shapes
+
+    if any(None in spec.shape[1:] for spec in model_input_spec(model)):
+        return pruner
+    source = as_source(calibration, model, **(calibration_options or {}))
+    if source.one_shot:  # a reader read here could not be read again for scoring
+        return pruner
+    batch = next(iter(source.batches()), None)
+    if batch is None:
+        return pruner
+    feeds = [dict(batch.feeds)]
+    rows = {len(v) for v in batch.feeds.values()}
+    if len(rows) == 1 and rows.pop() >= 2 and all(s.shape[0] is None for s in model_input_spec(model)):
+        feeds.append({k: v[:-1] for k, v in batch.feeds.items()})
+    return Pruner(model, observed_shapes(model, feeds))
 
 
 def member_info(analysis: ChannelAnalysis, name: str) -> MemberInfo:
@@ -115,7 +147,7 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
         calibration_options: passed to :func:`open_calibration` (preprocess, mean, std, ...).
     """
     model = as_model(model)
-    pruner = pruner or Pruner(model)
+    pruner = pruner or pruner_for(model, calibration, calibration_options)
     analysis = pruner.analysis
     crit = get_criterion(criterion, **(criterion_options or {}))
     members = [m for g in analysis.groups if g.prunable for m in g.members]
@@ -204,14 +236,16 @@ def inspect(model: ModelLike) -> dict:
 
 
 def _finish(model: onnx.ModelProto, pruned: onnx.ModelProto, pruner: Pruner, removed: dict, settings: dict,
-            notes: list[str]) -> tuple[onnx.ModelProto, Report]:
-    feeds = sample_feeds(model)
+            notes: list[str], sizes: dict[str, tuple[int, ...]] | None = None) -> tuple[onnx.ModelProto, Report]:
+    """Validate ``pruned`` against ``model`` and report. ``sizes`` (input name -> one calibration
+    sample's shape) sets a dynamic height/width for the validation run and the MAC count."""
+    feeds = sample_feeds(model, sizes=sizes)
     expected = validate_model(model, feeds)
     actual = validate_model(pruned, feeds)
     for e, a, out in zip(expected, actual, model.graph.output):
         if np.shape(e) != np.shape(a):
             raise ValidationError(f"output '{out.name}' changed shape from {np.shape(e)} to {np.shape(a)}")
-    report = Report(before=model_stats(model), after=model_stats(pruned),
+    report = Report(before=model_stats(model, sizes=sizes), after=model_stats(pruned, sizes=sizes),
                     groups=group_rows(pruner.analysis, removed), settings=settings, notes=notes)
     return pruned, report
 
@@ -292,7 +326,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         calibration = source
         model, blocks = select_blocks(model, source.batches(), si_epsilon=si_epsilon)
         timings["drop_blocks_s"] = time.perf_counter() - start
-    pruner = Pruner(model)
+    pruner = pruner_for(model, calibration, calibration_options)
     if scores is None:
         scores = score(model, calibration, criterion=criterion, criterion_options=criterion_options,
                        calibration_options=calibration_options, progress=progress, pruner=pruner)
@@ -315,7 +349,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         why = "; ".join(reasons[:5]) if reasons else "the model has no Conv filters whose channels can be removed"
         if blocks and any(b.dropped for b in blocks):
             notes.append(f"no filter is prunable after block removal: {why}")
-            pruned, report = _finish(original, model, pruner, {}, settings, notes)
+            pruned, report = _finish(original, model, pruner, {}, settings, notes, _sample_shapes(calibration))
             report.extra["blocks"] = block_rows
             report.calibration = calibration_record
             return pruned, report
@@ -394,7 +428,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     timings["rewrite_s"] = (time.perf_counter() - start - timings["score_s"] - timings.get("drop_blocks_s", 0.0)
                             - timings.get("reconstruct_s", 0.0) - timings.get("allocate_s", 0.0)
                             - timings.get("evaluate_s", 0.0))
-    pruned, report = _finish(original, pruned, pruner, removed, settings, notes)
+    pruned, report = _finish(original, pruned, pruner, removed, settings, notes,
+                             _sample_shapes(calibration_data, original, calibration_options))
     report.timings = timings
     report.calibration = calibration_record
     for stage, accuracy in stages:
@@ -419,6 +454,17 @@ def _held_out(original: onnx.ModelProto, data: Any, options: dict | None):
     if data is None or isinstance(data, HeldOut):
         return data
     return HeldOut(original, as_source(data, original, **(options or {})).batches)
+
+
+def _sample_shapes(data: Any, model: onnx.ModelProto | None = None,
+                   options: dict | None = None) -> dict[str, tuple[int, ...]] | None:
+    """One calibration sample's shape per input (without the batch axis), None when unknown
+    (no data, a reader): a dynamic input height and width take their size from the data."""
+    if data is None:
+        return None
+    if not isinstance(data, CalibrationSource):
+        data = as_source(data, model, **(options or {}))
+    return data.sample_shapes()
 
 
 def _calibration_record(data: Any, model: onnx.ModelProto, options: dict | None, scores: Scores) -> dict | None:

@@ -103,7 +103,10 @@ def model_input_spec(model: onnx.ModelProto) -> list[InputSpec]:
         if not value.type.HasField("tensor_type"):
             raise InputError(f"model input {value.name!r} is not a tensor, which calibration data cannot feed.")
         tensor_type = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        # A dim_value <= 0 is a dynamic dim too: Paddle2ONNX wrote -1 for an unknown size, and
+        # taken as a size it gave a negative batch (and a negative number of batches).
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                     for d in tensor_type.shape.dim)
         try:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         except (KeyError, TypeError, ValueError):
@@ -266,10 +269,19 @@ class CalibrationSource:
         return self.batches()
 
     def __len__(self) -> int:
-        """Number of batches in one pass; TypeError when unknown (so tqdm and friends skip it)."""
+        """Number of batches in one pass (>= 0); TypeError when unknown (so tqdm and friends skip it)."""
         if self.num_samples is None or self.batch_size is None:
             raise TypeError(f"{type(self).__name__} does not know its number of batches")
+        if self.batch_size <= 0 or self.num_samples < 0:
+            raise InputError(f"{type(self).__name__} has batch size {self.batch_size} and {self.num_samples} "
+                             "samples; both must be positive")
         return math.ceil(self.num_samples / self.batch_size)
+
+    def sample_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Input name -> shape of one sample (without the batch axis), e.g. (3, 48, 192), when
+        known without reading a batch; None for a reader. Dynamic model dims (height, width)
+        take their size from here wherever the model is run outside the data (validation)."""
+        return None
 
     def describe(self) -> dict:
         """What the samples are and how they were preprocessed (for the report)."""
@@ -307,6 +319,11 @@ class _ImageFolderSource(CalibrationSource):
                 if pending is not None:
                     pending.cancel()
 
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        plan = self._plan
+        hw = (plan.height, plan.width)
+        return {self._spec.name: (plan.channels, *hw) if plan.layout == "NCHW" else (*hw, plan.channels)}
+
     def describe(self) -> dict:
         plan = self._plan
         return {**super().describe(), "kind": "image folder", "classes": len(self.class_names or []) or None,
@@ -342,6 +359,9 @@ class _ArraySource(CalibrationSource):
         self.indices = indices
         self.num_samples = len(indices)
         self.batch_size = batch_size
+
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {spec.name: tuple(int(d) for d in self._arrays[spec.name].shape[1:]) for spec in self._specs}
 
     def describe(self) -> dict:
         # Arrays are fed as they are: any preprocessing happened before they were saved.

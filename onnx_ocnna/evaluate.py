@@ -122,18 +122,21 @@ def near_chance_warning(model: onnx.ModelProto, batches: Iterable[Batch], where:
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The static batch size of the first input, or None if it is dynamic."""
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    # dim_value -1 (Paddle2ONNX) is a dynamic batch, not a size
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: int, threads: int,
-                        runs: int = 20, warmup: int = 3) -> dict:
+                        runs: int = 20, warmup: int = 3, sizes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """Median ``session.run`` time (ms) of both models on the same random input (SPEC section 9).
 
     The two sessions alternate run by run (the order flips every round), so load from other
     processes hits both alike, and intra-op spinning is off: otherwise the idle session's pool
     threads spin on the cores the running one needs (measured: up to 3x swings at 2 threads).
+    ``sizes`` (input name -> one sample's shape, e.g. the calibration data's) sets a dynamic
+    input height and width, which are otherwise 1.
     """
-    feeds = sample_feeds(before, batch=batch)
+    feeds = sample_feeds(before, batch=batch, sizes=sizes)
     sessions = [ort_session(before, threads=threads, spinning=False), ort_session(after, threads=threads, spinning=False)]
     for _ in range(warmup):
         for session in sessions:
@@ -149,8 +152,9 @@ def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: 
 
 
 def compare_latency(before: onnx.ModelProto, after: onnx.ModelProto, batches=(1, 32), threads=(1,),
-                    runs: int = 20) -> list[dict]:
-    """Before/after latency for each batch size and thread count (interleaved); rows with speed-up."""
+                    runs: int = 20, sizes: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
+    """Before/after latency for each batch size and thread count (interleaved); rows with speed-up.
+    ``sizes``: see :func:`interleaved_latency`."""
     fixed = fixed_batch(before)
-    return [interleaved_latency(before, after, batch, threads_n, runs)
+    return [interleaved_latency(before, after, batch, threads_n, runs, sizes=sizes)
             for threads_n in threads for batch in batches if fixed is None or batch == fixed]

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -58,8 +58,14 @@ def model_sha256(model: onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
-def sample_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for every graph input; symbolic dims become ``batch`` on axis 0, else 1... .
+def sample_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0,
+                 sizes: dict[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input; symbolic dims become ``batch`` on axis 0, else the
+    size in ``sizes`` or 1.
+
+    Args:
+        sizes: input name -> one sample's shape without the batch axis (e.g. (3, 48, 192) from
+            the calibration data), for inputs whose height and width are dynamic.
 
     Returns:
         input name -> array with the model's dtype; float inputs are N(0, 1).
@@ -72,11 +78,15 @@ def sample_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[
             continue
         ttype = value.type.tensor_type
         dims = []
+        sample = tuple((sizes or {}).get(value.name) or ())
+        if sample and len(sample) + 1 != len(ttype.shape.dim):
+            raise ValueError(f"sizes[{value.name!r}] = {list(sample)} does not fit the input's rank "
+                             f"{len(ttype.shape.dim)} (give one sample's shape without the batch axis)")
         for axis, dim in enumerate(ttype.shape.dim):
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 dims.append(dim.dim_value)
             else:
-                dims.append(batch if axis == 0 else 1)
+                dims.append(batch if axis == 0 else int(sample[axis - 1]) if sample else 1)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(dims).astype(dtype)

@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _infer, _restore_model_fields
-from onnx_ocnna.channels.context import KeepFn, RewriteAttr, RewriteInput, SliceInput
+from onnx_ocnna.channels.context import ConstantInput, KeepFn, RewriteAttr, RewriteInput, SliceInput
 from onnx_ocnna.errors import PlanError
 
 
@@ -68,6 +68,15 @@ def _apply(edit, keep: KeepFn) -> None:
             while len(edit.node.inputs) < edit.index:
                 edit.node.inputs.append(gs.Variable.empty())
             edit.node.inputs.append(gs.Constant(f"{edit.node.name}_input{edit.index}", value))
+    elif isinstance(edit, ConstantInput):
+        if keep(edit.ids).all():
+            return  # the computed value is still right; leave the exporter's graph alone
+        value = np.asarray(edit.value(keep), dtype=np.int64)
+        # Named after the computed tensor it replaces (unique; node names may be empty); the
+        # subgraph that computed it is left without readers and removed by cleanup.
+        old = edit.node.inputs[edit.index]
+        edit.node.inputs[edit.index] = gs.Constant(f"{old.name}__kept", value)
+        edit.node.attrs.update(edit.attrs)
     elif isinstance(edit, RewriteAttr):
         value = edit.value(keep)
         if value is None:

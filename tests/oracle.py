@@ -96,8 +96,13 @@ def _zero(tensor: gs.Tensor, mask: np.ndarray, axis: int, fill: float = 0.0) -> 
     tensor.values = values
 
 
-def check_lossless(model: onnx.ModelProto, fraction: float = 0.3, seed: int = 0, rtol: float = 1e-5) -> dict:
-    """Kill, prune and compare. Returns figures for the test to assert on."""
+def check_lossless(model: onnx.ModelProto, fraction: float = 0.3, seed: int = 0, rtol: float = 1e-5,
+                   sizes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """Kill, prune and compare. Returns figures for the test to assert on.
+
+    ``sizes``: input name -> one sample's shape (no batch axis) for inputs with a dynamic
+    height and width, which are otherwise fed at 1 x 1.
+    """
     probe = analyse(model)
     chosen = pick_channels(probe, fraction, seed)
     killed = kill_channels(model, chosen)
@@ -105,7 +110,7 @@ def check_lossless(model: onnx.ModelProto, fraction: float = 0.3, seed: int = 0,
     plan = build_plan(analysis, chosen, model_sha256="")
     removed = resolve_plan(plan, analysis)
     pruned = apply_removal(killed, analysis, removed)
-    feeds = sample_feeds(model, batch=2, seed=seed)
+    feeds = sample_feeds(model, batch=2, seed=seed, sizes=sizes)
     validate_model(pruned, feeds)
     expected = ort_session(killed).run(None, feeds)
     actual = ort_session(pruned).run(None, feeds)

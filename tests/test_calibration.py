@@ -516,3 +516,34 @@ def test_presets_say_what_they_are():
     assert imagenet_32["std"] == pytest.approx(IMAGENET_STD.tolist())
     assert cifar["size"] == imagenet_32["size"] == (32, 32)
     assert "ImageNet" in imagenet_32["description"] and "CIFAR-10" in cifar["description"]
+
+
+@pytest.mark.parametrize("dims", [[-1, 3, -1, -1], [-1, 3, "h", "w"], [0, 3, "h", "w"]])
+def test_non_positive_dim_values_are_dynamic(dims):
+    """Paddle2ONNX wrote dim_value -1 for a dynamic dim: taken as a size, the batch was -1 and
+    len(source) -8 ("__len__() should return >= 0"). Every non-positive dim is dynamic; the
+    number of batches is honest and a dynamic height/width takes its size from the data."""
+    model = make_model(("x", dims, TensorProto.FLOAT))
+    (spec,) = model_input_spec(model)
+    assert spec.shape == (None, 3, None, None)
+    source = open_calibration(np.zeros((8, 3, 48, 192), np.float32), model)
+    assert len(source) == 1
+    assert source.sample_shapes() == {"x": (3, 48, 192)}
+    assert [b.feeds["x"].shape for b in source.batches()] == [(8, 3, 48, 192)]
+
+
+def test_length_is_never_negative():
+    source = open_calibration(np.zeros((5, 3, 8, 8), np.float32), nchw(), batch_size=2)
+    assert len(source) == 3
+    source.batch_size = -1  # a broken subclass or caller: an error, not a negative length
+    with pytest.raises(InputError, match="must be positive"):
+        len(source)
+
+
+def test_image_folder_sample_shapes_follow_the_size_option(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png", random_pixels(rng, 20, 30))
+    source = open_calibration(tmp_path, nchw(h="h", w="w"), preprocess="raw", size=[12, 16])
+    assert source.sample_shapes() == {"x": (3, 12, 16)}
+    assert next(iter(source.batches())).feeds["x"].shape == (3, 3, 12, 16)

@@ -1,6 +1,8 @@
-"""Models from other exporters (issue 7): Keras through tf2onnx, PaddlePaddle-style, PyTorch
-TorchScript at opsets 8-13 and dynamo at opset 18 with external data (tests/fixtures/, built by
-tools/make_exporter_fixtures.py).
+"""Models from other exporters (issues 7 and 14): Keras through tf2onnx, PaddlePaddle-style,
+PyTorch TorchScript at opsets 8-13, dynamo at opsets 18 and 20 with external data, CNTK-style
+opset 8 (tests/fixtures/, built by tools/make_exporter_fixtures.py). Issue 14's fixtures have
+shapes ONNX's own inference does not give: a Reshape computed at run time at opset 8 (symbolic
+inference shapes it), dynamo's unoptimised x.view(x.size(0), -1), and a [-1, 3, h, w] input.
 
 For every fixture: `inspect` runs and says why each frozen group is frozen; the lossless oracle
 holds; OCNNA at k = 30 on random calibration data writes a valid model with the same output
@@ -35,7 +37,13 @@ EXPECTED = {
     "torch_opset8": (8, 1, None),
     "torch_symbolic_bn_after_relu": (13, None, None),
     "torch_dynamo_opset18": (18, None, "torch_dynamo_opset18.onnx.data"),
+    "cntk_opset8_bias_add": (8, None, None),
+    "torch_dynamo_view_opset20": (20, None, "torch_dynamo_view_opset20.onnx.data"),
+    "paddle_dynamic_hw_opset11": (11, -1, None),  # Paddle2ONNX's dim_value -1
 }
+# One sample's shape (no batch axis) for fixtures whose input height and width are dynamic:
+# the text-direction classifier reads 48 x 192 lines.
+SIZES = {"paddle_dynamic_hw_opset11": {"x": (3, 48, 192)}}
 NAMES = sorted(EXPECTED)
 # The exporter patterns each fixture is there for: op types it must contain, and (consumer,
 # producer) pairs such as a BatchNormalization reading a Relu (tf2onnx writes a Keras
@@ -51,8 +59,13 @@ PATTERNS = {
     "torch_symbolic_bn_after_relu": ({"Shape", "Gather", "Unsqueeze", "Concat", "Reshape", "Gemm"},
                                      [("BatchNormalization", "Relu")]),
     "torch_dynamo_opset18": ({"Sigmoid", "Mul", "Concat", "ReduceMean", "Reshape", "Gemm"}, []),
+    "cntk_opset8_bias_add": ({"Shape", "Gather", "Unsqueeze", "Concat", "Reshape", "Add", "MatMul"},
+                             [("Add", "Conv"), ("Conv", "Reshape")]),
+    "torch_dynamo_view_opset20": ({"Shape", "Squeeze", "Concat", "Reshape", "Gemm"}, [("Reshape", "Concat")]),
+    "paddle_dynamic_hw_opset11": ({"Clip", "Div", "Shape", "Slice", "MatMul", "Softmax"},
+                                  [("Mul", "Clip"), ("Reshape", "Concat")]),
 }
-DEPTHWISE_OR_GROUPED = {"keras_mobilenet", "paddle_se_opset11", "torch_dynamo_opset18"}
+DEPTHWISE_OR_GROUPED = {"keras_mobilenet", "paddle_se_opset11", "torch_dynamo_opset18", "paddle_dynamic_hw_opset11"}
 
 
 def _path(name: str) -> Path:
@@ -69,9 +82,12 @@ def _input_dims(model: onnx.ModelProto) -> list:
     return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
 
 
-def _calibration(model: onnx.ModelProto, samples: int = 16, seed: int = 0) -> np.ndarray:
-    """Random N(0, 1) samples shaped like one model input, [samples, *dims without batch]."""
+def _calibration(model: onnx.ModelProto, samples: int = 16, seed: int = 0, name: str | None = None) -> np.ndarray:
+    """Random N(0, 1) samples shaped like one model input, [samples, *dims without batch]
+    (fixture ``name``'s SIZES where the model's height and width are dynamic)."""
     dims = _input_dims(model)[1:]
+    if name in SIZES:
+        dims = list(next(iter(SIZES[name].values())))
     return np.random.default_rng(seed).standard_normal([samples, *dims]).astype(np.float32)
 
 
@@ -126,7 +142,7 @@ def test_inspect_gives_a_reason_for_every_frozen_group(name, capsys):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_lossless_oracle(name):
-    result = check_lossless(_load(name), fraction=0.3, seed=1)
+    result = check_lossless(_load(name), fraction=0.3, seed=1, sizes=SIZES.get(name))
     assert result["max_rel_error"] < 1e-5, result
     assert result["removed"] > 0
     assert result["after_params"] < result["before_params"]
@@ -135,10 +151,10 @@ def test_lossless_oracle(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_ocnna_k30_on_random_calibration(name, tmp_path):
     model = _load(name)
-    pruned, report = api.compress(model, _calibration(model), percentile=30, progress=False)
+    pruned, report = api.compress(model, _calibration(model, name=name), percentile=30, progress=False)
     path = save_model(pruned, tmp_path / "pruned.onnx")
     onnx.checker.check_model(str(path), full_check=True)
-    feeds = sample_feeds(model, batch=2, seed=3)
+    feeds = sample_feeds(model, batch=2, seed=3, sizes=SIZES.get(name))
     before = ort_session(model).run(None, feeds)
     after = ort_session(path).run(None, feeds)
     assert [a.shape for a in after] == [b.shape for b in before]
@@ -225,3 +241,33 @@ def test_shape_vector_followed_through_gather_and_slice(entry, frozen):
         assert len(reasons) == 1 and "reads the channel count (used by ReduceMax" in reasons[0]
     else:
         assert reasons == [""]
+
+
+def test_dynamic_height_width_calibrated_from_npy(tmp_path, capsys):
+    """Issue 14's crash: a Paddle2ONNX classifier with input [-1, 3, h, w] calibrated from an
+    [8, 3, 48, 192] .npy. It is pruned; the output keeps the dynamic height and width (it runs
+    at another size with the original's output shapes), and the MACs are counted at 48 x 192."""
+    name = "paddle_dynamic_hw_opset11"
+    model = _load(name)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((8, 3, 48, 192)).astype(np.float32))
+    scores = api.score(model, str(calib), progress=False)
+    assert scores.samples == 8
+    out, report_path = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    code = main([str(_path(name)), str(out), "--calib", str(calib), "--percentile", "30", "--quiet",
+                 "--report", str(report_path)])
+    assert code == 0, capsys.readouterr().err
+    pruned = onnx.load(str(out))
+    assert _parameters(pruned) < _parameters(model)
+    for size in ((48, 192), (32, 100)):
+        feeds = sample_feeds(model, batch=3, sizes={"x": (3, *size)})
+        before, after = ort_session(model).run(None, feeds), ort_session(pruned).run(None, feeds)
+        assert [a.shape for a in after] == [b.shape for b in before] == [(3, 2)]
+    report = json.loads(report_path.read_text())
+    expected = api.model_stats(model, sizes={"x": (3, 48, 192)}).macs
+    assert report["before"]["macs"] == expected > 1000 * api.model_stats(model).macs
+    # Latency at the data's size; the -1 batch is dynamic, not a batch that excludes every row.
+    from onnx_ocnna.evaluate import compare_latency
+
+    rows = compare_latency(model, pruned, batches=(1,), runs=1, sizes={"x": (3, 48, 192)})
+    assert [row["batch"] for row in rows] == [1]

@@ -54,6 +54,16 @@ FIXTURE_INFO: dict[str, tuple[str, str]] = {
                                               "BatchNormalization after ReLU, x.view(x.size(0), -1)"),
     "torch_dynamo_opset18": ("torch", "PyTorch dynamo export, opset 18, symbolic batch, SiLU, grouped Conv, "
                                       "Concat, weights in torch_dynamo_opset18.onnx.data"),
+    # Issue 14: shapes that ONNX's own inference does not give.
+    "cntk_opset8_bias_add": ("helper", "CNTK 2.5-style MNIST CNN, opset 8: flat input reshaped by a shape computed "
+                                       "at run time (ONNX inference leaves every later tensor of unknown rank), "
+                                       "Conv + bias `Plus` (Add of a [C, 1, 1] parameter), MatMul + Add head"),
+    "torch_dynamo_view_opset20": ("torch", "PyTorch dynamo export, opset 20, symbolic batch, x.view(x.size(0), -1) "
+                                           "as Reshape to a shape built from Shape, weights in "
+                                           "torch_dynamo_view_opset20.onnx.data"),
+    "paddle_dynamic_hw_opset11": ("helper", "Paddle2ONNX-style text-direction classifier, opset 11, input "
+                                            "[-1, 3, h, w] (batch as dim_value -1, dynamic height and width), fed "
+                                            "48x192 lines"),
 }
 
 # Input shapes without the batch axis (NHWC for Keras).
@@ -296,8 +306,21 @@ def _torch_models() -> dict:
             x = torch.nn.functional.adaptive_avg_pool2d(self.mix(x), 1).flatten(1)
             return self.fc(x)
 
+    class ViewHead(nn.Module):
+        """A small MNIST CNN flattened with x.view(x.size(0), -1) (issue 14)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 8, 3)
+            self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.fc = nn.Linear(16 * 7 * 7, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv2(torch.max_pool2d(torch.relu(self.conv1(x)), 2, ceil_mode=True)))
+            return self.fc(x.view(x.size(0), -1))
+
     gen = torch.Generator().manual_seed(SEED)
-    models = {"legacy": Legacy(), "bn_after_relu": BnAfterRelu(), "dynamo": Dynamo()}
+    models = {"legacy": Legacy(), "bn_after_relu": BnAfterRelu(), "dynamo": Dynamo(), "view_head": ViewHead()}
     for model in models.values():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -348,8 +371,15 @@ def build_torch(out_dir: Path, only: set[str] | None) -> dict:
                               training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True)
         if want("torch_dynamo_opset18"):
             _export_dynamo(models["dynamo"], out_dir / "torch_dynamo_opset18.onnx")
+        if want("torch_dynamo_view_opset20"):
+            _export_dynamo(models["view_head"], out_dir / "torch_dynamo_view_opset20.onnx", opset=20,
+                           sample=(1, 28, 28), optimize=False)
     if want("paddle_se_opset11"):
         onnx.save(paddle_se_graph(), str(out_dir / "paddle_se_opset11.onnx"))
+    if want("cntk_opset8_bias_add"):
+        onnx.save(cntk_bias_add_graph(), str(out_dir / "cntk_opset8_bias_add.onnx"))
+    if want("paddle_dynamic_hw_opset11"):
+        onnx.save(paddle_dynamic_hw_graph(), str(out_dir / "paddle_dynamic_hw_opset11.onnx"))
     import onnxscript
 
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
@@ -374,18 +404,24 @@ def _float_constants(model):
     return model
 
 
-def _export_dynamo(model, path: Path) -> None:
-    """torch.export-based exporter at opset 18, dynamic batch, all initializers in ``<name>.data``."""
+def _export_dynamo(model, path: Path, opset: int = 18, sample: tuple[int, ...] = TORCH_INPUT,
+                   optimize: bool = True) -> None:
+    """torch.export-based exporter at ``opset``, dynamic batch, all initializers in ``<name>.data``.
+
+    ``sample`` is one input without the batch axis, e.g. (C, H, W). ``optimize=False`` keeps
+    the graph as the exporter translated it (onnxscript's optimiser folds a Reshape target
+    built from Shape into a constant; older exporters and unoptimised exports do not).
+    """
     import contextlib
     import io
 
     import torch
 
-    x = torch.randn(2, *TORCH_INPUT)
+    x = torch.randn(2, *sample)
     with contextlib.redirect_stdout(io.StringIO()):
-        program = torch.onnx.export(model, (x,), dynamo=True, opset_version=18, input_names=["input"],
+        program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
                                     output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                    verbose=False)
+                                    verbose=False, optimize=optimize)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     program.save(str(path), external_data=True)
@@ -488,6 +524,147 @@ def paddle_se_graph():
     return model
 
 
+# =========================================================================== issue 14: shapes
+
+
+class _HelperGraph:
+    """Nodes and initializers for the onnx.helper fixtures, with random weights from one seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list = []
+        self.inits: list = []
+
+    def param(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, kind: str, inputs: list[str], name: str, **attrs) -> str:
+        from onnx import helper
+
+        out = f"{name}_Output_0"
+        self.nodes.append(helper.make_node(kind, inputs, [out], name=name, **attrs))
+        return out
+
+
+def cntk_bias_add_graph():
+    """A CNTK 2.5-style MNIST CNN at opset 8 whose tensors ONNX's shape inference cannot shape.
+
+    CNTK writes a Convolution's bias as a separate ``Plus`` node adding a [C, 1, 1] parameter
+    (``Parameter6``), names nodes ``Convolution28`` / ``Plus30`` / ``ReLU32`` / ``Pooling66``
+    and outputs ``<node>_Output_0``, and Dense as ``Times`` (MatMul) + ``Plus``. The flat
+    [N, 784] input is reshaped to [N, 1, 28, 28] by a shape computed at run time (Shape ->
+    Gather -> Unsqueeze -> Concat with [1, 28, 28]): ONNX has no data propagation for these
+    opset-8 operators, so every tensor after the Reshape has unknown rank in ONNX's inference,
+    while ONNX Runtime's symbolic inference shapes them all.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = _HelperGraph(SEED + 14)
+    rng = g.rng
+    shape = g.op("Shape", ["Input3"], "Shape1")
+    batch = g.op("Gather", [shape, g.param("Constant2", np.array(0, np.int64))], "Gather3", axis=0)
+    batch = g.op("Unsqueeze", [batch], "Unsqueeze4", axes=[0])
+    target = g.op("Concat", [batch, g.param("Constant5", np.array([1, 28, 28], np.int64))], "Concat6", axis=0)
+    x = g.op("Reshape", ["Input3", target], "Reshape7")
+    counter = 28
+    for c_in, c_out in ((1, 8), (8, 16)):
+        w = g.param(f"Parameter{counter - 23}", rng.normal(0, (2.0 / (c_in * 25)) ** 0.5, (c_out, c_in, 5, 5))
+                    .astype(np.float32))
+        x = g.op("Conv", [x, w], f"Convolution{counter}", kernel_shape=[5, 5], strides=[1, 1],
+                 auto_pad="SAME_UPPER", group=1, dilations=[1, 1])
+        bias = g.param(f"Parameter{counter - 22}", rng.normal(0, 0.1, (c_out, 1, 1)).astype(np.float32))
+        x = g.op("Add", [x, bias], f"Plus{counter + 2}")
+        x = g.op("Relu", [x], f"ReLU{counter + 4}")
+        x = g.op("MaxPool", [x], f"Pooling{counter + 38}", kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 0])
+        counter += 82
+    x = g.op("Reshape", [x, g.param("Pooling160_Output_0_reshape0_shape", np.array([-1, 16 * 7 * 7], np.int64))],
+             "Times212_reshape0")
+    x = g.op("MatMul", [x, g.param("Parameter193", rng.normal(0, 0.05, (16 * 7 * 7, 10)).astype(np.float32))],
+             "Times212")
+    g.op("Add", [x, g.param("Parameter194", rng.normal(0, 0.1, 10).astype(np.float32))], "Plus214")
+    graph = helper.make_graph(
+        g.nodes, "CNTKGraph",
+        [helper.make_tensor_value_info("Input3", TensorProto.FLOAT, ["N", 28 * 28])],
+        [helper.make_tensor_value_info("Plus214_Output_0", TensorProto.FLOAT, ["N", 10])],
+        g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], producer_name="CNTK",
+                              producer_version="2.5.1")
+    model.ir_version = 4
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def paddle_dynamic_hw_graph():
+    """A PaddleOCR text-direction classifier (PP-LCNet-like) as Paddle2ONNX writes it at opset 11,
+    with every dimension but the channels dynamic.
+
+    The input ``x`` is [N, 3, H, W]: the batch as ``dim_value -1`` (what the Python
+    Paddle2ONNX wrote for an unknown dim; the checker accepts it) and height and width as
+    dim_params; it is fed 48 x 192 text lines. Conv + BatchNormalization, hard_swish as
+    ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)``, a depthwise separable block, GlobalAveragePool,
+    flatten as Reshape to Concat(Slice(Shape(x), 0:1), [-1]), MatMul + Add, Softmax.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = _HelperGraph(SEED + 11)
+    rng = g.rng
+    count = {"conv2d": 0, "batch_norm": 0, "tmp": 0}
+
+    def op(kind: str, inputs: list[str], **attrs) -> str:
+        count["tmp"] += 1
+        return g.op(kind, inputs, f"p2o.{kind}.{count['tmp']}", **attrs)
+
+    def conv_bn(x: str, c_in: int, c_out: int, k: int, stride: int, group: int = 1) -> str:
+        i = count["conv2d"]
+        count["conv2d"] += 1
+        w = g.param(f"conv2d_{i}.w_0", rng.normal(0, (2.0 / (c_in // group * k * k)) ** 0.5,
+                                                    (c_out, c_in // group, k, k)).astype(np.float32))
+        x = op("Conv", [x, w], dilations=[1, 1], group=group, kernel_shape=[k, k], pads=[k // 2] * 4,
+               strides=[stride, stride])
+        j = count["batch_norm"]
+        count["batch_norm"] += 1
+        params = [g.param(f"batch_norm_{j}.w_0", rng.uniform(0.5, 1.5, c_out).astype(np.float32)),
+                  g.param(f"batch_norm_{j}.b_0", rng.normal(0, 0.1, c_out).astype(np.float32)),
+                  g.param(f"batch_norm_{j}.w_1", rng.normal(0, 0.1, c_out).astype(np.float32)),
+                  g.param(f"batch_norm_{j}.w_2", rng.uniform(0.5, 1.5, c_out).astype(np.float32))]
+        return op("BatchNormalization", [x] + params, epsilon=1e-5, momentum=0.9)
+
+    def number(value: float) -> str:
+        return g.param(f"p2o.helper.constant.{len(g.inits)}", np.array(value, np.float32))
+
+    def hard_swish(x: str) -> str:
+        clipped = op("Clip", [op("Add", [x, number(3.0)]), number(0.0), number(6.0)])
+        return op("Div", [op("Mul", [x, clipped]), number(6.0)])
+
+    x = hard_swish(conv_bn("x", 3, 8, 3, 2))
+    x = hard_swish(conv_bn(x, 8, 8, 3, 1, group=8))
+    x = hard_swish(conv_bn(x, 8, 16, 1, 1))
+    x = hard_swish(conv_bn(x, 16, 16, 3, 2, group=16))
+    x = hard_swish(conv_bn(x, 16, 32, 1, 1))
+    x = op("GlobalAveragePool", [x])
+    batch = op("Slice", [op("Shape", [x]), g.param("p2o.slice.starts", np.array([0], np.int64)),
+                         g.param("p2o.slice.ends", np.array([1], np.int64)),
+                         g.param("p2o.slice.axes", np.array([0], np.int64))])
+    x = op("Reshape", [x, op("Concat", [batch, g.param("p2o.flatten.rest", np.array([-1], np.int64))], axis=0)])
+    x = op("MatMul", [x, g.param("linear_0.w_0", rng.normal(0, 0.2, (32, 2)).astype(np.float32))])
+    x = op("Add", [x, g.param("linear_0.b_0", rng.normal(0, 0.1, 2).astype(np.float32))])
+    g.nodes.append(helper.make_node("Softmax", [x], ["softmax_0.tmp_0"], name="p2o.Softmax.0", axis=1))
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])
+    graph = helper.make_graph(g.nodes, "paddle-infer", [value],
+                              [helper.make_tensor_value_info("softmax_0.tmp_0", TensorProto.FLOAT, [-1, 2])],
+                              g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], producer_name="PaddlePaddle")
+    model.ir_version = 6
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 # =========================================================================== driver
 
 
@@ -505,7 +682,7 @@ def _check_sizes(out_dir: Path) -> None:
 
 README_HEAD = """# Exporter fixtures
 
-Small ONNX models as other exporters write them (issue 7), used by tests/test_exporter_fixtures.py.
+Small ONNX models as other exporters write them (issues 7 and 14), used by tests/test_exporter_fixtures.py.
 Weights are random (fixed seeds); BatchNormalization statistics are random too, so a wrong slice
 shows in the outputs. Regenerate with
 
@@ -537,6 +714,21 @@ Notes on what the exporters actually wrote:
   float Constant and a Cast to int64; it forgets to change the tensor's type, which the script
   does (the full checker rejects an int64 Constant at opset 8).
 - `torch_dynamo_opset18.onnx` keeps every initializer in `torch_dynamo_opset18.onnx.data`.
+
+Issue 14, shapes that ONNX's own inference does not give (each is pruned, not only accepted):
+
+- `cntk_opset8_bias_add` is written with onnx.helper after CNTK 2.5's MNIST export: a bias as a
+  `Plus` node adding a [C, 1, 1] parameter, `<node>_Output_0` names, and a flat [N, 784] input
+  reshaped to [N, 1, 28, 28] by Shape -> Gather -> Unsqueeze -> Concat. ONNX has no data
+  propagation for these opset-8 operators, so its inference leaves every later tensor of
+  unknown rank ("Add 'Plus30' has inputs of unknown rank"); ONNX Runtime's symbolic shape
+  inference gives them all.
+- `torch_dynamo_view_opset20` is exported with `optimize=False`: onnxscript's optimiser would
+  fold the target of `x.view(x.size(0), -1)` into a constant; unoptimised (and with older
+  exporters) it is Shape(start 0, end 1) -> Squeeze -> Reshape -> Concat with [-1], read by a
+  Reshape `node_view` with allowzero=1. Symbolic inference gives its output [batch, 784].
+- `paddle_dynamic_hw_opset11` declares its input [-1, 3, h, w] with the batch as dim_value -1;
+  calibrated from an [8, 3, 48, 192] array it crashed with a negative number of batches.
 """
 
 

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_ocnna.channels.context import AnalysisContext, KeepFn
 from onnx_ocnna.channels.registry import handler_for
+from onnx_ocnna.shapes import infer_model
 
 # Ops a filter's activation is followed through before it is measured (SPEC section 1).
 _CHAIN_OPS = {
@@ -100,13 +101,16 @@ class ChannelAnalysis:
         return hits
 
 
-def prepare_graph(model: onnx.ModelProto) -> gs.Graph:
+def prepare_graph(model: onnx.ModelProto, observed: dict | None = None) -> gs.Graph:
     """Constant-fold and shape-infer a model into a graph-surgeon graph in topological order.
 
     Folding turns exporter-built constant subgraphs (the Pad amounts of option-A shortcuts,
-    Reshape targets) into constants the handlers can read and rewrite.
+    Reshape targets) into constants the handlers can read and rewrite. Shapes come from the
+    best source available (:mod:`onnx_ocnna.shapes`: the model's value_info, ONNX inference,
+    ONNX Runtime's symbolic inference, then ``observed`` run-time shapes from
+    :func:`onnx_ocnna.shapes.observed_shapes`).
     """
-    graph = gs.import_onnx(_infer(model))
+    graph = gs.import_onnx(infer_model(model, observed))
     try:
         import onnxruntime
 
@@ -117,11 +121,13 @@ def prepare_graph(model: onnx.ModelProto) -> gs.Graph:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(exported, model)
-    graph = gs.import_onnx(_infer(exported))
+    graph = gs.import_onnx(infer_model(exported, observed))
     return graph
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference alone, from scratch: for a rewritten model about to be written,
+    whose value_info must say only what ONNX itself derives."""
     cleared = onnx.ModelProto()
     cleared.CopyFrom(model)
     del cleared.graph.value_info[:]

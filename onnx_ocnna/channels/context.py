@@ -51,7 +51,27 @@ class RewriteAttr:
     value: Callable[[KeepFn], object]
 
 
-Edit = SliceInput | RewriteInput | RewriteAttr
+@dataclass
+class ConstantInput:
+    """Replace input ``index`` of ``node``, computed at run time, by the constant ``value(keep)``
+    once keep(ids) drops one of ``ids``; ``attrs`` are set on ``node`` at the same time.
+
+    For a Reshape target that shape inference reduces to constants and copied input dims (a
+    flatten built from ``Shape``): the computed value would still name the old channel count.
+    """
+
+    node: gs.Node
+    index: int
+    ids: np.ndarray
+    value: Callable[[KeepFn], np.ndarray]
+    attrs: dict = field(default_factory=dict)
+
+
+Edit = SliceInput | RewriteInput | RewriteAttr | ConstantInput
+
+SHAPE_HINT = ("no shape source (the model's value_info, ONNX shape inference, ONNX Runtime's symbolic shape "
+              "inference) gives it; declaring the shapes in the model's value_info would unfreeze it")
+"""What would unfreeze a group frozen for a missing shape, appended to the reason."""
 
 
 @dataclass
@@ -79,6 +99,9 @@ class AnalysisContext:
     producers: list[Producer] = field(default_factory=list)
     # Sets of element ids of which at least one must survive (a Split piece, a Slice result).
     nonempty: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    # Expand node name -> element ids of the tensor whose Shape is its whole target
+    # (``y.expand_as(x)``): the Expand's input must keep as many channels as that tensor.
+    expand_targets: dict[str, np.ndarray] = field(default_factory=dict)
     _consumers: dict[str, list[gs.Node]] = field(default_factory=dict)
 
     # --- tensors -----------------------------------------------------------------------
@@ -133,6 +156,11 @@ class AnalysisContext:
     def opaque(self, node: gs.Node, reason: str) -> None:
         """The node is not understood: its inputs' channels are frozen, its outputs untracked."""
         self.freeze_inputs(node, reason)
+
+    def shape_unknown(self, node: gs.Node, what: str) -> None:
+        """``opaque`` for a node the analysis cannot follow because a shape is unknown; the
+        reason names the node, the operator and what would unfreeze it."""
+        self.opaque(node, f"{describe(node)} {what}: {SHAPE_HINT}")
 
     def new_frozen(self, count: int, node: gs.Node, reason: str, kind: str = "opaque") -> np.ndarray:
         ids = self.space.new(count, kind, node.name)

@@ -58,7 +58,7 @@ def broadcast(ctx: AnalysisContext, node: gs.Node) -> None:
     if not tracked:
         return
     if out_rank is None or any(r is None for r in ranks):
-        ctx.opaque(node, f"{describe(node)} has inputs of unknown rank")
+        ctx.shape_unknown(node, "has inputs of unknown rank")
         return
     aligned = {layout.axis + out_rank - ranks[i] for i, layout in tracked}
     sizes = {layout.size for _, layout in tracked}
@@ -95,7 +95,7 @@ def concat(ctx: AnalysisContext, node: gs.Node) -> None:
     if all(layout is None for layout in layouts):
         return
     if rank is None:
-        ctx.opaque(node, f"{describe(node)} has an output of unknown rank")
+        ctx.shape_unknown(node, "has an output of unknown rank")
         return
     axis = int(node.attrs.get("axis", 1)) % rank
     tracked = [layout for layout in layouts if layout is not None]
@@ -115,7 +115,7 @@ def concat(ctx: AnalysisContext, node: gs.Node) -> None:
             continue
         shape = ctx.shape(tensor)
         if shape is None or not isinstance(shape[axis], int):
-            ctx.opaque(node, f"{describe(node)}: input '{tensor.name}' has an unknown channel count")
+            ctx.shape_unknown(node, f"input '{tensor.name}' has an unknown channel count")
             return
         pieces.append(ctx.new_frozen(shape[axis], node, f"{describe(node)} input '{tensor.name}' is not a tracked channel source"))
     ctx.set_layout(node.outputs[0], Layout(axis, rank, np.concatenate(pieces)))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_ocnna.channels.context import AnalysisContext, RewriteInput, describe
+from onnx_ocnna.channels.context import AnalysisContext, ConstantInput, RewriteInput, describe
 from onnx_ocnna.channels.ops_elementwise import ints_from
 from onnx_ocnna.channels.space import Layout
 
@@ -43,14 +43,22 @@ def flatten(ctx: AnalysisContext, node: gs.Node) -> None:
         return
     dims = ctx.shape(node.inputs[0])
     axis = int(node.attrs.get("axis", 1)) % (layout.rank + 1) if layout.rank else 0
-    if dims is None or layout.axis < axis:
+    if dims is None:
+        ctx.shape_unknown(node, "has an input of unknown shape")
+        return
+    if layout.axis < axis:
         ctx.opaque(node, f"{describe(node)} merges the channel axis into the batch axis")
         return
     ids = _merged_layout(layout, dims, axis, layout.rank)
     if ids is None:
-        ctx.opaque(node, f"{describe(node)} flattens channels with dynamic spatial dims")
+        ctx.opaque(node, f"{describe(node)} flattens channels with dynamic spatial dims {dims}: each channel's "
+                         "share of the output changes with the input size; a fixed input height and width would "
+                         "unfreeze it")
         return
     ctx.set_layout(node.outputs[0], Layout(1, 2, ids))
+
+
+_RESHAPE_HINT = "a constant target, or value_info giving the output shape, would unfreeze it"
 
 
 def _static_prod(dims: list) -> int | None:
@@ -67,7 +75,7 @@ def reshape(ctx: AnalysisContext, node: gs.Node) -> None:
     if in_dims is not None and (out_dims is None or not all(isinstance(d, int) for d in out_dims[1:])):
         out_dims = _target_dims(ctx, node, in_dims) or out_dims
     if in_dims is None or out_dims is None:
-        ctx.opaque(node, f"{describe(node)} has tensors of unknown shape")
+        ctx.shape_unknown(node, "has tensors of unknown shape")
         return
     match = None
     for start in range(layout.axis, -1, -1):
@@ -91,12 +99,18 @@ def reshape(ctx: AnalysisContext, node: gs.Node) -> None:
         if match:
             break
     if match is None:
-        ctx.opaque(node, f"{describe(node)} splits or scatters the channel axis (e.g. a channel shuffle)")
+        if any(not isinstance(d, int) for d in out_dims[1:]):
+            # Not shown to split anything: the output shape is simply not known.
+            ctx.opaque(node, f"{describe(node)} reshapes channels to a shape computed at run time that shape "
+                             f"inference does not reduce (output {out_dims}); {_RESHAPE_HINT}")
+        else:
+            ctx.opaque(node, f"{describe(node)} splits or scatters the channel axis (e.g. a channel shuffle)")
         return
     start, stop, b = match
     ids = _merged_layout(layout, in_dims, start, stop)
     if ids is None:
-        ctx.opaque(node, f"{describe(node)} merges channels with dynamic dims")
+        ctx.opaque(node, f"{describe(node)} merges channels with dynamic dims {in_dims}; a fixed input size "
+                         "would unfreeze it")
         return
     if not _shape_entry_rewritable(ctx, node, b, ids, start == stop - 1 == b):
         return
@@ -172,10 +186,11 @@ def _shape_entry_rewritable(ctx: AnalysisContext, node: gs.Node, b: int, ids: np
                 break
             if offset <= b < offset + piece_shape[0]:
                 value = ctx.constant(piece)
-                if value is None or int(node.attrs.get("allowzero", 0)):
+                if value is None:
                     break
                 entry = int(value[b - offset])
-                if entry == -1 or (entry == 0 and copies):
+                # allowzero=1 (the dynamo exporter's default) makes a 0 literal; -1 still infers.
+                if entry == -1 or (entry == 0 and copies and not int(node.attrs.get("allowzero", 0))):
                     return True
                 if entry > 0 and _sole_path(node.inputs[1], producer):
                     def piece_value(keep, value=value.copy(), at=b - offset):
@@ -187,8 +202,48 @@ def _shape_entry_rewritable(ctx: AnalysisContext, node: gs.Node, b: int, ids: np
                     return True
                 break
             offset += piece_shape[0]
-    ctx.opaque(node, f"{describe(node)} reshapes channels to a shape computed at run time")
+    if _constant_target(ctx, node, b, ids):
+        return True
+    ctx.opaque(node, f"{describe(node)} reshapes channels to a shape computed at run time that shape inference "
+                     f"does not reduce to constants and copied input dims (output {ctx.shape(node.outputs[0])}); "
+                     f"{_RESHAPE_HINT}")
     return False
+
+
+def _constant_target(ctx: AnalysisContext, node: gs.Node, b: int, ids: np.ndarray) -> bool:
+    """A run-time target whose every output dim shape inference knows as a constant or as the
+    input's dim at the same position (the batch of a flatten built from ``Shape``): once
+    channels go, it is replaced by a constant, the copied dims as 0 (or -1 if there is one).
+
+    Args:
+        b: the output axis that holds the channels; ids: their element ids, [out_dims[b]].
+    """
+    in_dims, out_dims = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    if in_dims is None or out_dims is None or len(node.inputs) < 2:
+        return False
+    entries: list[int] = []
+    copied: list[int] = []
+    for i, dim in enumerate(out_dims):
+        if isinstance(dim, int) and dim > 0:
+            entries.append(dim)
+        elif isinstance(dim, str) and i < len(in_dims) and in_dims[i] == dim:
+            entries.append(0)
+            copied.append(i)
+        else:
+            return False
+    attrs = {}
+    if len(copied) == 1:
+        entries[copied[0]] = -1  # valid whatever allowzero says
+    elif copied and int(node.attrs.get("allowzero", 0)):
+        attrs["allowzero"] = 0  # the zeros must copy
+
+    def value(keep, entries=tuple(entries)):
+        out = np.array(entries, dtype=np.int64)
+        out[b] = int(keep(ids).sum())
+        return out
+
+    ctx.add_edit(ConstantInput(node, 1, ids, value, attrs))
+    return True
 
 
 def _shape_producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -211,6 +266,72 @@ def _sole_path(tensor: gs.Tensor, producer: gs.Node) -> bool:
         tensor = node.inputs[0]
 
 
+def expand(ctx: AnalysisContext, node: gs.Node) -> None:
+    """Expand broadcasts its input to a target shape (numpy rules); channels pass through when
+    the channel dim is not broadcast. A constant target entry naming the channel count is
+    rewritten; a target computed at run time that shape inference reduces to constants and the
+    input's own dims (an SE gate expanded to [batch, C, H, W]) is replaced by a constant whose
+    channel entry is 1, right for any kept count. A target that is the whole Shape of a tracked
+    tensor (``y.expand_as(x)``) ties the input's channels to that tensor's."""
+    layout = ctx.layout(node.inputs[0])
+    shape_of = ctx.expand_targets.get(node.name or node.outputs[0].name)
+    if layout is None:
+        if shape_of is not None:
+            ctx.space.freeze(shape_of, f"{describe(node)} expands an untracked tensor to the shape of these channels")
+        return
+    if shape_of is not None:
+        if len(shape_of) != layout.size:
+            ctx.space.freeze(shape_of, f"{describe(node)} expands {layout.size} channels to {len(shape_of)}")
+            ctx.opaque(node, f"{describe(node)} expands {layout.size} channels to {len(shape_of)}")
+            return
+        ctx.space.union(layout.ids, shape_of)
+        out_rank = ctx.rank(node.outputs[0])
+        if out_rank is None:
+            ctx.shape_unknown(node, "has an output of unknown rank")
+            return
+        ctx.set_layout(node.outputs[0], Layout(layout.axis + out_rank - layout.rank, out_rank, layout.ids))
+        return
+    in_dims, out_dims = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    target_shape = ctx.shape(node.inputs[1])
+    if in_dims is None or out_dims is None or target_shape is None:
+        ctx.shape_unknown(node, "has tensors of unknown shape")
+        return
+    offset = len(out_dims) - len(in_dims)
+    axis = layout.axis + offset
+    if out_dims[axis] != layout.size:
+        ctx.opaque(node, f"{describe(node)} broadcasts the channel axis from {layout.size} to {out_dims[axis]}")
+        return
+    t_axis = axis - (len(out_dims) - int(target_shape[0])) if isinstance(target_shape[0], int) else -1
+    target = ctx.constant(node.inputs[1])
+    if target is not None:
+        target = np.asarray(target).ravel()
+        if 0 <= t_axis and int(target[t_axis]) not in (1, layout.size):
+            ctx.opaque(node, f"{describe(node)} has a target entry {int(target[t_axis])} on the channel axis")
+            return
+        if 0 <= t_axis and int(target[t_axis]) == layout.size != 1:
+            def value(keep, target=target.copy(), at=t_axis, ids=layout.ids):
+                out = target.astype(np.int64)
+                out[at] = int(keep(ids).sum())
+                return out
+
+            ctx.add_edit(RewriteInput(node, 1, value))
+    elif t_axis >= 0:
+        entries = []
+        for i, dim in enumerate(out_dims):
+            source = in_dims[i - offset] if i >= offset else None
+            if i == axis or dim == source:
+                entries.append(1)  # the input's own dim, kept by broadcasting
+            elif isinstance(dim, int) and dim > 0:
+                entries.append(dim)
+            else:
+                ctx.opaque(node, f"{describe(node)} expands channels to a shape computed at run time that shape "
+                                 f"inference does not reduce (output {out_dims}); {_RESHAPE_HINT}")
+                return
+        entries = entries[len(out_dims) - int(target_shape[0]):]
+        ctx.add_edit(ConstantInput(node, 1, layout.ids, lambda keep, entries=tuple(entries): np.array(entries)))
+    ctx.set_layout(node.outputs[0], Layout(axis, len(out_dims), layout.ids))
+
+
 def squeeze_unsqueeze(ctx: AnalysisContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if layout is None:
@@ -218,7 +339,7 @@ def squeeze_unsqueeze(ctx: AnalysisContext, node: gs.Node) -> None:
     out_rank = ctx.rank(node.outputs[0])
     axes = ints_from(ctx, node, 1, "axes")
     if out_rank is None:
-        ctx.opaque(node, f"{describe(node)} has an output of unknown rank")
+        ctx.shape_unknown(node, "has an output of unknown rank")
         return
     if node.op == "Squeeze":
         if axes is None:
@@ -313,6 +434,12 @@ def shape(ctx: AnalysisContext, node: gs.Node) -> None:
     if not (start <= layout.axis < end):
         return
     position = layout.axis - start
+    if start == 0 and end == layout.rank:
+        # The whole shape as an Expand target (y.expand_as(x)): it reads the count at run
+        # time, right after pruning if y keeps what x keeps; the Expand handler ties them.
+        for consumer in node.outputs[0].outputs:
+            if consumer.op == "Expand" and len(consumer.inputs) > 1 and consumer.inputs[1] is node.outputs[0]:
+                ctx.expand_targets[consumer.name or consumer.outputs[0].name] = layout.ids
     reader = _count_reader(ctx, node.outputs[0], {position}, end - start)
     if reader is not None:
         ctx.freeze_layout(layout, f"{describe(node)} reads the channel count (used by {describe(reader)})")
@@ -324,6 +451,9 @@ def _count_reader(ctx: AnalysisContext, vector: gs.Tensor, positions: set[int], 
     (tf2onnx's Keras Flatten reads the batch size as Shape -> Gather(perm) -> Cast ->
     Slice[0:1]); None if no node does."""
     for consumer in vector.outputs:
+        if consumer.op == "Expand" and consumer.inputs[1] is vector \
+                and (consumer.name or consumer.outputs[0].name) in ctx.expand_targets:
+            continue  # tied by the Expand handler (see shape())
         if consumer.op == "Cast":
             found = _count_reader(ctx, consumer.outputs[0], positions, length)
         elif consumer.op == "Gather" and int(consumer.attrs.get("axis", 0)) == 0 and consumer.inputs[0] is vector:

@@ -20,7 +20,8 @@ Handler = Callable[[AnalysisContext, gs.Node], None]
 
 
 def unsupported(ctx: AnalysisContext, node: gs.Node) -> None:
-    ctx.opaque(node, f"{describe(node)}: operator {node.op} is not supported by the channel analysis")
+    ctx.opaque(node, f"{describe(node)}: operator {node.op} is not supported by the channel analysis; a handler "
+                     "for it in channels/registry.py would unfreeze it")
 
 
 def graph_only(ctx: AnalysisContext, node: gs.Node) -> None:
@@ -55,6 +56,7 @@ HANDLERS: dict[str, Handler] = {
     "Transpose": ops_shape.transpose,
     "Flatten": ops_shape.flatten,
     "Reshape": ops_shape.reshape,
+    "Expand": ops_shape.expand,
     "Squeeze": ops_shape.squeeze_unsqueeze,
     "Unsqueeze": ops_shape.squeeze_unsqueeze,
     "Softmax": ops_shape.softmax,
