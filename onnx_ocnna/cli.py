@@ -134,6 +134,12 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     main.add_argument("output", type=Path, help="output .onnx model (never the input)")
     main.add_argument("--version", action="version", version=f"onnx-ocnna {__version__}")
     _add_calibration_options(main)
+    syn = main.add_argument_group("synthesized calibration data (when no --calib is given)")
+    syn.add_argument("--synthesize", type=_positive_int, metavar="N",
+                     help="without --calib: N inputs optimised so that every BatchNorm's input statistics match its "
+                          "running mean and variance (ZeroQ's distilled data; default 256, seeded by --seed)")
+    syn.add_argument("--save-calib", type=Path, metavar="FILE.npz",
+                     help="also write the synthesized inputs, keyed by input name (reusable as --calib FILE.npz)")
     _add_scoring_options(main)
     sel = main.add_argument_group("selection")
     sel.add_argument("--percentile", type=_percentile, default=40.0, metavar="K",
@@ -325,6 +331,82 @@ def _calibration_options(args) -> dict:
             "max_samples": args.max_samples, "batch_size": args.batch_size, "seed": args.seed}
 
 
+def _check_synthesis_options(args) -> bool:
+    """Whether this run synthesizes its calibration data (no --calib, and something needs data),
+    with --synthesize/--save-calib checked before any work."""
+    from onnx_ocnna.criteria import get_criterion
+    from onnx_ocnna.errors import InputError
+
+    if args.calib is not None:
+        for flag, value in (("--synthesize", args.synthesize), ("--save-calib", args.save_calib)):
+            if value is not None:
+                raise InputError(f"{flag} makes calibration data when none is given; "
+                                 "it cannot be combined with --calib")
+        return False
+    if args.save_calib is not None and args.save_calib.suffix.lower() != ".npz":
+        raise InputError(f"--save-calib writes a .npz file, got {args.save_calib}")
+    if args.max_drop is not None:
+        return False  # --max-drop says itself that it needs --calib and --eval
+    asked = args.synthesize is not None or args.save_calib is not None
+    scoring = args.plan is None
+    targets = any(t is not None for t in (args.target_params, args.target_macs, args.target_latency))
+    needs = [reason for reason, need in (
+        (f"the {args.criterion} criterion", scoring and get_criterion(args.criterion).needs_data),
+        ("the measured allocation of a target", scoring and targets and args.allocation == "measured"),
+        ("--reconstruct", bool(args.reconstruct)),
+        (f"--quantize {args.quantize}", bool(args.quantize)),
+        ("--distill without --train", args.distill and not args.train)) if need]
+    if not asked and not needs:
+        return False  # a data-free run (a weight criterion, a plan): nothing to synthesize
+    if (scoring and args.criterion == "si") or args.drop_blocks:
+        raise InputError(f"{'--drop-blocks' if args.drop_blocks else '--criterion si'} needs labelled calibration "
+                         "data and synthesized data has no labels: give --calib")
+    from onnx_ocnna import distributed
+
+    if distributed.launched():
+        raise InputError("calibration data is not synthesized under torchrun (each process would make its own): "
+                         "synthesize once with --save-calib FILE.npz, then pass --calib FILE.npz")
+    args.synthesis_needed_by = needs
+    return True
+
+
+def _synthesize_calibration(args, model):
+    """Synthesize the calibration set from ``model``'s BatchNorm statistics, say so, keep it if
+    asked (--save-calib), and put it in ``args.calib`` as an opened source every stage reads."""
+    from onnx_ocnna import api
+    from onnx_ocnna.errors import InputError
+    from onnx_ocnna.synthesize import NoBatchNormError, save_npz, synthesize
+
+    try:
+        synthesis = synthesize(model, args.synthesize or 256, seed=args.seed, size=args.size,
+                               progress=not args.quiet)
+    except NoBatchNormError:
+        needs = ", ".join(args.synthesis_needed_by) or "--synthesize"
+        data_free = " or a data-free criterion (--criterion l1)" if "criterion" in needs else ""
+        raise InputError(f"{args.input} has no BatchNormalization statistics (folded into the Convs by the exporter) "
+                         f"to synthesize calibration data from; {needs} needs real data: give --calib DATA"
+                         f"{data_free}") from None
+    if args.save_calib is not None:
+        save_npz(synthesis, args.save_calib)
+    print(f"onnx-ocnna: note: no --calib: the calibration data is SYNTHETIC, {synthesis.samples} inputs optimised "
+          f"in {synthesis.seconds:.1f} s to match the statistics of {synthesis.bn_layers} BatchNorm layers "
+          f"(loss {synthesis.match_ratio:.3f} x Gaussian noise's)"
+          + (f"; saved to {args.save_calib}" if args.save_calib is not None else ""), file=sys.stderr)
+    args.calib = api.as_source(synthesis.arrays, model, batch_size=args.batch_size, seed=args.seed)
+    if not args.calib.num_samples:  # pragma: no cover - synthesize makes at least one sample
+        raise InputError("no calibration data was synthesized")
+    return synthesis
+
+
+def _record_synthesis(report, synthesis) -> None:
+    """The report says that the calibration data is synthetic (``calibration.synthetic``)."""
+    report.calibration = {**(report.calibration or {}), "source": "synthesized", "kind": "synthetic",
+                          "samples": synthesis.samples, "labels": False, "synthetic": synthesis.describe()}
+    report.timings["synthesize_s"] = synthesis.seconds
+    report.notes.insert(0, f"the calibration data is synthetic: {synthesis.samples} inputs made from the model's "
+                           f"BatchNorm statistics (ZeroQ), no real data was seen")
+
+
 def _eval_source(args, model):
     """Held-out data, read like the calibration data but with its own sample limit."""
     from onnx_ocnna import api
@@ -357,10 +439,11 @@ def _run_main(args) -> int:
 
     _check_output(args, args.output)
     fp32_path = args.output.with_name(args.output.stem + ".fp32.onnx") if args.quantize else None
-    for extra in (args.report, args.save_plan, fp32_path, getattr(args, "plot", None)):
+    for extra in (args.report, args.save_plan, fp32_path, getattr(args, "plot", None), args.save_calib):
         if extra is not None:
             _check_output(args, extra)
-    if args.quantize and not args.calib:
+    synthesizing = _check_synthesis_options(args)
+    if args.quantize and not args.calib and not synthesizing:
         from onnx_ocnna.errors import InputError
 
         raise InputError(f"--quantize {args.quantize} needs calibration data (--calib)")
@@ -381,6 +464,7 @@ def _run_main(args) -> int:
     spent: dict[str, float] = {}  # stage seconds before the report exists
     with _timed(spent, "load_s"):
         model = api.as_model(args.input)
+    synthetic = _synthesize_calibration(args, model) if synthesizing else None
     if args.eval and args.eval != args.calib:  # the calibration data is checked by compress
         eval_options = {**_calibration_options(args), "max_samples": args.eval_samples}
         api.check_preprocessing(model, args.eval, eval_options, "the --eval data")
@@ -405,13 +489,16 @@ def _run_main(args) -> int:
             eval_data=held_out, **_compress_options(args))
     timings = report.timings = {key: spent.get(key, 0.0) + report.timings.get(key, 0.0)
                                 for key in {**spent, **report.timings}}
+    if synthetic is not None:
+        _record_synthesis(report, synthetic)
     if held_out is not None and report.accuracy is None:  # a plan, or nothing was prunable
         with _timed(timings, "evaluate_s"):
             report.record_accuracy("pruned", held_out.measure(pruned))
     if args.distill:
         with _timed(timings, "distill_s"):
             pruned, kd = _distill(args, pruned, model)
-        report.extra["distillation"] = {**kd.to_dict(), "train_data": args.train or args.calib}
+        report.extra["distillation"] = {**kd.to_dict(),
+                                        "train_data": args.train or ("synthesized" if synthetic else args.calib)}
         if held_out is not None:
             with _timed(timings, "evaluate_s"):
                 report.record_accuracy("distilled", held_out.measure(pruned))

@@ -27,7 +27,7 @@ STAGES = {"original": "original", "pruned": "after pruning", "reconstructed": "a
           "distilled": "after distillation", "int8": "after INT8 quantization", "compressed": "compressed"}
 
 # report.timings keys, in the order the stages run, and their printed names.
-TIMINGS = {"load_s": "loading", "drop_blocks_s": "block removal (SI)", "score_s": "scoring",
+TIMINGS = {"load_s": "loading", "synthesize_s": "calibration synthesis", "drop_blocks_s": "block removal (SI)", "score_s": "scoring",
            "search_s": "max-drop search (every candidate)", "allocate_s": "allocation", "rewrite_s": "selection and rewrite", "reconstruct_s": "reconstruction",
            "distill_s": "distillation", "evaluate_s": "evaluation", "bench_s": "latency",
            "quantize_s": "quantization", "write_s": "writing"}

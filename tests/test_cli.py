@@ -96,8 +96,15 @@ def test_bad_option_values(argv, model_path, tmp_path, capsys):
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_data_criterion_without_calibration(model_path, tmp_path, capsys):
-    code, _, err = _run([model_path, tmp_path / "out.onnx"], capsys)
+def test_data_criterion_without_calibration(tmp_path, capsys):
+    """Without --calib the data is synthesized from BatchNorm statistics (tests/test_synthesize.py);
+    a model without any asks for calibration data in one line."""
+    g = GraphBuilder()
+    b = g.relu(g.conv(g.relu(g.conv("x", 3, 8, name="conv_a")), 8, 6, name="conv_b"))
+    path = tmp_path / "folded.onnx"
+    save_model(g.model(["N", 3, 8, 8], g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [b])[0]])[0], 6, 4)),
+               path)
+    code, _, err = _run([path, tmp_path / "out.onnx"], capsys)
     assert "calibration" in _one_line_error(code, err)
 
 
