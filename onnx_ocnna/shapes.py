@@ -164,16 +164,11 @@ def observed_shapes(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray
     Returns:
         tensor name -> (ONNX element type, dims), for the tensors every run produced with one rank.
     """
+    from onnx_ocnna.collect import with_outputs  # collect imports the analysis, which imports this
     from onnx_ocnna.model_io import ort_session
 
     wanted = list(names) if names is not None else [o for n in model.graph.node for o in n.output if o]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in wanted:
-        if name not in present:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = ort_session(probe)
+    session = ort_session(with_outputs(model, wanted))
     order = [o.name for o in session.get_outputs() if o.name in set(wanted)]
     runs: dict[str, list[tuple[int, ...]]] = {name: [] for name in order}
     types: dict[str, int] = {}
