@@ -203,6 +203,7 @@ class DamageMeter:
         self.feeds = feeds
         self.prepared = prepared if prepared is not None else original
         self.refit = refit
+        self.sizes = dynamic_sizes(original, feeds)
         self.reference = self._log_probs(original)
         self.samples = len(self.reference)
         digest = hashlib.sha256()
@@ -260,10 +261,24 @@ def take_feeds(batches: Iterable[Batch], samples: int) -> list[dict[str, np.ndar
     return feeds
 
 
-def _costs(model: onnx.ModelProto, block: int):
-    """(model_stats, blocked MACs) of ``model`` from one shape inference."""
-    shapes = static_shapes(model)
+def _costs(model: onnx.ModelProto, block: int, sizes: dict | None = None):
+    """(model_stats, blocked MACs) of ``model`` from one shape inference; ``sizes`` (see
+    :func:`dynamic_sizes`) sets a dynamic input's height and width."""
+    shapes = static_shapes(model, sizes)
     return model_stats(model, shapes), count_macs(model, block, shapes)
+
+
+def dynamic_sizes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, tuple] | None:
+    """Input name -> one sample's shape (without the batch axis) from ``feeds``, for the inputs
+    whose non-batch dims are dynamic; None when every input's size is static. Costs and
+    latencies of such a model are counted at the size of its data, not at 1 x 1."""
+    sizes = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        if feeds and value.name in feeds[0] and any(not (d.HasField("dim_value") and d.dim_value > 0)
+                                                   for d in list(dims)[1:]):
+            sizes[value.name] = tuple(feeds[0][value.name].shape[1:])
+    return sizes or None
 
 
 def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, meter: DamageMeter, block: int,
@@ -278,7 +293,7 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
     step = step or width_step(block)
     key = (block, step, floor, meter.refit, meter.fingerprint)
     known = cache.setdefault(key, {}) if cache is not None else {}
-    base, base_blocked = _costs(pruner.model, block)
+    base, base_blocked = _costs(pruner.model, block, meter.sizes)
     todo = [g for g in groups if g.id not in known]
     plans = {g.id: candidate_widths(g.channels, step, max(1, min(g.channels, floor))) for g in todo}
     with tqdm(total=sum(len(w) - 1 for w in plans.values()), desc="allocation: damage", unit="cut",
@@ -294,7 +309,7 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
                 removed = np.sort(cut_alone[group.id])
                 if removed.size and not any(np.array_equal(removed, r.removed) for r in rows):
                     cut = pruner.rewrite({group.id: removed})
-                    stats, blocked = _costs(cut, block)
+                    stats, blocked = _costs(cut, block, meter.sizes)
                     damage = meter.measure(cut, kept_outputs(pruner.analysis, {group.id: removed}),
                                            kept_input_masks(pruner.analysis, {group.id: removed}))
                     # A narrower cut removes a superset of the channels: never count it as less harmful.
@@ -322,13 +337,13 @@ def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True
         return cache[key]
     graph_outputs = {o.name for o in pruner.model.graph.output}
     blocks = [b for b in find_residual_blocks(prepare_graph(pruner.model)) if b.output not in graph_outputs]
-    base, base_blocked = _costs(pruner.model, block)
+    base, base_blocked = _costs(pruner.model, block, meter.sizes)
     rows = []
     for residual in tqdm(blocks, desc="allocation: blocks", unit="block", disable=not progress or not blocks,
                          leave=False):
         try:
             cut = drop_blocks(pruner.model, [residual])
-            stats, blocked = _costs(cut, block)
+            stats, blocked = _costs(cut, block, meter.sizes)
             damage = meter.measure(cut, {})
         except Exception:  # noqa: BLE001 - a removal that cannot be run is no candidate, not a failed run
             continue
@@ -446,7 +461,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit)
     table = measure_candidates(pruner, scores, groups, meter, block, options.min_channels, progress, cache,
                                step=width_step(block, objective))
-    base, base_blocked = _costs(pruner.model, block)
+    sizes = meter.sizes
+    base, base_blocked = _costs(pruner.model, block, sizes)
     # A block is a pseudo-group with two rows, kept and removed, under a negative id.
     residuals = measure_blocks(pruner, meter, block, progress, cache) if blocks else []
     for index, (_, row) in enumerate(residuals):
@@ -471,9 +487,9 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         def fits(state):
             cut = rewrite(state)
             if kind == "blocked":
-                value = count_macs(cut, block) / total
+                value = count_macs(cut, block, static_shapes(cut, sizes)) / total
             else:
-                stats = model_stats(cut)
+                stats = model_stats(cut, sizes=sizes)
                 value = (stats.parameters if kind == "params" else stats.macs) / total
             achieved["ratio"] = value
             return value <= ratio
@@ -486,7 +502,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         state, achieved = solve(objective, target)
     else:
         state, achieved, latency_rows = _search_latency(pruner, solve, rewrite, target, latency_batch,
-                                                        latency_threads, progress)
+                                                        latency_threads, progress, sizes)
     choices = []
     for group in groups:
         row = table[group.id][state[group.id]]
@@ -502,7 +518,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
                       time.perf_counter() - start, latency_rows, dropped=dropped(state), blocks=block_rows)
 
 
-def _search_latency(pruner, solve, rewrite, target: float, batch: int, threads: int, progress: bool):
+def _search_latency(pruner, solve, rewrite, target: float, batch: int, threads: int, progress: bool,
+                    sizes: dict | None = None):
     """Search the blocked-MACs budget until the measured latency ratio meets ``target``; of the
     allocations that measure fast enough the widest (loosest budget) wins."""
     from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
@@ -517,13 +534,13 @@ def _search_latency(pruner, solve, rewrite, target: float, batch: int, threads: 
         key = tuple(sorted(state.items()))  # a state is one selection: widths and removed blocks
         if key not in measured:
             cut = rewrite(state)
-            row = interleaved_latency(pruner.model, cut, batch, threads, runs=20)
+            row = interleaved_latency(pruner.model, cut, batch, threads, runs=20, sizes=sizes)
             ratio = row["after_ms"] / row["before_ms"]
             if ratio <= target:
                 # Timed again before it is trusted, and the slower of the two counts: on a
                 # loaded machine one timing of a ResNet-56 cut measured 0.24 of the original
                 # where it measures 0.52 (interleaving evens out load, not a stall of one run).
-                again = interleaved_latency(pruner.model, cut, batch, threads, runs=20)
+                again = interleaved_latency(pruner.model, cut, batch, threads, runs=20, sizes=sizes)
                 row["first_ratio"] = ratio
                 ratio = max(ratio, again["after_ms"] / again["before_ms"])
             measured[key] = ratio

@@ -508,7 +508,9 @@ def _run_main(args) -> int:
         from onnx_ocnna.evaluate import compare_latency
 
         with _timed(timings, "bench_s"):
-            report.latency = compare_latency(model, pruned)
+            # A dynamic input height and width are timed at the calibration data's size, not 1 x 1.
+            sizes = api._sample_shapes(args.calib, model, _calibration_options(args)) if args.calib else None
+            report.latency = compare_latency(model, pruned, sizes=sizes)
     external = uses_external_data(args.input) or None
     if args.quantize:
         _quantize_into(args, model, pruned, fp32_path, report, external, held_out)
