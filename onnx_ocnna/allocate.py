@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnx_ocnna.calibration import Batch
+from onnx_ocnna.calibration import Batch, model_input_spec
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.metrics import count_macs, model_stats, static_shapes
 from onnx_ocnna.model_io import ort_session
@@ -272,12 +272,8 @@ def dynamic_sizes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
     """Input name -> one sample's shape (without the batch axis) from ``feeds``, for the inputs
     whose non-batch dims are dynamic; None when every input's size is static. Costs and
     latencies of such a model are counted at the size of its data, not at 1 x 1."""
-    sizes = {}
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        if feeds and value.name in feeds[0] and any(not (d.HasField("dim_value") and d.dim_value > 0)
-                                                   for d in list(dims)[1:]):
-            sizes[value.name] = tuple(feeds[0][value.name].shape[1:])
+    sizes = {spec.name: tuple(feeds[0][spec.name].shape[1:]) for spec in model_input_spec(model)
+             if feeds and spec.name in feeds[0] and None in spec.shape[1:]}
     return sizes or None
 
 

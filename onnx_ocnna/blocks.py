@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_ocnna.channels.analysis import _infer, _restore_model_fields, prepare_graph
+from onnx_ocnna.channels.analysis import _restore_model_fields, prepare_graph
+from onnx_ocnna.shapes import onnx_inference
 from onnx_ocnna.collect import with_outputs
 from onnx_ocnna.criteria.si import separation_index
 from onnx_ocnna.errors import InputError
@@ -146,7 +147,7 @@ def drop_blocks(model: onnx.ModelProto, blocks: list[ResidualBlock], graph: gs.G
             tensor.shape = None
     result = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(result, model)
-    return _infer(result)
+    return onnx_inference(result)
 
 
 def select_blocks(model: onnx.ModelProto, batches, si_epsilon: float = 0.0, max_samples: int = 2000,

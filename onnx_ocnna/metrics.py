@@ -8,7 +8,7 @@ from typing import Sequence
 
 import onnx
 
-from onnx_ocnna.shapes import infer_model
+from onnx_ocnna.shapes import infer_model, onnx_inference
 
 
 @dataclass
@@ -53,10 +53,8 @@ def static_shapes(model: onnx.ModelProto, sizes: dict[str, Sequence[int]] | None
         sizes: input name -> one sample's shape without the batch axis (e.g. (3, 48, 192)),
             for inputs with a dynamic height and width: their MACs are counted at that size.
     """
-    from onnx_ocnna.channels.analysis import _infer
-
     model = with_input_sizes(model, sizes) if sizes else model
-    shapes = _shapes_of(_infer(model))
+    shapes = _shapes_of(onnx_inference(model))
     if _counted_layers_shaped(model, shapes):
         return shapes
     return _shapes_of(infer_model(model))

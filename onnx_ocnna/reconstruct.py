@@ -557,7 +557,7 @@ def _clip_range(node, inits) -> tuple[float | None, float]:
     """(low, high) of a Clip (attributes before opset 11, optional inputs after); (None, _)
     when a bound is not a constant."""
     low, high = _attr(node, "min", -np.inf), _attr(node, "max", np.inf)
-    for index, default in ((1, -np.inf), (2, np.inf)):
+    for index in (1, 2):
         if len(node.input) > index and node.input[index]:
             if node.input[index] not in inits:
                 return None, np.inf
@@ -650,7 +650,7 @@ def _accumulate(model, node, target, targets, feeds, rows, bounds: ActivationBou
         added = targets.added(target, index) if bounds is not None else None
         if addend is not None and added is not None:
             mine = targets.sample_like(target, index, values[addend])
-            if mine is not None and mine.shape == added.shape:
+            if mine.shape == added.shape:
                 scale = np.ones(t.shape[1]) if bounds.scale is None else bounds.scale
                 with np.errstate(divide="ignore", invalid="ignore"):
                     shift = np.where(scale != 0, (added - mine) / scale[None], 0.0)
@@ -755,8 +755,7 @@ class _Targets:
             return self.cache[name][batch]
         if name not in self._sessions:
             wanted = [name] + ([self.addends[name]] if name in self.addends else [])
-            model = with_outputs(self.original, wanted) if len(wanted) > 1 else _up_to(self.original, name)
-            self._sessions = {name: ort_session(model, spinning=False)}
+            self._sessions = {name: ort_session(_up_to(self.original, *wanted), spinning=False)}
         session = self._sessions[name]
         values = dict(zip([o.name for o in session.get_outputs()],
                           session.run(None, _inputs(session, self.feeds[batch]))))

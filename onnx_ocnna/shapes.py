@@ -86,18 +86,30 @@ def _name_dynamic_input_dims(model: onnx.ModelProto) -> None:
                 dim.dim_param = f"{value.name}_dim{axis}"
 
 
-def _onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference from scratch (the model's value_info is a separate source)."""
+def onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference alone, from scratch (value_info cleared), with data propagation
+    where it works: for a rewritten model about to be written, whose value_info must say only
+    what ONNX itself derives. Raises what ONNX raises on an invalid graph."""
     cleared = onnx.ModelProto()
     cleared.CopyFrom(model)
     del cleared.graph.value_info[:]
     try:
         return onnx.shape_inference.infer_shapes(cleared, data_prop=True)
     except Exception:  # data propagation can fail where plain inference does not
-        try:
-            return onnx.shape_inference.infer_shapes(cleared)
-        except Exception:  # an invalid graph: the other sources may still know the shapes
-            return cleared
+        return onnx.shape_inference.infer_shapes(cleared)
+
+
+def _onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """:func:`onnx_inference` as one source among others (the model's value_info is a separate
+    one): on an invalid graph, the model without value_info, as the other sources may still
+    know the shapes."""
+    try:
+        return onnx_inference(model)
+    except Exception:  # noqa: BLE001
+        cleared = onnx.ModelProto()
+        cleared.CopyFrom(model)
+        del cleared.graph.value_info[:]
+        return cleared
 
 
 def _seeded_inference(model: onnx.ModelProto, best: dict[str, tuple[int, Dims]]) -> dict[str, tuple[int, Dims]]:

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_ocnna.channels.analysis import ChannelAnalysis, _infer, _restore_model_fields
+from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields
+from onnx_ocnna.shapes import onnx_inference
 from onnx_ocnna.channels.context import ConstantInput, KeepFn, RewriteAttr, RewriteInput, SliceInput
 from onnx_ocnna.errors import PlanError
 
@@ -47,7 +48,7 @@ def apply_removal(model: onnx.ModelProto, analysis: ChannelAnalysis, removed: di
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(result, model)
-    return _infer(result)
+    return onnx_inference(result)
 
 
 def _apply(edit, keep: KeepFn) -> None:

@@ -13,7 +13,8 @@ from graphs import GraphBuilder
 from oracle import check_lossless
 
 from onnx_ocnna import shapes
-from onnx_ocnna.channels.analysis import _infer, analyse, prepare_graph
+from onnx_ocnna.channels.analysis import analyse, prepare_graph
+from onnx_ocnna.shapes import onnx_inference
 from onnx_ocnna.metrics import count_macs, model_stats, static_shapes
 from onnx_ocnna.model_io import ort_session, sample_feeds
 
@@ -35,7 +36,7 @@ def test_symbolic_inference_shapes_what_onnx_cannot():
     """CNTK-style opset 8: ONNX's inference loses the rank after the computed Reshape; ONNX
     Runtime's symbolic inference gives it, and the MACs of both Convs are counted."""
     model = _cntk()
-    assert _dims(_infer(model), "Convolution28_Output_0") is None
+    assert _dims(onnx_inference(model), "Convolution28_Output_0") is None
     inferred = shapes.infer_model(model)
     assert _dims(inferred, "Convolution28_Output_0") == ["N", 8, 28, 28]
     assert _dims(inferred, "Plus112_Output_0") == ["N", 16, 14, 14]
@@ -171,7 +172,7 @@ def test_fixture_frozen_by_onnx_inference_alone(name, monkeypatch):
     """The issue-14 fixtures keep what they are for: with ONNX's inference alone (the model's
     value_info cleared) a group is frozen for a shape reason."""
     def onnx_only(model, observed=None, symbolic=None):
-        return _infer(model)
+        return onnx_inference(model)
 
     import onnx_ocnna.channels.analysis as analysis_module
 

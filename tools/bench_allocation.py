@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.common import REPO, SHARED, cifar_subset, load_arrays, model_path, top1, write_json  # noqa: E402
+from bench.common import REPO, SHARED, calib_and_test, model_path, top1, write_json  # noqa: E402
 
 RECIPES = ("uniform", "uniform + reconstruct", "default")
 
@@ -113,10 +113,7 @@ def main() -> int:
 
     from onnx_ocnna import api
 
-    cache = Path(os.environ.get("OCNNA_BENCH_CACHE", "/tmp/ocnna_bench_cache"))
-    calib = load_arrays(cifar_subset("train", args.calib, 0, cache, shuffle=True))
-    test = load_arrays(cifar_subset("test", args.test, 1, cache))
-    calib = {"input": calib["input"], "labels": calib["labels"]}
+    calib, test = calib_and_test(args.calib, args.test)
     for key in args.models.split(","):
         path = args.out / f"allocation_{key}.json"
         if args.remeasure_latency:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.common import REPO, SHARED, cifar_subset, load_arrays, model_path, top1, write_json  # noqa: E402
+from bench.common import REPO, SHARED, calib_and_test, cifar_subset, load_arrays, model_path, top1, write_json  # noqa: E402
 
 
 def synthesized(model, key: str, args, results: dict, path: Path) -> dict:
@@ -73,10 +73,8 @@ def main() -> int:
     from onnx_ocnna import api
     from onnx_ocnna.synthesize import bn_statistics_loss
 
-    cache = Path(os.environ.get("OCNNA_BENCH_CACHE", "/tmp/ocnna_bench_cache"))
-    real = load_arrays(cifar_subset("train", args.calib, 0, cache, shuffle=True))
-    real = {"input": real["input"], "labels": real["labels"]}
-    test = load_arrays(cifar_subset("test", args.test, 1, cache))
+    cache = Path(os.environ.get("OCNNA_BENCH_CACHE", "/tmp/ocnna_bench_cache"))  # the KD rows' training images
+    real, test = calib_and_test(args.calib, args.test)
     targets = [float(t) for t in args.targets.split(",")]
     for key in args.models.split(","):
         path = args.out / f"synthesize_{key}.json"

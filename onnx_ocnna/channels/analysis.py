@@ -125,18 +125,6 @@ def prepare_graph(model: onnx.ModelProto, observed: dict | None = None) -> gs.Gr
     return graph
 
 
-def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference alone, from scratch: for a rewritten model about to be written,
-    whose value_info must say only what ONNX itself derives."""
-    cleared = onnx.ModelProto()
-    cleared.CopyFrom(model)
-    del cleared.graph.value_info[:]
-    try:
-        return onnx.shape_inference.infer_shapes(cleared, data_prop=True)
-    except Exception:
-        return onnx.shape_inference.infer_shapes(cleared)
-
-
 def _restore_model_fields(target: onnx.ModelProto, source: onnx.ModelProto) -> None:
     target.ir_version = source.ir_version
     target.producer_name = source.producer_name

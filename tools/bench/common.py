@@ -106,6 +106,15 @@ def cifar_subset(split: str, samples: int, seed: int, cache: Path, shuffle: bool
     return path
 
 
+def calib_and_test(calib: int, test: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The no-training benchmarks' data (tools/bench_allocation.py, bench_synthesize.py):
+    ``calib`` class-balanced, shuffled training images (seed 0) as {"input", "labels"} and
+    ``test`` class-balanced test images (seed 1), decoded once into $OCNNA_BENCH_CACHE."""
+    cache = Path(os.environ.get("OCNNA_BENCH_CACHE", "/tmp/ocnna_bench_cache"))
+    real = load_arrays(cifar_subset("train", calib, 0, cache, shuffle=True))
+    return {"input": real["input"], "labels": real["labels"]}, load_arrays(cifar_subset("test", test, 1, cache))
+
+
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
