@@ -52,6 +52,19 @@ def test_f_matches_sklearn_pca(tau: float, hw: tuple[int, int]) -> None:
     np.testing.assert_allclose(ocnna_frobenius(maps.astype(np.float32), tau), expected, rtol=1e-5)
 
 
+def test_tau_one_energy_is_exact_across_cache_chunks() -> None:
+    """tau = 1 reads the maps in cache-sized chunks: maps on both sides of every chunk boundary
+    (and a last partial chunk) get the same F as the plain SVD."""
+    from onnx_ocnna.criteria import ocnna
+
+    rng = np.random.default_rng(5)
+    maps = _relu_maps(rng, (3, 700, 16, 16)).astype(np.float32)
+    per_chunk = ocnna._CHUNK_BYTES // (16 * 16 * 4)
+    assert 3 * 700 > 2 * per_chunk and (3 * 700) % per_chunk != 0
+    expected = np.array([[_f_svd(o.astype(np.float64), 1.0) for o in image] for image in maps])
+    np.testing.assert_allclose(ocnna_frobenius(maps, 1.0), expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tau", TAUS)
 def test_f_matches_numpy_svd_on_many_maps(tau: float) -> None:
     rng = np.random.default_rng(1)
