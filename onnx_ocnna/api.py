@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_ocnna import distributed
 from onnx_ocnna.calibration import CalibrationSource, open_calibration
+from onnx_ocnna.allocate import DEFAULT_DAMAGE_SAMPLES
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
 from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
@@ -268,7 +269,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
              scope: str = "per-group", min_channels: int = 1, round_to: int | str = 1, exclude: list[str] | None = None,
              target_params: float | None = None, target_macs: float | None = None,
              target_latency: float | None = None, allocation: str = "measured", latency_batch: int = 1,
-             latency_threads: int = 1, damage_samples: int = 256, block_removal: bool = True,
+             latency_threads: int = 1, damage_samples: int = DEFAULT_DAMAGE_SAMPLES, block_removal: bool = True,
              criterion_options: dict | None = None, calibration_options: dict | None = None,
              progress: bool = True, scores: Scores | None = None, drop_blocks: bool = False,
              si_epsilon: float = 0.0, reconstruct: bool | None = None,

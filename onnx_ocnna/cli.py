@@ -101,8 +101,9 @@ def _add_budget_options(group, many: bool = False) -> None:
                        help="batch size --target-latency is measured at (default 1)")
     group.add_argument("--latency-threads", type=_positive_int, default=1, metavar="T",
                        help="intra-op threads --target-latency is measured with (default 1)")
-    group.add_argument("--damage-samples", type=_positive_int, default=256, metavar="N",
-                       help="calibration images the allocation measures each candidate cut on (default 256)")
+    group.add_argument("--damage-samples", type=_positive_int, default=512, metavar="N",
+                       help="calibration images the allocation measures each candidate cut on (default 512, "
+                            "or all when fewer)")
     group.add_argument("--no-block-removal", dest="block_removal", action="store_false",
                        help="the allocation only narrows groups; by default removing a whole identity-shortcut "
                             "residual block is a candidate too")

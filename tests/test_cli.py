@@ -315,3 +315,17 @@ def test_original_near_chance_is_warned_before_the_table(tmp_path, capsys, digit
     # The command line prints it as one line, without a source location.
     line = warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno)
     assert line.startswith("onnx-ocnna: warning: the original model scores") and line.count("\n") == 1
+
+
+def test_cli_budget_defaults_are_the_library_defaults():
+    """The CLI spells the damage-sample default as a literal (it must not import the library to
+    build its parser): it must stay the library's."""
+    import inspect
+
+    from onnx_ocnna import api
+    from onnx_ocnna.allocate import DEFAULT_DAMAGE_SAMPLES
+    from onnx_ocnna.cli import build_parser
+
+    args = build_parser()["main"].parse_args(["in.onnx", "out.onnx"])
+    assert args.damage_samples == DEFAULT_DAMAGE_SAMPLES == 512
+    assert inspect.signature(api.compress).parameters["damage_samples"].default == DEFAULT_DAMAGE_SAMPLES
