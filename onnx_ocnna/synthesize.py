@@ -171,9 +171,18 @@ class _StatsRecorder:
 
     def add(self, name: str, value) -> None:
         dims = [0, *range(2, value.dim())]
-        mean = value.mean(dim=dims)
-        std = (value.var(dim=dims, unbiased=False) + 1e-5).sqrt()  # BN's epsilon is in the target
-        for target_mean, target_std in self._targets[name]:
+        targets = self._targets[name]
+        # Moments of the input shifted by the running mean instead of torch's var: var and its
+        # backward took a third of each step on ResNet-56 (370 of 1,530 ms, plus full-size
+        # Sub/Div in the backward). The shift keeps E[y^2] - E[y]^2 free of cancellation once
+        # the batch mean nears the running mean, which is what the loss drives it to.
+        shift = targets[0][0].reshape(1, -1, *([1] * (value.dim() - 2)))
+        shifted = value - shift
+        shifted_mean = shifted.mean(dim=dims)
+        variance = (shifted.square().mean(dim=dims) - shifted_mean.square()).clamp_min(0.0)
+        mean = shifted_mean + targets[0][0]
+        std = (variance + 1e-5).sqrt()  # BN's epsilon is in the target
+        for target_mean, target_std in targets:
             term = (mean - target_mean).pow(2).sum() + (std - target_std).pow(2).sum()
             self.total = term if self.total is None else self.total + term
 
