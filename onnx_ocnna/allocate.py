@@ -423,7 +423,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
              *, target_params: float | None = None, target_macs: float | None = None,
              target_latency: float | None = None, latency_batch: int = 1, latency_threads: int = 1,
              damage_samples: int = 256, refit: bool = True, progress: bool = True,
-             cache: dict | None = None, blocks: bool = True) -> Allocation:
+             cache: dict | None = None, blocks: bool = True, fixed: dict[int, np.ndarray] | None = None) -> Allocation:
     """Choose each group's width for the budget from measured damage.
 
     Args:
@@ -438,6 +438,9 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             :func:`measure_candidates`); filled by this call.
         blocks: removing a whole identity-shortcut residual block is a candidate too, measured
             and chosen like a width (:func:`measure_blocks`).
+        fixed: group id -> channels removed whatever the allocation chooses (the FC widths of
+            ``--fc-width csi``); its saving counts towards the budget. Its groups must be in
+            ``options.exclude``.
     Returns:
         the allocation (its ``removed`` is ready for the rewrite).
     """
@@ -465,8 +468,9 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         table[-1 - index] = [Candidate(1, np.zeros(0, dtype=np.int64), 0.0, 0, 0), row]
 
     def removal(state: dict[int, int]) -> dict[int, np.ndarray]:
-        removed = {gid: table[gid][j].removed.copy() for gid, j in state.items()
-                   if gid >= 0 and table[gid][j].removed.size}
+        removed = {gid: np.asarray(channels).copy() for gid, channels in (fixed or {}).items()}
+        removed.update({gid: table[gid][j].removed.copy() for gid, j in state.items()
+                        if gid >= 0 and table[gid][j].removed.size})
         _respect_nonempty(pruner.analysis, removed, scores)
         return {gid: r for gid, r in removed.items() if r.size}
 
@@ -490,7 +494,13 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             achieved["ratio"] = value
             return value <= ratio
 
-        state = greedy(table, kind, (1 - ratio) * total, fits)
+        # What the fixed cut saves is already spent: the greedy finds the rest.
+        spent = 0.0
+        if fixed:
+            cut = rewrite({})
+            spent = total - (count_macs(cut, block, static_shapes(cut, sizes)) if kind == "blocked" else
+                             getattr(model_stats(cut, sizes=sizes), "parameters" if kind == "params" else "macs"))
+        state = greedy(table, kind, (1 - ratio) * total - spent, fits)
         return state, achieved.get("ratio", 1.0)
 
     latency_rows: list[dict] = []

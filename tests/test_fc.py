@@ -331,3 +331,101 @@ def test_budget_allocation_cuts_neuron_groups(exports, tmp_path):
     assert all(len(g["candidates"]) > 3 for g in allocated.values())
     widths = {w["layer"]: (w["before"], w["after"]) for w in report.extra["widths"]}
     assert widths[min(fc, key=lambda m: widths[m][0] != HIDDEN[0])][1] < HIDDEN[0]
+
+
+# --------------------------------------------------------------------------- --fc-width csi
+
+
+def test_csi_is_the_nearest_centroid_accuracy():
+    from sklearn.neighbors import NearestCentroid
+
+    from onnx_ocnna.fc_width import csi
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 200)
+    features = rng.standard_normal((200, 6)) + labels[:, None] * np.array([1.0, 0.5, 0, 0, 0, 0])
+    expected = NearestCentroid().fit(features, labels).score(features, labels)
+    assert csi(features, labels) == pytest.approx(expected)
+    assert csi(np.eye(3)[[0, 1, 2, 0]], np.array([0, 1, 2, 0])) == 1.0
+
+
+def test_greedy_csi_order_is_the_brute_force_one():
+    """Every step adds the neuron that maximises the CSI of the chosen set (ties: best single
+    neuron, then lowest index), recomputed from scratch here."""
+    from onnx_ocnna.fc_width import csi, csi_width, greedy_csi_order
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 90)
+    features = rng.standard_normal((90, 7))
+    features[:, 2] += 2.0 * labels  # neuron 2 separates the classes best
+    features[:, 5] += 1.0 * (labels == 1)
+    order, curve = greedy_csi_order(features, labels)
+    single = [csi(features[:, [j]], labels) for j in range(7)]
+    chosen: list[int] = []
+    for step in range(7):
+        candidates = [j for j in range(7) if j not in chosen]
+        values = {j: csi(features[:, chosen + [j]], labels) for j in candidates}
+        best = max(candidates, key=lambda j: (round(values[j] * 90), single[j], -j))
+        assert order[step] == best and curve[step] == pytest.approx(values[best])
+        chosen.append(best)
+    assert order[0] == 2
+    assert curve[-1] == pytest.approx(csi(features, labels))
+    width = csi_width(curve, 0.01)
+    assert curve[width - 1] >= 0.99 * curve[-1] and (width == 1 or curve[width - 2] < 0.99 * curve[-1])
+
+
+def test_csi_width_is_the_smallest_prefix_within_tolerance():
+    from onnx_ocnna.fc_width import csi_width
+
+    curve = np.array([0.5, 0.8, 0.9, 0.95, 0.91])
+    assert csi_width(curve, 0.0) == 4  # the prefix may pass the full layer's CSI
+    assert csi_width(curve, 0.02) == 3
+    assert csi_width(curve, 0.5) == 1
+    with pytest.raises(Exception, match="csi-tolerance"):
+        csi_width(curve, 1.5)
+
+
+def test_fc_width_csi_sizes_the_hidden_layers(exports, tmp_path):
+    """Each hidden layer keeps the CSI prefix; the convs are left to the percentile (0 here)."""
+    from onnx_ocnna.cli import main
+
+    model = exports("matmul")
+    data = tmp_path / "calib.npz"
+    np.savez(data, **_labelled(model, 200))
+    path, out, report_path = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(model, str(path))
+    code = main([str(path), str(out), "--calib", str(data), "--fc-width", "csi", "--csi-tolerance", "0.05",
+                 "--percentile", "0", "--report", str(report_path), "--quiet"])
+    assert code == 0
+    import json
+
+    report = json.loads(report_path.read_text())
+    rows = {r["layer"]: r for r in report["extra"]["fc_width"]}
+    assert sorted(r["channels"] for r in rows.values()) == sorted(HIDDEN)
+    widths = {w["layer"]: (w["before"], w["after"]) for w in report["extra"]["widths"]}
+    for layer, row in rows.items():
+        assert widths[layer] == (row["channels"], row["kept"])
+        assert len(row["curve"]) == row["channels"]
+        assert row["csi_kept"] >= 0.95 * row["csi_full"] - 1e-12
+        assert row["csi_kept"] == row["curve"][row["kept"] - 1]
+        if row["kept"] > 1:  # the smallest such prefix
+            assert row["curve"][row["kept"] - 2] < 0.95 * row["csi_full"]
+    assert any(r["kept"] < r["channels"] for r in rows.values())
+    assert all(after == before for layer, (before, after) in widths.items() if layer not in rows)
+    assert report["timings"]["fc_width_s"] > 0
+
+
+def test_fc_width_csi_counts_towards_a_budget(exports, tmp_path):
+    model = exports("ts")
+    data = tmp_path / "calib.npz"
+    np.savez(data, **_labelled(model, 96))
+    pruned, report = compress(model, str(data), criterion="l1", target_params=0.5, damage_samples=32,
+                              fc_width="csi", csi_tolerance=0.05, reconstruct=False, progress=False)
+    assert report.after.parameters <= 0.5 * report.before.parameters
+    widths = {w["layer"]: w["after"] for w in report.extra["widths"]}
+    assert all(widths[r["layer"]] == r["kept"] for r in report.extra["fc_width"])
+    assert {g["members"][0] for g in report.extra["allocation"]["groups"]}.isdisjoint(
+        r["layer"] for r in report.extra["fc_width"])
+    with pytest.raises(Exception, match="labelled"):
+        np.savez(tmp_path / "plain.npz", input=_labelled(model, 8)["input"])
+        compress(model, str(tmp_path / "plain.npz"), fc_width="csi", progress=False)
