@@ -128,8 +128,10 @@ class LayerWidth:
 
 def fc_groups(analysis) -> list:
     """The prunable groups whose every member is a Gemm or MatMul (hidden FC layers)."""
+    from onnx_ocnna.channels.ops_linear import LINEAR_OPS
+
     nodes = {n.name: n.op for n in analysis.graph.nodes}
-    return [g for g in analysis.groups if g.prunable and all(nodes[m] in ("Gemm", "MatMul") for m in g.members)]
+    return [g for g in analysis.groups if g.prunable and all(nodes[m] in LINEAR_OPS for m in g.members)]
 
 
 def csi_widths(pruner, batches, *, tolerance: float = 0.01, max_samples: int | None = 2000, seed: int = 0,

@@ -11,6 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_ocnna.channels.context import AnalysisContext, KeepFn, SliceInput
+from onnx_ocnna.channels.ops_linear import LINEAR_OPS
 from onnx_ocnna.channels.registry import handler_for
 from onnx_ocnna.shapes import infer_model
 
@@ -194,7 +195,7 @@ def _output_heads(ctx: AnalysisContext) -> set[str]:
                 read_by.setdefault(root, set()).add(edit.node.name)
     heads = set()
     for producer in ctx.producers:
-        if producer.node.op not in ("Gemm", "MatMul") or producer.node.outputs[0].name not in reaches:
+        if producer.node.op not in LINEAR_OPS or producer.node.outputs[0].name not in reaches:
             continue
         readers = set().union(*(read_by.get(r, set()) for r in np.unique(ctx.space.roots(producer.ids)).tolist()))
         if not readers - {producer.node.name}:

@@ -16,6 +16,7 @@ from onnx_ocnna.channels.context import AnalysisContext, Producer, SliceInput, d
 from onnx_ocnna.channels.space import Layout
 
 LINEAR_OPS = ("Gemm", "MatMul")
+"""The fully connected layers whose neurons can be channels."""
 
 
 def _input_layout(ctx: AnalysisContext, node: gs.Node):
@@ -96,7 +97,3 @@ def matmul(ctx: AnalysisContext, node: gs.Node) -> None:
     if weight is None or weight.ndim != 2 or ctx.rank(node.inputs[0]) != 2:
         return
     _produce(ctx, node, int(weight.shape[1]), 1, None, 2)
-
-
-def is_linear(node: gs.Node) -> bool:
-    return node.op in LINEAR_OPS
