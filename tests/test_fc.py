@@ -211,6 +211,31 @@ def test_gemm_layouts_and_a_hidden_output_on_hand_built_graphs():
     assert analyse(model).groups == []
 
 
+def test_neurons_pass_per_neuron_ops_and_reshapes():
+    """Gemm -> BatchNormalization (2-D) -> Relu -> Dropout -> Identity -> Reshape [N, C] ->
+    Flatten -> MatMul + Add -> Relu -> Reshape [N, C, 1, 1] -> 1x1 Conv (a consumer too)."""
+    g = GraphBuilder()
+    h = g.gemm("x", 5, 12, name="fc1")
+    h = g.relu(g.bn(h, 12, name="bn1"))
+    h = g.node("Identity", [g.node("Dropout", [h])[0]])[0]
+    h = g.node("Reshape", [h, g.const(np.array([0, -1], np.int64))])[0]
+    h = g.node("Flatten", [h], axis=1)[0]
+    w = g.const(g.rng.standard_normal((12, 6)).astype(np.float32), "fc2.w")
+    h = g.node("MatMul", [h, w], name="fc2")[0]
+    h = g.relu(g.node("Add", [h, g.const(g.rng.standard_normal(6).astype(np.float32), "fc2.b")])[0])
+    h = g.node("Reshape", [h, g.const(np.array([-1, 6, 1, 1], np.int64))])[0]
+    out = g.node("Flatten", [g.conv(h, 6, 3, k=1, name="head")])[0]
+    model = g.model([4, 5], out)
+    analysis = analyse(model)
+    assert sorted((g.members[0], g.channels, g.prunable) for g in analysis.groups) == \
+        [("fc1", 12, True), ("fc2", 6, True), ("head", 3, False)]  # a Conv writing the output stays, frozen
+    result = check_lossless(model, fraction=0.5, seed=1)
+    assert result["max_rel_error"] < 1e-5
+    shapes = {i.name: tuple(i.dims) for i in result["pruned"].graph.initializer}
+    assert shapes["fc1.w"] == (6, 5) and shapes["bn1.mean"] == (6,) and shapes["fc2.w"] == (6, 3)
+    assert shapes["fc2.b"] == (3,) and shapes["head.w"] == (3, 3, 1, 1)
+
+
 def test_l1_reads_each_weight_layout():
     """Neuron j of every layer gets weight magnitude j + 1: l1 must rank 0 < 1 < ... in all layouts."""
     g = GraphBuilder()

@@ -127,7 +127,7 @@ def train(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, log) -> tuple[Ke
             loss.backward()
             opt.step()
             schedule.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
         row = {"epoch": epoch + 1, "loss": total / seen, "train_top1": correct / seen,
