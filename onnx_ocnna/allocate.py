@@ -131,9 +131,16 @@ def width_step(block: int, objective: str = "macs") -> int:
     return min(block, 4 if objective == "params" else 8) if block > 1 else 1
 
 
+# At most about this many widths per group: a hidden FC layer of 4,096 neurons at a 4-neuron step
+# would otherwise be measured 1,024 times; the step grows by whole blocks instead.
+MAX_CANDIDATES = 32
+
+
 def candidate_widths(channels: int, block: int, floor: int) -> list[int]:
     """Kept counts to try for a group of ``channels``, widest first: multiples of ``block`` and
-    block/2, block/4 (narrow layers), never below ``floor``; the full width is always first."""
+    block/2, block/4 (narrow layers), never below ``floor``; the full width is always first.
+    A group wider than :data:`MAX_CANDIDATES` blocks is stepped by a multiple of ``block``."""
+    block *= max(1, math.ceil(channels / (block * MAX_CANDIDATES)))
     widths = {channels}
     widths.update(w for w in range(block, channels, block))
     widths.update(w for w in (block // 2, block // 4) if 1 <= w < channels)
@@ -429,7 +436,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
              *, target_params: float | None = None, target_macs: float | None = None,
              target_latency: float | None = None, latency_batch: int = 1, latency_threads: int = 1,
              damage_samples: int = DEFAULT_DAMAGE_SAMPLES, refit: bool = True, progress: bool = True,
-             cache: dict | None = None, blocks: bool = True) -> Allocation:
+             cache: dict | None = None, blocks: bool = True, fixed: dict[int, np.ndarray] | None = None) -> Allocation:
     """Choose each group's width for the budget from measured damage.
 
     Args:
@@ -444,6 +451,9 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             :func:`measure_candidates`); filled by this call.
         blocks: removing a whole identity-shortcut residual block is a candidate too, measured
             and chosen like a width (:func:`measure_blocks`).
+        fixed: group id -> channels removed whatever the allocation chooses (the FC widths of
+            ``--fc-width csi``); its saving counts towards the budget. Its groups must be in
+            ``options.exclude``.
     Returns:
         the allocation (its ``removed`` is ready for the rewrite).
     """
@@ -471,8 +481,9 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         table[-1 - index] = [Candidate(1, np.zeros(0, dtype=np.int64), 0.0, 0, 0), row]
 
     def removal(state: dict[int, int]) -> dict[int, np.ndarray]:
-        removed = {gid: table[gid][j].removed.copy() for gid, j in state.items()
-                   if gid >= 0 and table[gid][j].removed.size}
+        removed = {gid: np.asarray(channels).copy() for gid, channels in (fixed or {}).items()}
+        removed.update({gid: table[gid][j].removed.copy() for gid, j in state.items()
+                        if gid >= 0 and table[gid][j].removed.size})
         _respect_nonempty(pruner.analysis, removed, scores)
         return {gid: r for gid, r in removed.items() if r.size}
 
@@ -496,7 +507,13 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             achieved["ratio"] = value
             return value <= ratio
 
-        state = greedy(table, kind, (1 - ratio) * total, fits)
+        # What the fixed cut saves is already spent: the greedy finds the rest.
+        spent = 0.0
+        if fixed:
+            cut = rewrite({})
+            spent = total - (count_macs(cut, block, static_shapes(cut, sizes)) if kind == "blocked" else
+                             getattr(model_stats(cut, sizes=sizes), "parameters" if kind == "params" else "macs"))
+        state = greedy(table, kind, (1 - ratio) * total - spent, fits)
         return state, achieved.get("ratio", 1.0)
 
     latency_rows: list[dict] = []

@@ -274,7 +274,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
              progress: bool = True, scores: Scores | None = None, drop_blocks: bool = False,
              si_epsilon: float = 0.0, reconstruct: bool | None = None,
              reconstruct_options: dict | None = None, eval_data: Any = None,
-             eval_options: dict | None = None) -> tuple[onnx.ModelProto, Report]:
+             eval_options: dict | None = None, fc_width: str | None = None,
+             csi_tolerance: float = 0.01) -> tuple[onnx.ModelProto, Report]:
     """Score, select and rewrite. Returns the pruned model (validated) and its report.
 
     With ``target_params``, ``target_macs`` or ``target_latency`` R the budget is allocated
@@ -294,6 +295,10 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     :class:`~onnx_ocnna.evaluate.HeldOut` of the original), ``report.accuracy`` holds the
     held-out top-1 (agreement without labels) after pruning and after reconstruction; this
     costs one pass over it per stage, the un-refitted cut being gone afterwards.
+    With ``fc_width="csi"`` (labelled calibration data needed) every hidden Gemm/MatMul layer
+    keeps the smallest prefix of its neurons' greedy CSI order whose CSI reaches
+    (1 - ``csi_tolerance``) of the whole layer's (:mod:`onnx_ocnna.fc_width`, SPEC section 3);
+    the other groups are then selected as usual, a budget counting the FC cut as spent.
     """
     model = original = as_model(model)
     held_out = _held_out(original, eval_data, eval_options or calibration_options)
@@ -309,6 +314,12 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         raise InputError("--target-latency needs the measured allocation (--allocation measured)")
     if reconstruct and calibration is None:
         raise InputError("--reconstruct needs calibration data (--calib)")
+    if fc_width not in (None, "csi"):
+        raise InputError(f"--fc-width must be 'csi', got {fc_width!r}")
+    if fc_width and (calibration is None or not as_source(calibration, model, **(calibration_options or {})).has_labels):
+        # Said before scoring, which can take minutes.
+        raise InputError("--fc-width csi needs labelled calibration data (--calib with class sub-folders or npz "
+                         "'labels')")
     timings = {}
     start = time.perf_counter()
     preprocessing_warning = None
@@ -359,6 +370,13 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
                         calibration=calibration_record)
         return model, report
 
+    # The FC widths the CSI design fixes (group id -> channels), spent before any other selection.
+    fixed: dict[int, np.ndarray] = {}
+    width_rows: list[dict] = []
+    if fc_width == "csi":
+        fixed = _csi_cut(model, pruner, calibration, calibration_options, csi_tolerance, options, progress,
+                         timings, notes, width_rows)
+    sizes = _sample_shapes(calibration_data, original, calibration_options)
     allocated = None
     if targets and allocation == "measured":
         from onnx_ocnna.allocate import allocate, round_block
@@ -369,7 +387,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         allocated = allocate(pruner, scores.groups, options, source.batches(), target_params=target_params,
                              target_macs=target_macs, target_latency=target_latency, latency_batch=latency_batch,
                              latency_threads=latency_threads, damage_samples=damage_samples, progress=progress,
-                             cache=scores.damage_tables, blocks=block_removal)
+                             cache=scores.damage_tables, blocks=block_removal, fixed=fixed)
         removed = allocated.removed
         pruned = allocated.rewrite(pruner)
         timings["allocate_s"] = allocated.seconds
@@ -379,12 +397,12 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
                      f"{allocated.target:g}, widths chosen from measured damage on {allocated.damage_samples} images"
                      f" in {allocated.seconds:.1f} s")
     elif targets:
-        removed, pruned = _search_target(model, pruner, scores, options, target_params, target_macs)
+        removed, pruned = _search_target(model, pruner, scores, options, target_params, target_macs, fixed, sizes)
         settings["percentile"] = options.percentile
         settings["allocation"] = "uniform"
         notes.append(f"percentile {options.percentile:.2f} meets the target")
     else:
-        removed = select(pruner.analysis, scores.groups, options)
+        removed = {**select(pruner.analysis, scores.groups, options), **fixed}
         pruned = pruner.rewrite(removed) if removed else model
     dropped = allocated.dropped if allocated is not None else []
     if not removed and not dropped:
@@ -404,7 +422,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         if allocated is not None and allocated.objective != "latency":
             removed, pruned, reconstruction = _best_of_recipes(
                 model, pruner, scores, round_to, options, source, allocated, (removed, pruned, reconstruction),
-                target_params, target_macs, damage_samples, reconstruct_options, progress, notes)
+                target_params, target_macs, damage_samples, reconstruct_options, progress, notes, fixed, sizes)
             if allocated.final_check.get("chosen", "measured") != "measured":
                 cut = pruner.rewrite(removed)  # the uniform cut won: a pure channel removal
         # Wall time, with the uniform competitor's search and refit when there is one.
@@ -429,8 +447,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     timings["rewrite_s"] = (time.perf_counter() - start - timings["score_s"] - timings.get("drop_blocks_s", 0.0)
                             - timings.get("reconstruct_s", 0.0) - timings.get("allocate_s", 0.0)
                             - timings.get("evaluate_s", 0.0))
-    pruned, report = _finish(original, pruned, pruner, removed, settings, notes,
-                             _sample_shapes(calibration_data, original, calibration_options))
+    settings.update(fc_width=fc_width, csi_tolerance=csi_tolerance if fc_width else None)
+    pruned, report = _finish(original, pruned, pruner, removed, settings, notes, sizes)
     report.timings = timings
     report.calibration = calibration_record
     for stage, accuracy in stages:
@@ -445,7 +463,32 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
                               for w in layer_widths(pruner.analysis, removed)]
     if blocks:
         report.extra["blocks"] = block_rows
+    if fc_width:
+        report.extra["fc_width"] = width_rows
     return pruned, report
+
+
+def _csi_cut(model, pruner: Pruner, calibration: Any, calibration_options: dict | None, tolerance: float,
+             options: SelectionOptions, progress: bool, timings: dict, notes: list[str],
+             rows: list[dict]) -> dict[int, np.ndarray]:
+    """``--fc-width csi``: the neurons each hidden FC layer drops (group id -> channels); those
+    groups join ``options.exclude``, so the other selections leave them as CSI sized them.
+    Fills ``rows`` with one :class:`~onnx_ocnna.fc_width.LayerWidth` dict per layer."""
+    from onnx_ocnna.fc_width import csi_widths
+
+    source = as_source(calibration, model, **(calibration_options or {}))
+    begin = time.perf_counter()
+    fixed, widths = csi_widths(pruner, source.batches(), tolerance=tolerance, exclude=options.exclude,
+                               progress=progress)
+    options.exclude = set(options.exclude) | {w.group for w in widths}
+    timings["fc_width_s"] = time.perf_counter() - begin
+    rows.extend(w.as_dict() for w in widths)
+    if not widths:
+        notes.append("--fc-width csi: the model has no prunable hidden fully connected layer")
+    for w in widths:
+        notes.append(f"fc width (CSI, tolerance {tolerance:g}): {w.layer} keeps {w.kept} of {w.channels} neurons, "
+                     f"CSI {w.csi_kept:.4f} of the full layer's {w.csi_full:.4f} on {w.samples} samples")
+    return fixed
 
 
 def _held_out(original: onnx.ModelProto, data: Any, options: dict | None):
@@ -485,7 +528,8 @@ def _calibration_record(data: Any, model: onnx.ModelProto, options: dict | None,
 
 
 def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated, measured,
-                     target_params, target_macs, damage_samples, reconstruct_options, progress, notes):
+                     target_params, target_macs, damage_samples, reconstruct_options, progress, notes,
+                     fixed=None, sizes=None):
     """Reconstruct the uniform-percentile cut of the same budget as well and keep whichever
     reconstructed model is closer to the original on the calibration images (mean output KL).
 
@@ -504,7 +548,8 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     def uniform_cut(align: int) -> tuple[float, dict, onnx.ModelProto]:
         uniform_options = SelectionOptions(percentile=options.percentile, scope=options.scope,
                                            min_channels=options.min_channels, round_to=align, exclude=options.exclude)
-        removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, target_params, target_macs)
+        removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, target_params, target_macs,
+                                             fixed, sizes)
         return uniform_options.percentile, removed_u, pruned_u
 
     block = round_block(round_to)
@@ -564,18 +609,21 @@ def layer_widths(analysis: ChannelAnalysis, removed: dict[int, np.ndarray]) -> l
 
 
 def _search_target(model, pruner: Pruner, scores: Scores, options: SelectionOptions,
-                   target_params: float | None, target_macs: float | None):
-    """Smallest percentile (bisection to 0.1) whose rewrite meets the ratio targets."""
-    before = model_stats(model)
+                   target_params: float | None, target_macs: float | None, fixed: dict | None = None,
+                   sizes: dict | None = None):
+    """Smallest percentile (bisection to 0.1) whose rewrite, with the ``fixed`` removal (group id
+    -> channels) on top, meets the ratio targets; MACs counted at ``sizes`` (see
+    :func:`~onnx_ocnna.metrics.static_shapes`) when the input's height and width are dynamic."""
+    before = model_stats(model, sizes=sizes)
     for name, value in (("--target-params", target_params), ("--target-macs", target_macs)):
         if value is not None and not 0 < value <= 1:
             raise InputError(f"{name} must be a ratio in (0, 1], got {value:g}")
 
     def attempt(k: float):
         options.percentile = k
-        removed = select(pruner.analysis, scores.groups, options)
+        removed = {**select(pruner.analysis, scores.groups, options), **(fixed or {})}
         pruned = pruner.rewrite(removed) if removed else model
-        stats = model_stats(pruned)
+        stats = model_stats(pruned, sizes=sizes)
         ok = (target_params is None or stats.parameters <= target_params * before.parameters) and \
              (target_macs is None or stats.macs <= target_macs * before.macs)
         return ok, removed, pruned

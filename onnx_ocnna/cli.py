@@ -84,6 +84,15 @@ def _add_selection_options(group) -> None:
                        help="leave groups whose Conv or weight name matches (repeatable)")
 
 
+def _add_fc_options(group) -> None:
+    group.add_argument("--fc-width", choices=["csi"],
+                       help="size every hidden Gemm/MatMul layer by the centre-based Separation Index: the "
+                            "smallest prefix of its greedy CSI order within --csi-tolerance of the whole "
+                            "layer's CSI (needs labelled --calib); the other groups are selected as usual")
+    group.add_argument("--csi-tolerance", type=float, default=0.01, metavar="T",
+                       help="with --fc-width csi: keep neurons until CSI >= (1 - T) x the layer's (default 0.01)")
+
+
 def _add_budget_options(group, many: bool = False) -> None:
     """The budget options; with ``many`` each takes a list of ratios (one sweep point each)."""
     kind, metavar, each = (_floats, "R,R,...", "one point per ratio: ") if many else (float, "R", "")
@@ -124,7 +133,8 @@ def _compress_options(args) -> dict:
             "exclude": args.exclude, "allocation": args.allocation, "latency_batch": args.latency_batch,
             "latency_threads": args.latency_threads, "damage_samples": args.damage_samples,
             "block_removal": args.block_removal, "reconstruct": args.reconstruct,
-            "reconstruct_options": {"samples": args.reconstruct_samples}}
+            "reconstruct_options": {"samples": args.reconstruct_samples},
+            "fc_width": args.fc_width, "csi_tolerance": args.csi_tolerance}
 
 
 def build_parser() -> dict[str, argparse.ArgumentParser]:
@@ -146,6 +156,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     sel.add_argument("--percentile", type=_percentile, default=40.0, metavar="K",
                      help="remove the K %% least important channels of each group (default 40)")
     _add_selection_options(sel)
+    _add_fc_options(sel)
     _add_budget_options(sel)
     sel.add_argument("--max-drop", type=float, metavar="D",
                      help="the most compressed model at most D points below the original on --eval (top-1, "
@@ -236,6 +247,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                        help="one point per percentile (default 0,10,...,80 unless a --target-* list is given)")
     points = sweep.add_argument_group("selection, budgets and reconstruction, as in the main command")
     _add_selection_options(points)
+    _add_fc_options(points)
     _add_budget_options(points, many=True)
     _add_reconstruct_options(sweep)
     sweep.add_argument("--distill", action="store_true", help="distil every pruned model")
@@ -455,7 +467,7 @@ def _run_main(args) -> int:
         raise InputError("--reconstruct refits after scoring; it cannot be combined with --plan")
     targets = (args.target_params, args.target_macs, args.target_latency)
     if (args.plan is None and args.percentile == 0 and all(t is None for t in targets) and not args.drop_blocks
-            and not args.quantize and not args.distill):
+            and not args.quantize and not args.distill and not args.fc_width):
         from onnx_ocnna.errors import InputError
 
         # Said before loading and scoring: k = 0 removes nothing, and scoring can take minutes.

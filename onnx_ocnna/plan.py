@@ -87,8 +87,9 @@ def load_plan(path: str | os.PathLike) -> dict:
 def resolve_plan(plan: dict, analysis: ChannelAnalysis, model_sha256: str | None = None) -> dict[int, np.ndarray]:
     """Map a plan onto the analysed model: group id -> group channel indices to remove.
 
-    Each entry's ``remove`` indexes the output channels of its first listed member; removing
-    a channel of one member removes it from the member's whole group.
+    Each entry's ``remove`` indexes the output channels of its first listed member: a Conv,
+    Gemm or MatMul of the group, or a depthwise Conv that carries its channels; removing a
+    channel of one member removes it from the member's whole group.
     """
     if model_sha256 and plan.get("model_sha256") and plan["model_sha256"] != model_sha256:
         raise PlanError("the plan was made for another model (model_sha256 differs)")
@@ -103,12 +104,13 @@ def resolve_plan(plan: dict, analysis: ChannelAnalysis, model_sha256: str | None
         for name in members:
             group = analysis.group_of(name)
             if group is None:
-                raise PlanError(f"plan names '{name}', which is not a Conv of this model (a plan for another model?)")
+                raise PlanError(f"plan names '{name}', which is not a Conv, Gemm or MatMul whose output channels lie "
+                                "in a channel group of this model (a plan for another model?)")
             groups.add(group.id)
         if len(groups) > 1:
             raise PlanError(f"plan group #{number} lists members of different channel groups: {members}")
         group = analysis.groups[groups.pop()]
-        first = group.member_channels[members[0]]
+        first = group.channels_of(members[0])
         remove = entry.get("remove", [])
         if not isinstance(remove, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in remove):
             raise PlanError(f"plan group #{number}: 'remove' must be a list of channel indices")

@@ -1,7 +1,7 @@
 """Least-squares reconstruction of the pruned layers: accuracy recovery without training.
 
 Removing channels changes what every later layer sees. Layer by layer, in graph order, each
-Conv and Gemm whose input lost channels (or changed, because a layer before it was refitted)
+Conv, Gemm and MatMul whose input lost channels (or changed, because a layer before it was refitted)
 gets new weights and bias so that its kept outputs match the original model's on calibration
 data: a ridge regression of the original pre-activation outputs on the pruned model's input
 patches, at a few sampled output positions per image (He et al. 2017, "Channel Pruning for
@@ -94,7 +94,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
                 ridge: float = 1e-3, seed: int = 0, progress: bool = True, local: bool = False,
                 equations: LayerEquations | None = None, kept_inputs: dict[str, np.ndarray] | None = None,
                 activation_aware: bool = True) -> tuple[onnx.ModelProto, ReconstructionReport]:
-    """Refit the pruned model's Conv and Gemm layers to reproduce the original's outputs.
+    """Refit the pruned model's Conv, Gemm and MatMul layers to reproduce the original's outputs.
 
     Args:
         original: the unpruned model, with the same node names as ``pruned``.
@@ -161,7 +161,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
 
 def kept_input_masks(analysis, removed: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
     """Layer node name -> boolean mask of its input channels (a Gemm's input features) that
-    survive ``removed``, [C_in], for every Conv and Gemm that loses some."""
+    survive ``removed``, [C_in], for every Conv, Gemm and MatMul that loses some."""
     from onnx_ocnna.channels.context import SliceInput
 
     keep = analysis.keep_fn(removed)
@@ -198,7 +198,7 @@ def kept_outputs(analysis, removed: dict[int, np.ndarray]) -> dict[str, np.ndarr
 
 def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelProto,
                  propagate: bool = True) -> list[tuple]:
-    """(layer node, skip reason or "") for every Conv and Gemm, in graph order. A layer is
+    """(layer node, skip reason or "") for every Conv, Gemm and MatMul, in graph order. A layer is
     refitted when its input lost channels or carries values changed upstream (a refitted layer,
     or any node fed by one); refitting never stops that change, so the walk needs no fit.
     Without ``propagate`` only the layers whose inputs lost channels, or now read another tensor
@@ -267,6 +267,9 @@ def _skip_reason(node, twin, uses, inits, original_inits, changed) -> str:
             return "grouped or depthwise convolution"
         if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             return "auto_pad is not supported by the refit"
+    elif node.op_type == "MatMul":
+        if len(weight.dims) != 2:
+            return "MatMul whose weight is not a matrix"
     else:
         if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
             return "Gemm with transA, alpha or beta"
@@ -374,6 +377,37 @@ def _fit_gemm(model, node, target, targets, feeds, fit, ridge, given=None, bound
         _set(model, node.input[1], (new_w.T if trans_b else new_w).astype(np.float32))
         if has_bias:
             _set(model, node.input[2], solution[-1].astype(np.float32))
+
+
+def _fit_matmul(model, node, target, targets, feeds, fit, ridge, given=None, bounds=None) -> None:
+    """A MatMul with a constant B [K, N], like a Gemm; its intercept goes into the bias Add that
+    alone reads its output (tf2onnx's Dense), and without one it is fitted without intercept."""
+    inits = {i.name: i for i in model.graph.initializer}
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [K, N]
+    bias = _bias_add(model, node, inits)
+    start = np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0)  # the intercept is a change of the bias
+    solution = _solve(model, node, target, targets, feeds, fit, ridge, _gemm_rows, start,
+                      intercept=bias is not None, given=given, bounds=bounds)
+    if solution is not None:
+        _set(model, node.input[1], (solution[:-1] if bias is not None else solution).astype(np.float32))
+        if bias is not None:
+            old = numpy_helper.to_array(inits[bias])
+            _set(model, bias, (old + solution[-1].reshape(old.shape)).astype(old.dtype))
+
+
+def _bias_add(model: onnx.ModelProto, node, inits: dict) -> str | None:
+    """The initializer of the Add that alone reads ``node``'s output and adds one constant per
+    output column ([N] or [1, N], used by no other node), else None."""
+    readers = [n for n in model.graph.node if node.output[0] in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or len(readers[0].input) != 2:
+        return None
+    add = readers[0]
+    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    if other not in inits or _initializer_uses(model).get(other, 0) != 1:
+        return None
+    dims = list(inits[other].dims)
+    neurons = int(inits[node.input[1]].dims[1])
+    return other if dims in ([neurons], [1, neurons]) else None
 
 
 def _solve(model, node, target, targets, feeds, fit, ridge, rows, start, intercept: bool = True,
@@ -511,6 +545,13 @@ def activation_bounds(original: onnx.ModelProto, twin, kept: np.ndarray | None) 
     bounds = ActivationBounds(-np.inf, np.inf)
     channels = _channels_of(twin, inits)
     follow = readers.get(output, [])
+    bias = None
+    if len(follow) == 1 and follow[0].op_type == "Add" and len(follow[0].input) == 2:
+        # A bias Add of one constant per output (tf2onnx's MatMul + Add): a shift.
+        other = follow[0].input[1] if follow[0].input[0] == output else follow[0].input[0]
+        if other in inits and numpy_helper.to_array(inits[other]).size == channels:
+            bias = numpy_helper.to_array(inits[other]).astype(np.float64).reshape(-1)
+            output, follow = follow[0].output[0], readers.get(follow[0].output[0], [])
     if len(follow) == 1 and follow[0].op_type == "BatchNormalization" and follow[0].input[0] == output:
         bn = follow[0]
         if any(name not in inits for name in bn.input[1:5]):
@@ -521,6 +562,8 @@ def activation_bounds(original: onnx.ModelProto, twin, kept: np.ndarray | None) 
         if bounds.scale.shape != (channels,):
             return None
         output, follow = bn.output[0], readers.get(bn.output[0], [])
+    if bias is not None:
+        bounds.shift = bias if bounds.scale is None else bounds.shift + bounds.scale * bias
     if len(follow) == 1 and follow[0].op_type == "Add" and len(follow[0].input) == 2:
         add = follow[0]
         other = add.input[1] if add.input[0] == output else add.input[0]
@@ -540,8 +583,11 @@ def activation_bounds(original: onnx.ModelProto, twin, kept: np.ndarray | None) 
         bounds.low, bounds.high = low, high
     else:
         return None
-    if kept is not None and bounds.scale is not None:
-        bounds.scale, bounds.shift = bounds.scale[kept], bounds.shift[kept]
+    if kept is not None:
+        if bounds.scale is not None:
+            bounds.scale = bounds.scale[kept]
+        if bounds.shift is not None:
+            bounds.shift = bounds.shift[kept]
     return bounds
 
 
@@ -720,7 +766,7 @@ class LayerEquations:
                          float(energy[outputs].sum()), full.rows)
 
 
-_FITTERS = {"Conv": _fit_conv, "Gemm": _fit_gemm}
+_FITTERS = {"Conv": _fit_conv, "Gemm": _fit_gemm, "MatMul": _fit_matmul}
 
 
 class _Targets:

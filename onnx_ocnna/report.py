@@ -27,7 +27,7 @@ STAGES = {"original": "original", "pruned": "after pruning", "reconstructed": "a
           "distilled": "after distillation", "int8": "after INT8 quantization", "compressed": "compressed"}
 
 # report.timings keys, in the order the stages run, and their printed names.
-TIMINGS = {"load_s": "loading", "synthesize_s": "calibration synthesis", "drop_blocks_s": "block removal (SI)", "score_s": "scoring",
+TIMINGS = {"load_s": "loading", "synthesize_s": "calibration synthesis", "drop_blocks_s": "block removal (SI)", "score_s": "scoring", "fc_width_s": "FC widths (CSI)",
            "search_s": "max-drop search (every candidate)", "allocate_s": "allocation", "rewrite_s": "selection and rewrite", "reconstruct_s": "reconstruction",
            "distill_s": "distillation", "evaluate_s": "evaluation", "bench_s": "latency",
            "quantize_s": "quantization", "write_s": "writing"}
@@ -124,6 +124,11 @@ class Report:
                     saved = g["saved_params"] if unit == "params" else g["saved_macs"]
                     lines.append(f"  {g['members'][0]}{' +%d' % (len(g['members']) - 1) if len(g['members']) > 1 else ''}:"
                                  f" {g['kept']}/{g['channels']}, damage {g['damage']:.4f}, {saved:,} {unit}")
+        for row in self.extra.get("fc_width") or []:
+            # The CSI curve at 1, 2, 4, ... neurons and the whole layer: where it saturates.
+            steps = sorted({min(2 ** i, row["channels"]) for i in range(row["channels"].bit_length() + 1)})
+            curve = ", ".join(f"{n}: {row['curve'][n - 1]:.3f}" for n in steps)
+            lines.append(f"fc width (CSI): {row['layer']} {row['kept']}/{row['channels']}; CSI by neurons kept {curve}")
         return "\n".join(lines)
 
     def _accuracy_lines(self) -> list[str]:

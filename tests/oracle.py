@@ -2,7 +2,7 @@
 them with a plan, and check that nothing else changed.
 
 Channels are killed in ONNX space, so the same code serves every exporter: every Conv that
-writes a killed channel gets zero rows and bias; every per-channel normalisation on a killed
+writes a killed channel gets zero rows and bias (a Gemm/MatMul zero weight columns and bias); every per-channel normalisation on a killed
 channel gets scale 0 and shift -1 before a ReLU (0 elsewhere, which SiLU/HardSwish/ReLU6 map to 0);
 a per-channel constant added to a killed channel becomes 0.
 """
@@ -66,6 +66,13 @@ def kill_channels(model: onnx.ModelProto, chosen: dict[int, np.ndarray]) -> onnx
             _zero(node.inputs[1], mask, 0)
             if len(node.inputs) > 2 and node.inputs[2].name:
                 _zero(node.inputs[2], mask, 0)
+        elif node.op == "Gemm":
+            # A hidden layer's dead neurons: zero weight columns (rows with transB) and bias.
+            _zero(node.inputs[1], mask, 0 if int(node.attrs.get("transB", 0)) else 1)
+            if len(node.inputs) > 2 and node.inputs[2].name and node.inputs[2].values.ndim:
+                _zero(node.inputs[2], mask, node.inputs[2].values.ndim - 1)
+        elif node.op == "MatMul":  # its bias, if any, is the Add that follows (below)
+            _zero(node.inputs[1], mask, 1)
         elif node.op == "ConvTranspose":
             _zero(node.inputs[1], mask, 1)
             if len(node.inputs) > 2 and node.inputs[2].name:
@@ -122,6 +129,8 @@ def check_lossless(model: onnx.ModelProto, fraction: float = 0.3, seed: int = 0,
         "max_rel_error": max(errors),
         "before_params": _conv_out_channels(killed),
         "after_params": _conv_out_channels(pruned),
+        "before_neurons": _fc_out_neurons(killed),
+        "after_neurons": _fc_out_neurons(pruned),
         "pruned": pruned,
     }
 
@@ -129,3 +138,15 @@ def check_lossless(model: onnx.ModelProto, fraction: float = 0.3, seed: int = 0,
 def _conv_out_channels(model: onnx.ModelProto) -> int:
     inits = {i.name: i for i in model.graph.initializer}
     return sum(inits[n.input[1]].dims[0] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits)
+
+
+def _fc_out_neurons(model: onnx.ModelProto) -> int:
+    """Output neurons of every Gemm/MatMul with a 2-D initializer weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type in ("Gemm", "MatMul") else None
+        if weight is not None and len(weight.dims) == 2:
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            total += weight.dims[0] if trans_b else weight.dims[1]
+    return total

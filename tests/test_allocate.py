@@ -41,6 +41,9 @@ def test_candidate_widths_are_block_aligned_and_respect_the_floor():
     assert alloc.candidate_widths(16, 16, 1) == [16, 8, 4]
     assert alloc.candidate_widths(16, 16, 6) == [16, 8]
     assert alloc.candidate_widths(10, 8, 1) == [10, 8, 4, 2]
+    # A 512-neuron layer at a 4-neuron step: 16-neuron steps (32 widths), plus 8 and 4.
+    wide = alloc.candidate_widths(512, 4, 1)
+    assert wide[:3] == [512, 496, 480] and wide[-3:] == [16, 8, 4] and len(wide) == 34
 
 
 def test_nested_group_cuts_every_stage_to_the_fraction_rounded_up():

@@ -115,7 +115,7 @@ def _write_plan(tmp_path, groups, **extra) -> Path:
 
 
 @pytest.mark.parametrize("groups,extra,message", [
-    ([{"members": ["no_such_conv"], "remove": [0]}], {}, "not a Conv of this model"),
+    ([{"members": ["no_such_conv"], "remove": [0]}], {}, "not a Conv, Gemm or MatMul"),
     ([{"members": ["conv_a"], "remove": [8]}], {}, "has 8 channels"),
     ([{"members": ["conv_a"], "remove": list(range(8))}], {}, "every channel"),
     ([{"members": ["conv_a"], "remove": [0]}], {"model_sha256": "0" * 64}, "another model"),

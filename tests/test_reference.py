@@ -1,7 +1,7 @@
 """Removing *live* channels gives exactly the model an independent reference gives.
 
 The reference is Torch-Pruning: on the PyTorch model that was exported, it prunes the same
-output channels of the same Conv with its own dependency graph (which finds the coupled layers
+output channels of the same Conv (neurons of the same hidden Linear) with its own dependency graph (which finds the coupled layers
 itself: BatchNorms, next Convs, residual partners, the Linear head). Our ONNX surgery must
 produce the same function.
 """
@@ -48,7 +48,9 @@ def test_live_channel_removal_matches_torch_pruning(name):
         if not entry["remove"]:
             continue
         module = modules[weights[entry["members"][0]].removesuffix(".weight")]
-        group = graph.get_pruning_group(module, tp.prune_conv_out_channels, idxs=list(entry["remove"]))
+        # A hidden Linear's neurons are channels too (vgg_small's classifier.0).
+        prune = tp.prune_linear_out_channels if isinstance(module, torch.nn.Linear) else tp.prune_conv_out_channels
+        group = graph.get_pruning_group(module, prune, idxs=list(entry["remove"]))
         group.prune()
     with torch.no_grad():
         expected = reference(x).numpy()

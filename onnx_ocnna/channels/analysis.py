@@ -10,11 +10,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_ocnna.channels.context import AnalysisContext, KeepFn
+from onnx_ocnna.channels.context import AnalysisContext, KeepFn, SliceInput
+from onnx_ocnna.channels.ops_linear import LINEAR_OPS
 from onnx_ocnna.channels.registry import handler_for
 from onnx_ocnna.shapes import infer_model
 
-# Ops a filter's activation is followed through before it is measured (SPEC section 1).
+# Ops a filter's activation is followed through before it is measured (SPEC section 1); a
+# bias Add/Sub of a constant too (:func:`_is_bias`).
 _CHAIN_OPS = {
     "BatchNormalization", "InstanceNormalization", "Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish",
     "Elu", "Selu", "Celu", "Gelu", "Mish", "Softplus", "Tanh", "MaxPool", "AveragePool", "GlobalAveragePool",
@@ -36,6 +38,9 @@ class ChannelGroup:
         frozen: per group channel, the reason it cannot be removed ("" when it can), [channels].
         measured: member -> name of the tensor its activation is measured on.
         roots: class representative of each group channel, [channels].
+        carriers: node name -> group channel index of each output channel, [C_n], for the
+            nodes whose outputs are these channels without making them (a depthwise Conv):
+            a plan may name them like members (SPEC section 6).
     """
 
     id: int
@@ -45,6 +50,12 @@ class ChannelGroup:
     frozen: list[str]
     measured: dict[str, str]
     roots: np.ndarray
+    carriers: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def channels_of(self, name: str) -> np.ndarray | None:
+        """Group channel index of each output channel of member or carrier ``name``, [C_n]."""
+        found = self.member_channels.get(name)
+        return found if found is not None else self.carriers.get(name)
 
     @property
     def prunable(self) -> bool:
@@ -160,8 +171,36 @@ def analyse(model: onnx.ModelProto, graph: gs.Graph | None = None) -> ChannelAna
                 ctx.opaque(node, f"{node.op} '{node.name}' has a subgraph")
     for output in graph.outputs:
         ctx.freeze_layout(ctx.layout(output), f"reaches the graph output '{output.name}'")
+    heads = _output_heads(ctx)
+    ctx.producers = [p for p in ctx.producers if p.node.name not in heads]
     groups, member_group = _build_groups(ctx)
     return ChannelAnalysis(graph=graph, context=ctx, groups=groups, opset=opset, _member_group=member_group)
+
+
+_LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def _output_heads(ctx: AnalysisContext) -> set[str]:
+    """Names of the Gemm/MatMul producers whose neurons are the model's outputs (the
+    classifier): their values reach a graph output with no other layer in between, and no
+    layer reads them. They make no channels (SPEC section 1), so they form no group."""
+    reaches: set[str] = {t.name for t in ctx.graph.outputs}
+    for node in reversed(ctx.graph.nodes):  # topological order: readers before writers
+        if node.op not in _LAYER_OPS and any(t.name in reaches for t in node.outputs):
+            reaches.update(t.name for t in node.inputs if t.name)
+    read_by: dict[int, set[str]] = {}  # class root -> the layers whose weights it slices
+    for edit in ctx.edits:
+        if isinstance(edit, SliceInput) and edit.node.op in _LAYER_OPS:
+            for root in np.unique(ctx.space.roots(edit.ids)).tolist():
+                read_by.setdefault(root, set()).add(edit.node.name)
+    heads = set()
+    for producer in ctx.producers:
+        if producer.node.op not in LINEAR_OPS or producer.node.outputs[0].name not in reaches:
+            continue
+        readers = set().union(*(read_by.get(r, set()) for r in np.unique(ctx.space.roots(producer.ids)).tolist()))
+        if not readers - {producer.node.name}:
+            heads.add(producer.node.name)
+    return heads
 
 
 def _build_groups(ctx: AnalysisContext) -> tuple[list[ChannelGroup], dict[str, int]]:
@@ -214,6 +253,17 @@ def _build_groups(ctx: AnalysisContext) -> tuple[list[ChannelGroup], dict[str, i
         for name in members:
             member_group[name] = group.id
         groups.append(group)
+    for carrier in ctx.carriers:
+        # A carrier whose channels all lie in one group can be named in a plan like a member.
+        roots = space.roots(carrier.ids).tolist()
+        owners = {find(first_owner[r]) for r in roots if r in first_owner}
+        if len(owners) != 1 or any(r not in first_owner for r in roots):
+            continue
+        name = ctx.producers[owners.pop()].node.name
+        group = groups[member_group[name]]
+        position = {int(r): i for i, r in enumerate(group.roots.tolist())}
+        group.carriers[carrier.node.name] = np.array([position[r] for r in roots], dtype=np.int64)
+        member_group.setdefault(carrier.node.name, group.id)
     return groups, member_group
 
 
@@ -225,6 +275,8 @@ def measured_tensor(ctx: AnalysisContext, producer: gs.Node) -> gs.Tensor:
         consumers = list(tensor.outputs)
         if len(consumers) == 1 and consumers[0].op in _CHAIN_OPS and consumers[0].inputs[0] is tensor:
             nxt = consumers[0].outputs[0]
+        elif len(consumers) == 1 and _is_bias(ctx, consumers[0], tensor):
+            nxt = consumers[0].outputs[0]
         elif len(consumers) == 2 and _self_gate(tensor, consumers) is not None:
             nxt = _self_gate(tensor, consumers)
         else:
@@ -233,6 +285,15 @@ def measured_tensor(ctx: AnalysisContext, producer: gs.Node) -> gs.Tensor:
             break
         tensor = nxt
     return tensor
+
+
+def _is_bias(ctx: AnalysisContext, node: gs.Node, tensor: gs.Tensor) -> bool:
+    """An Add/Sub of a constant to ``tensor`` (tf2onnx's bias after a MatMul): part of the chain."""
+    if node.op not in ("Add", "Sub") or len(node.inputs) != 2 or node.inputs[0] is not tensor \
+            and not (node.op == "Add" and node.inputs[1] is tensor):
+        return False
+    other = node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
+    return ctx.constant(other) is not None
 
 
 def _self_gate(tensor: gs.Tensor, consumers: list[gs.Node]) -> gs.Tensor | None:

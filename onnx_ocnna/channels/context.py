@@ -76,12 +76,13 @@ SHAPE_HINT = ("no shape source (the model's value_info, ONNX shape inference, ON
 
 @dataclass
 class Producer:
-    """A node that creates prunable channels (a Conv's outputs).
+    """A node that creates prunable channels (a Conv's outputs, a hidden Gemm/MatMul's neurons).
 
     Attributes:
-        node: the Conv / ConvTranspose node.
+        node: the Conv / ConvTranspose / Gemm / MatMul node.
         ids: element id of each output channel, shape [C].
-        weight_axis: axis of the weight that indexes output channels (0 for Conv).
+        weight_axis: axis of the weight that indexes output channels (0 for Conv and for
+            Gemm with transB, 1 for ConvTranspose, MatMul and Gemm without transB).
     """
 
     node: gs.Node
@@ -97,6 +98,8 @@ class AnalysisContext:
     layouts: dict[str, Layout] = field(default_factory=dict)
     edits: list[Edit] = field(default_factory=list)
     producers: list[Producer] = field(default_factory=list)
+    # Nodes whose output channels are their input's (a depthwise Conv): a plan may name them.
+    carriers: list[Producer] = field(default_factory=list)
     # Sets of element ids of which at least one must survive (a Split piece, a Slice result).
     nonempty: list[tuple[np.ndarray, str]] = field(default_factory=list)
     # Expand node name -> element ids of the tensor whose Shape is its whole target

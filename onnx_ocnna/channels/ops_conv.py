@@ -64,6 +64,7 @@ def conv(ctx: AnalysisContext, node: gs.Node) -> None:
             return
         slice_outputs(in_layout.ids)
         ctx.add_edit(RewriteAttr(node, "group", lambda keep, ids=in_layout.ids: int(keep(ids).sum())))
+        ctx.carriers.append(Producer(node, in_layout.ids))
         ctx.set_layout(out, Layout(1, rank, in_layout.ids))
         return
 

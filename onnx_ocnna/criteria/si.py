@@ -385,6 +385,10 @@ class SIAccumulator(Accumulator):
             self._labels = [np.concatenate(self._labels)]
         return self._features[0], self._labels[0]
 
+    def features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(each image's spatial mean per channel [n, C] float64, its label [n]) as accumulated."""
+        return self._arrays()
+
     def merge(self, other: Accumulator) -> None:
         if not isinstance(other, SIAccumulator) or other.channels != self.channels:
             raise InputError("can only merge si accumulators with the same channel count")
