@@ -280,3 +280,33 @@ def test_budget_of_a_model_with_dynamic_height_and_width_is_counted_at_the_data_
     ratio = model_stats(pruned, sizes=sizes).macs / model_stats(model, sizes=sizes).macs
     assert ratio <= 0.6 + 1e-9
     assert report.extra["allocation"]["achieved"] == pytest.approx(ratio, rel=1e-6)
+
+
+def test_the_allocation_with_coupled_groups_kept_whole_competes_and_can_be_written(monkeypatch):
+    """The sum of one-group damages misleads most on a coupled (residual) group, so the same
+    budget allocated with the coupled groups kept whole competes after reconstruction; when it
+    is the closest to the original, it is what is written, with its own widths in the report."""
+    from onnx_ocnna.model_io import validate_model
+
+    model = residual_net(set(), channels=16)
+    data = {"x": np.random.default_rng(0).standard_normal((96, 3, 6, 6)).astype(np.float32)}
+    _, report = onnx_ocnna.compress(model, data, round_to=4, target_params=0.6, progress=False)
+    check = report.extra["allocation"]["final_check"]
+    damage = check["damage_after_reconstruction"]
+    assert "measured, coupled groups kept" in damage and check["chosen"] == min(damage, key=damage.get)
+
+    def stem_width(m) -> int:
+        return next(list(i.dims)[0] for i in m.graph.initializer if i.name == "stem.w")
+
+    # Only the final check's meter (no refit) is made to prefer a whole stem; the allocation's
+    # own measurements stay real, so it still cuts the coupled group.
+    real = alloc.DamageMeter.__call__
+    monkeypatch.setattr(alloc.DamageMeter, "__call__",
+                        lambda self, m: real(self, m) - (10.0 if not self.refit and stem_width(m) == 16 else 0.0))
+    pruned, report = onnx_ocnna.compress(model, data, round_to=4, target_params=0.6, progress=False)
+    check = report.extra["allocation"]["final_check"]
+    assert check["chosen"] == "measured, coupled groups kept" and len(check["coupled_kept"]) == 1
+    assert stem_width(pruned) == 16
+    assert all(len(g["members"]) == 1 for g in report.extra["allocation"]["groups"])
+    assert 0 < report.rpr <= 0.6 + 1e-9
+    validate_model(pruned)
