@@ -710,7 +710,7 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
         optimizer: "sgd" (Nesterov, the default) or "adamw"; ``lr`` is its initial rate.
         bn: BatchNormalization statistics: "frozen" (as given), "recompute" (re-estimated on
             ``train`` before distilling) or "train" (batch statistics while training; folded
-            BatchNorms are restored around their Convs meanwhile); see :mod:`onnx_ocnna.distill.train`.
+            BatchNorms are restored around their Convs meanwhile); see :mod:`onnx_ocnna.distill.batchnorm`.
         eval_data: held-out data for per-epoch accuracy (or agreement without labels).
         checkpoint_dir: save a checkpoint after every epoch; ``resume`` continues from it.
     Returns:

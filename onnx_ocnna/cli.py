@@ -127,6 +127,21 @@ def _add_reconstruct_options(parser) -> None:
                      help="calibration samples the refit reads (default 512)")
 
 
+def _add_eval_options(group, help: str | None = None, samples_help: str | None = None,
+                      required: bool = False) -> None:
+    """``--eval DATA`` and ``--eval-samples N``: the held-out data of a subcommand."""
+    group.add_argument("--eval", metavar="DATA", required=required, help=help)
+    group.add_argument("--eval-samples", type=_positive_int, metavar="N", help=samples_help)
+
+
+def _add_run_options(group, overwrite_help: str | None = None, quiet_help: str | None = None,
+                     quiet: bool = True) -> None:
+    """``--overwrite`` (replace an existing output) and ``--quiet`` (no progress bars)."""
+    group.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    if quiet:
+        group.add_argument("--quiet", action="store_true", help=quiet_help)
+
+
 def _compress_options(args) -> dict:
     """The selection, budget and recovery options shared by the main command and the sweep."""
     return {"scope": args.scope, "min_channels": args.min_channels, "round_to": args.round_to,
@@ -179,15 +194,13 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     out = main.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="report.json", help="write the report as JSON")
     out.add_argument("--save-plan", type=Path, metavar="plan.json", help="also write the plan that was applied")
-    out.add_argument("--eval", metavar="DATA", help="held-out data: top-1 before/after (or agreement without labels)")
-    out.add_argument("--eval-samples", type=_positive_int, metavar="N",
-                     help="evaluate on a seeded class-balanced subset of N held-out samples (default: all)")
+    _add_eval_options(out, "held-out data: top-1 before/after (or agreement without labels)",
+                      "evaluate on a seeded class-balanced subset of N held-out samples (default: all)")
     out.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency before/after")
     out.add_argument("--quantize", choices=["int8", "auto"],
                      help="int8: write OUT as an INT8 (QDQ) model calibrated on --calib, the float pruned model "
                           "to OUT's name with .fp32.onnx; auto (with --max-drop): INT8 where it stays within D")
-    out.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(out, "replace OUTPUT if it exists", "no progress bars")
 
     inspect = _Parser(prog="onnx-ocnna inspect", description="Show channel groups, what is prunable and why not.")
     inspect.add_argument("input", type=Path)
@@ -200,18 +213,16 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     _add_scoring_options(score)
     score.add_argument("--percentile", type=_percentile, default=40.0, metavar="K")
     _add_selection_options(score)
-    score.add_argument("--overwrite", action="store_true")
-    score.add_argument("--quiet", action="store_true")
+    _add_run_options(score)
     quantize = _Parser(prog="onnx-ocnna quantize",
                        description="ONNX Runtime static INT8 quantization (QDQ, per-channel weights).")
     quantize.add_argument("input", type=Path)
     quantize.add_argument("output", type=Path)
     _add_calibration_options(quantize, required=True)
     quantize.add_argument("--seed", type=int, default=0)
-    quantize.add_argument("--eval", metavar="DATA", help="held-out data: top-1 of float vs INT8")
-    quantize.add_argument("--eval-samples", type=_positive_int, metavar="N")
+    _add_eval_options(quantize, "held-out data: top-1 of float vs INT8")
     quantize.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency float vs INT8")
-    quantize.add_argument("--overwrite", action="store_true")
+    _add_run_options(quantize, quiet=False)
     distill = _Parser(prog="onnx-ocnna distill",
                       description="Distil an already pruned model; the original model is the teacher.")
     distill.add_argument("input", type=Path, help="pruned .onnx model (the student)")
@@ -220,10 +231,8 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     _add_calibration_options(distill)
     _add_distill_options(distill, flag=False)
     distill.add_argument("--seed", type=int, default=0)
-    distill.add_argument("--eval", metavar="DATA")
-    distill.add_argument("--eval-samples", type=_positive_int, metavar="N")
-    distill.add_argument("--overwrite", action="store_true")
-    distill.add_argument("--quiet", action="store_true")
+    _add_eval_options(distill)
+    _add_run_options(distill)
 
     demo = _Parser(prog="onnx-ocnna demo",
                    description="Compress and distil the digits CNN shipped in the package (no network needed).")
@@ -231,8 +240,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     demo.add_argument("--epochs", type=_positive_int, default=20)
     demo.add_argument("--output", type=Path, metavar="OUT",
                       help="where the compressed model goes (default digits_cnn.ocnna.onnx here)")
-    demo.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    demo.add_argument("--quiet", action="store_true")
+    _add_run_options(demo, "replace OUT if it exists")
     presets = _Parser(prog="onnx-ocnna presets", description="The image preprocessing presets (--preprocess NAME).")
     sweep = _Parser(prog="onnx-ocnna sweep",
                     description="Accuracy and RPR against the percentile k (plot + CSV), scoring once.")
@@ -241,8 +249,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                        help="the plot; the table goes beside it as .csv")
     _add_calibration_options(sweep)
     _add_scoring_options(sweep)
-    sweep.add_argument("--eval", metavar="DATA", required=True, help="held-out data")
-    sweep.add_argument("--eval-samples", type=_positive_int, metavar="N")
+    _add_eval_options(sweep, "held-out data", required=True)
     sweep.add_argument("--percentiles", type=_floats, metavar="K,K,...",
                        help="one point per percentile (default 0,10,...,80 unless a --target-* list is given)")
     points = sweep.add_argument_group("selection, budgets and reconstruction, as in the main command")
@@ -252,8 +259,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     _add_reconstruct_options(sweep)
     sweep.add_argument("--distill", action="store_true", help="distil every pruned model")
     _add_distill_options(sweep, flag=False)
-    sweep.add_argument("--overwrite", action="store_true")
-    sweep.add_argument("--quiet", action="store_true")
+    _add_run_options(sweep)
     return {"main": main, "inspect": inspect, "score": score, "quantize": quantize, "distill": distill, "demo": demo,
             "sweep": sweep, "presets": presets}
 

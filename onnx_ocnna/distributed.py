@@ -276,9 +276,9 @@ def subset_source(source: Any, indices: Sequence[int]) -> Any:
     :func:`strided`, whose only short batch, the overall last, comes last), so re-batching the
     concatenated rows reproduces the selected batches exactly.
     """
-    from onnx_ocnna.calibration import _ArraySource, _ImageFolderSource
+    from onnx_ocnna.calibration.sources import ArraySource, ImageFolderSource
 
-    if not isinstance(source, (_ArraySource, _ImageFolderSource)):
+    if not isinstance(source, (ArraySource, ImageFolderSource)):
         return None
     size, n = source.batch_size, source.num_samples
     rows = [np.arange(i * size, min((i + 1) * size, n)) for i in indices]
@@ -286,7 +286,7 @@ def subset_source(source: Any, indices: Sequence[int]) -> Any:
         raise ValueError("only the last selected batch may be a short one")
     rows_all = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     part = copy.copy(source)
-    if isinstance(source, _ArraySource):
+    if isinstance(source, ArraySource):
         part.indices = source.indices[rows_all]  # labels stay indexed by the original rows
     else:
         part.files = [source.files[r] for r in rows_all]

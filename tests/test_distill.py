@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ocnna.distill import OnnxModule, check_agreement, distill, write_back
-from onnx_ocnna.distill.train import _augment
+from onnx_ocnna.distill.augment import augment as _augment
 from onnx_ocnna.errors import InputError, OcnnaError, ValidationError
 
 RNG = np.random.default_rng(0)
@@ -461,7 +461,7 @@ def test_augment_flip_and_passthrough() -> None:
 
 
 def test_thread_chooser_keeps_the_faster_count() -> None:
-    from onnx_ocnna.distill.train import _ThreadChooser
+    from onnx_ocnna.distill.runtime import ThreadChooser as _ThreadChooser
 
     def run(chooser: _ThreadChooser, seconds: dict[int, float]) -> list[int]:
         used = []

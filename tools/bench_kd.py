@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     ap.add_argument("--bn", choices=["frozen", "recompute", "train"], default="train",
-                    help="BatchNormalization statistics in distillation (see onnx_ocnna.distill.train)")
+                    help="BatchNormalization statistics in distillation (see onnx_ocnna.distill.batchnorm)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--batch-size", type=int, default=64)

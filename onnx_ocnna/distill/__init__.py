@@ -1,8 +1,11 @@
 """Knowledge distillation of pruned ONNX graphs in PyTorch (SPEC section 7).
 
-``torch_graph``: ONNX -> ``torch.nn.Module`` interpreter; ``writeback``: trained values back
-into the graph's initializers plus the ONNX Runtime agreement check; ``train``: the KD loop;
-``conv_norm``: training-time BatchNorm for Convs whose BatchNorm the exporter folded.
+``torch_graph``: ONNX -> ``torch.nn.Module`` interpreter (its handlers in ``torch_ops/``);
+``writeback``: trained values back into the graph's initializers plus the ONNX Runtime
+agreement check; ``train``: the KD loop, with ``records`` (settings and report),
+``batchnorm`` (statistics re-estimation), ``checkpoint``, ``augment`` and ``runtime``
+(threads, teacher session, DDP); ``conv_norm``: training-time BatchNorm for Convs whose
+BatchNorm the exporter folded.
 """
 
 from __future__ import annotations
