@@ -32,7 +32,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +40,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench.common import cifar_subset, load_arrays, write_json  # noqa: E402
+from bench.arrays import ArraySource  # noqa: E402
+from bench.common import cifar_subset, load_arrays, top1_of_source, write_json  # noqa: E402
 
-from onnx_ocnna import api, evaluate  # noqa: E402
-from onnx_ocnna.calibration import Batch, CalibrationSource  # noqa: E402
+from onnx_ocnna import api  # noqa: E402
 
 CACHE = Path(os.environ.get("OCNNA_BENCH_CACHE", "/tmp/ocnna_bench_cache"))
 
@@ -81,27 +80,6 @@ class KerasCifarCnn(nn.Module):
         x = self.drop(torch.relu(self.fc1(x)))
         x = self.drop(torch.relu(self.fc2(x)))
         return self.head(x)
-
-
-class Arrays(CalibrationSource):
-    """Images x [N, 3, 32, 32] (labels y [N] or None) in batches; ``shuffle`` draws a new seeded
-    permutation for every call of :meth:`batches` (one call per epoch)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray | None, batch_size: int, shuffle: bool = False, seed: int = 0):
-        self.input_names = ["input"]
-        self.x, self.y = x, y
-        self.has_labels = y is not None
-        self.num_samples = len(x)
-        self.batch_size, self.shuffle, self.seed, self.calls = batch_size, shuffle, seed, 0
-
-    def batches(self) -> Iterator[Batch]:
-        order = np.arange(self.num_samples)
-        if self.shuffle:
-            order = np.random.default_rng(self.seed + self.calls).permutation(self.num_samples)
-        self.calls += 1
-        for start in range(0, self.num_samples, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield Batch({"input": self.x[idx]}, None if self.y is None else self.y[idx])
 
 
 def train(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, log) -> tuple[KerasCifarCnn, list[dict]]:
@@ -176,14 +154,6 @@ def params_by_kind(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def top1(model: onnx.ModelProto, test: Arrays, reference: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
-    pred, labels = evaluate.predictions(model, test.batches())
-    out = {"top1": float(np.mean(pred == labels))}
-    if reference is not None:
-        out["agreement"] = float(np.mean(pred == reference))
-    return out, pred
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/results/fc_keras_cnn.json"))
@@ -211,9 +181,9 @@ def main() -> None:
     train_data = load_arrays(cifar_subset("train", args.train_images, args.seed, CACHE, shuffle=True))
     test_data = load_arrays(cifar_subset("test", args.test_images, 1, CACHE))
     x, y = train_data["input"], train_data["labels"].astype(np.int64)
-    test = Arrays(test_data["input"], test_data["labels"].astype(np.int64), 250)
-    calib = Arrays(x[:args.calib_images], y[:args.calib_images], 100)
-    kd_data = Arrays(x[:args.kd_images], None, 64, shuffle=True, seed=args.seed)  # no labels
+    test = ArraySource("input", test_data["input"], test_data["labels"].astype(np.int64), 250)
+    calib = ArraySource("input", x[:args.calib_images], y[:args.calib_images], 100)
+    kd_data = ArraySource("input", x[:args.kd_images], None, 64, shuffle=True, seed=args.seed)  # no labels
     log(f"data: {len(x)} training, {len(test.x)} test images")
 
     teacher_path = CACHE / f"keras_cifar_cnn_{args.train_images}_{args.epochs}ep_seed{args.seed}.onnx"
@@ -226,7 +196,7 @@ def main() -> None:
         teacher = export(net, teacher_path)
         result["training"] = {"epochs": args.epochs, "images": len(x), "history": history}
         teacher_path.with_suffix(".json").write_text(json.dumps(result["training"]))
-    base, base_pred = top1(teacher, test)
+    base, base_pred = top1_of_source(teacher, test)
     kinds = params_by_kind(teacher)
     result["original"] = {**base, "parameters": sum(kinds.values()), **{f"{k}_parameters": v for k, v in kinds.items()}}
     log(f"original: top-1 {base['top1']:.4f}; parameters conv {kinds['conv']:,}, fc {kinds['fc']:,} "
@@ -262,7 +232,7 @@ def main() -> None:
                 write_json(args.out, result)
                 continue
         after = params_by_kind(pruned)
-        acc, _ = top1(pruned, test, base_pred)
+        acc, _ = top1_of_source(pruned, test, base_pred)
         row.update(seconds=time.perf_counter() - t0, rpr=report.rpr, macs_ratio=report.macs_ratio,
                    parameters=report.after.parameters,
                    saved={k: kinds[k] - after[k] for k in kinds}, remaining={k: after[k] for k in kinds},
@@ -282,7 +252,7 @@ def main() -> None:
             t0 = time.perf_counter()
             distilled, kd = api.distill(pruned, teacher, kd_data, epochs=args.kd_epochs, progress=False,
                                         seed=args.seed)
-            kd_acc, _ = top1(distilled, test, base_pred)
+            kd_acc, _ = top1_of_source(distilled, test, base_pred)
             row.update(top1_distilled=kd_acc["top1"], agreement_distilled=kd_acc["agreement"],
                        drop_distilled=100 * (base["top1"] - kd_acc["top1"]), kd_seconds=time.perf_counter() - t0,
                        kd={"epochs": args.kd_epochs, "images": len(kd_data.x), "labels": False,

@@ -27,18 +27,21 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from onnx_ocnna import api, evaluate
-from onnx_ocnna.calibration import Batch, CalibrationSource
-from onnx_ocnna.quantize import quantize_int8
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.arrays import ArraySource  # noqa: E402
+from bench.common import top1_of_source  # noqa: E402
+from onnx_ocnna import api, evaluate  # noqa: E402
+from onnx_ocnna.calibration import CalibrationSource  # noqa: E402
+from onnx_ocnna.quantize import quantize_int8  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODELS = {
@@ -56,28 +59,6 @@ CRITERIA = {
     "random": ("random", {"seed": 0}),
 }
 PREPROCESS = "imagenet-32"
-
-
-class ArraySource(CalibrationSource):
-    """Decoded images x [N, 3, 32, 32] with labels y [N], in batches; ``shuffle`` draws a new
-    seeded permutation for every call of :meth:`batches` (one call per epoch)."""
-
-    def __init__(self, name: str, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
-        self.input_names = [name]
-        self.has_labels = True
-        self.x, self.y = x, y
-        self.num_samples = len(x)
-        self.batch_size = batch_size
-        self.shuffle, self.seed, self.calls = shuffle, seed, 0
-
-    def batches(self) -> Iterator[Batch]:
-        order = np.arange(self.num_samples)
-        if self.shuffle:
-            order = np.random.default_rng(self.seed + self.calls).permutation(self.num_samples)
-        self.calls += 1
-        for start in range(0, self.num_samples, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield Batch({self.input_names[0]: self.x[idx]}, self.y[idx])
 
 
 def pick_files(root: Path, per_class: list[int], seed: int) -> list[list[tuple[Path, str]]]:
@@ -109,15 +90,6 @@ def decode(folder: Path, model: onnx.ModelProto) -> tuple[str, np.ndarray, np.nd
     batches = list(source.batches())
     name = source.input_names[0]
     return name, np.concatenate([b.feeds[name] for b in batches]), np.concatenate([b.labels for b in batches])
-
-
-def top1(model: onnx.ModelProto, test: ArraySource, reference: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
-    """Top-1 on the test subset and, given the original's predictions, agreement with them."""
-    pred, labels = evaluate.predictions(model, test.batches())
-    out = {"top1": float(np.mean(pred == labels))}
-    if reference is not None:
-        out["agreement"] = float(np.mean(pred == reference))
-    return out, pred
 
 
 def git_state() -> str:
@@ -212,7 +184,7 @@ def main() -> None:
             _, x_train, y_train = decode(train_dir, teacher)
             train = ArraySource(input_name, x_train, y_train, args.batch_size, shuffle=True, seed=args.seed)
             calib = api.as_source(str(calib_dir), teacher, preprocess=PREPROCESS, batch_size=64)
-            base, base_pred = top1(teacher, test)
+            base, base_pred = top1_of_source(teacher, test)
             print(f"{path.name}: top-1 {base['top1']:.4f} on {len(y_test)} test images "
                   f"(data decoded in {time.perf_counter() - started:.0f} s)", flush=True)
             teacher_path = tmp / "teacher.onnx"
@@ -240,7 +212,7 @@ def main() -> None:
                            score_s=scores.seconds, rewrite_s=time.perf_counter() - t0,
                            reconstruct=args.reconstruct, reconstruct_s=report.timings.get("reconstruct_s"),
                            reconstruct_samples=args.reconstruct_samples if args.reconstruct else None)
-                pruned_acc, _ = top1(pruned, test, base_pred)
+                pruned_acc, _ = top1_of_source(pruned, test, base_pred)
                 row.update(top1_pruned=pruned_acc["top1"], agreement_pruned=pruned_acc["agreement"])
                 print(f"  {label} k={k:g}: RPR {report.rpr:.3f}, MACs {report.macs_ratio:.3f}, "
                       f"pruned top-1 {pruned_acc['top1']:.4f}", flush=True)
@@ -255,7 +227,7 @@ def main() -> None:
                     progress=False, seed=args.seed, optimizer=args.optimizer, bn=args.bn,
                 )
                 kd_s = time.perf_counter() - t0
-                kd_acc, _ = top1(distilled, test, base_pred)
+                kd_acc, _ = top1_of_source(distilled, test, base_pred)
                 row.update(top1_kd=kd_acc["top1"], agreement_kd=kd_acc["agreement"],
                            drop_pruned=100 * (base["top1"] - pruned_acc["top1"]),
                            drop_kd=100 * (base["top1"] - kd_acc["top1"]),
@@ -288,7 +260,7 @@ def int8_row(distilled: onnx.ModelProto, calib: CalibrationSource, test: ArraySo
     quantize_int8(distilled, calib, int8_path)
     seconds = time.perf_counter() - t0
     int8 = onnx.load(str(int8_path))
-    acc, _ = top1(int8, test, base_pred)
+    acc, _ = top1_of_source(int8, test, base_pred)
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
     return {
         "quantize_s": seconds, "fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,

@@ -134,6 +134,18 @@ def top1(model: onnx.ModelProto, data: dict[str, np.ndarray], batch: int = 500) 
     return float(np.mean(pred == data["labels"])), pred
 
 
+def top1_of_source(model: onnx.ModelProto, test, reference: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+    """{"top1"} (and, given the original's predictions [N], {"agreement"}) of ``model`` on a
+    labelled calibration source, with its predictions [N]."""
+    from onnx_ocnna import evaluate
+
+    pred, labels = evaluate.predictions(model, test.batches())
+    out = {"top1": float(np.mean(pred == labels))}
+    if reference is not None:
+        out["agreement"] = float(np.mean(pred == reference))
+    return out, pred
+
+
 def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: int, threads: int,
                         runs: int = 20) -> dict:
     """The library's interleaved before/after latency, rows marked as measured without spinning."""
