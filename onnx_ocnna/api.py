@@ -419,11 +419,12 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         source.shuffle, source.seed = True, (reconstruct_options or {}).get("seed", 0)
         pruned, reconstruction = refit(pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed),
                                        source.batches, progress=progress, **(reconstruct_options or {}))
-        if allocated is not None and allocated.objective != "latency":
+        if allocated is not None:
+            budget = {"target_params": target_params, "target_macs": target_macs, "target_latency": target_latency,
+                      "latency_batch": latency_batch, "latency_threads": latency_threads}
             removed, pruned, reconstruction = _best_of_recipes(
                 model, pruner, scores, round_to, options, source, allocated, (removed, pruned, reconstruction),
-                target_params, target_macs, damage_samples, reconstruct_options, progress, notes, fixed, sizes,
-                block_removal)
+                budget, damage_samples, reconstruct_options, progress, notes, fixed, sizes, block_removal)
             chosen = allocated.final_check.get("chosen", "measured")
             if chosen == _COUPLED_KEPT:
                 cut = allocated.rewrite(pruner)
@@ -531,12 +532,14 @@ def _calibration_record(data: Any, model: onnx.ModelProto, options: dict | None,
     return record
 
 
-def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated, measured,
-                     target_params, target_macs, damage_samples, reconstruct_options, progress, notes,
-                     fixed=None, sizes=None, block_removal=True):
+def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated, measured, budget: dict,
+                     damage_samples, reconstruct_options, progress, notes, fixed=None, sizes=None,
+                     block_removal=True):
     """Reconstruct the competitors of the allocated cut for the same budget, and keep whichever
     reconstructed model is closer to the original on the calibration images (mean output KL):
-    the uniform-percentile cut, and the allocation with the coupled groups kept whole.
+    the uniform-percentile cut (parameter and MACs budgets), and the allocation with the coupled
+    groups kept whole (its latency searched and measured like the allocation's own).
+    ``budget``: the ``target_*`` and ``latency_*`` arguments of :func:`compress`.
 
     The allocation's damage is measured one group at a time, after refitting only the layers
     that read the cut; the full reconstruction of a joint cut can recover differently (measured
@@ -557,16 +560,20 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     def uniform_cut(align: int) -> tuple[float, dict, onnx.ModelProto]:
         uniform_options = SelectionOptions(percentile=options.percentile, scope=options.scope,
                                            min_channels=options.min_channels, round_to=align, exclude=options.exclude)
-        removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, target_params, target_macs,
+        removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, budget["target_params"],
+                                             budget["target_macs"],
                                              fixed, sizes)
         return uniform_options.percentile, removed_u, pruned_u
 
     block = round_block(round_to)
     uniform: dict[int, tuple] = {}
-    failure = ""
+    failure = "a latency budget has no uniform search" if budget["target_latency"] is not None else ""
     # One aligned competitor: the block's, else the width step's; a parameter budget is about
     # size, so the unaligned uniform cut competes too.
-    for aligns in ((block, width_step(block)), (1,) if target_params is not None else ()):
+    # A latency budget has no uniform search: only the coupled competitor runs.
+    alignments = () if budget["target_latency"] is not None else (
+        (block, width_step(block)), (1,) if budget["target_params"] is not None else ())
+    for aligns in alignments:
         for align in aligns:
             if align in uniform:
                 continue
@@ -578,8 +585,8 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
             if cut[1]:  # a cut that removes nothing is no competitor
                 uniform[align] = cut
                 break
-    inner, coupled = _allocation_without_coupled(pruner, scores, options, source, allocated, target_params,
-                                                 target_macs, damage_samples, fixed, block_removal)
+    inner, coupled = _allocation_without_coupled(pruner, scores, options, source, allocated, budget,
+                                                 damage_samples, fixed, block_removal)
     if not uniform and inner is None:
         allocated.final_check = {"chosen": "measured",
                                  "skipped": f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"}
@@ -606,7 +613,7 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
         allocated.final_check["uniform_skipped"] = f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"
     if chosen == _COUPLED_KEPT:
         # Still the measured allocation, on fewer groups: its widths and blocks are reported.
-        for name in ("removed", "groups", "achieved", "dropped", "blocks"):
+        for name in ("removed", "groups", "achieved", "dropped", "blocks", "latency"):
             setattr(allocated, name, getattr(inner, name))
         allocated.final_check["coupled_kept"] = sorted(coupled)
     elif chosen != "measured":
@@ -622,8 +629,8 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
 _COUPLED_KEPT = "measured, coupled groups kept"
 
 
-def _allocation_without_coupled(pruner, scores, options, source, allocated, target_params, target_macs,
-                                damage_samples, fixed, block_removal):
+def _allocation_without_coupled(pruner, scores, options, source, allocated, budget: dict, damage_samples, fixed,
+                                block_removal):
     """The allocation of the same budget with every coupled group the allocation cut kept whole
     (from the same damage table, so nothing is measured again) and those groups' ids; (None,
     set()) when it cut none or the budget cannot be met without them."""
@@ -637,9 +644,9 @@ def _allocation_without_coupled(pruner, scores, options, source, allocated, targ
                                      min_channels=options.min_channels, round_to=options.round_to,
                                      exclude=set(options.exclude) | coupled)
     try:
-        inner = allocate(pruner, scores.groups, inner_options, source.batches(), target_params=target_params,
-                         target_macs=target_macs, damage_samples=damage_samples, progress=False,
-                         cache=scores.damage_tables, blocks=block_removal, fixed=fixed)
+        inner = allocate(pruner, scores.groups, inner_options, source.batches(), **budget,
+                         damage_samples=damage_samples, progress=False, cache=scores.damage_tables,
+                         blocks=block_removal, fixed=fixed)
     except InputError:  # the other groups cannot carry the budget alone
         return None, set()
     return inner, coupled

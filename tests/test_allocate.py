@@ -310,3 +310,26 @@ def test_the_allocation_with_coupled_groups_kept_whole_competes_and_can_be_writt
     assert all(len(g["members"]) == 1 for g in report.extra["allocation"]["groups"])
     assert 0 < report.rpr <= 0.6 + 1e-9
     validate_model(pruned)
+
+
+def test_a_latency_budget_has_the_coupled_competitor_too(monkeypatch):
+    """Under --target-latency the allocation with the coupled groups kept whole is searched for
+    the same latency (measured, here the MACs ratio) and, when closest to the original after
+    reconstruction, written; no uniform cut competes (it has no latency search)."""
+    from onnx_ocnna import evaluate
+
+    monkeypatch.setattr(evaluate, "interleaved_latency", _fake_latency([]))
+    model = residual_net(set(), channels=16)
+    data = {"x": np.random.default_rng(0).standard_normal((96, 3, 6, 6)).astype(np.float32)}
+
+    def stem_width(m) -> int:
+        return next(list(i.dims)[0] for i in m.graph.initializer if i.name == "stem.w")
+
+    real = alloc.DamageMeter.__call__
+    monkeypatch.setattr(alloc.DamageMeter, "__call__",
+                        lambda self, m: real(self, m) - (10.0 if not self.refit and stem_width(m) == 16 else 0.0))
+    pruned, report = onnx_ocnna.compress(model, data, round_to=4, target_latency=0.6, progress=False)
+    check = report.extra["allocation"]["final_check"]
+    assert set(check["damage_after_reconstruction"]) == {"measured", "measured, coupled groups kept"}
+    assert check["chosen"] == "measured, coupled groups kept" and stem_width(pruned) == 16
+    assert report.extra["allocation"]["latency"] and report.macs_ratio <= 0.6
