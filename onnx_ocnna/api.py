@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -558,19 +558,16 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     # block, else to the allocation's width step (with 16-channel blocks a 16-channel layer can
     # lose no block, so no uniform percentile reaches MACs 0.5 on a CIFAR ResNet).
     def uniform_cut(align: int) -> tuple[float, dict, onnx.ModelProto]:
-        uniform_options = SelectionOptions(percentile=options.percentile, scope=options.scope,
-                                           min_channels=options.min_channels, round_to=align, exclude=options.exclude)
+        uniform_options = replace(options, round_to=align)  # a copy: the search sets its percentile
         removed_u, pruned_u = _search_target(model, pruner, scores, uniform_options, budget["target_params"],
-                                             budget["target_macs"],
-                                             fixed, sizes)
+                                             budget["target_macs"], fixed, sizes)
         return uniform_options.percentile, removed_u, pruned_u
 
     block = round_block(round_to)
     uniform: dict[int, tuple] = {}
     failure = "a latency budget has no uniform search" if budget["target_latency"] is not None else ""
     # One aligned competitor: the block's, else the width step's; a parameter budget is about
-    # size, so the unaligned uniform cut competes too.
-    # A latency budget has no uniform search: only the coupled competitor runs.
+    # size, so the unaligned uniform cut competes too. A latency budget has no uniform search.
     alignments = () if budget["target_latency"] is not None else (
         (block, width_step(block)), (1,) if budget["target_params"] is not None else ())
     for aligns in alignments:
@@ -594,19 +591,18 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     meter = DamageMeter(pruner.model, take_feeds(source.batches(), damage_samples), refit=False)
     finished = {"measured": measured}
     damage = {"measured": meter(measured[1])}
+
+    def compete(name: str, removed: dict, cut: onnx.ModelProto) -> None:
+        """Reconstruct a competitor's cut and measure it like the allocated one."""
+        fitted, reconstruction = refit(pruner.prepared_model(), cut, kept_outputs(pruner.analysis, removed),
+                                       source.batches, progress=progress, **(reconstruct_options or {}))
+        finished[name] = (removed, fitted, reconstruction)
+        damage[name] = meter(fitted)
+
     if inner is not None:
-        pruned_i = inner.rewrite(pruner)
-        pruned_i, reconstruction_i = refit(pruner.prepared_model(), pruned_i, kept_outputs(pruner.analysis, inner.removed),
-                                           source.batches, progress=progress, **(reconstruct_options or {}))
-        finished[_COUPLED_KEPT] = (inner.removed, pruned_i, reconstruction_i)
-        damage[_COUPLED_KEPT] = meter(pruned_i)
+        compete(_COUPLED_KEPT, inner.removed, inner.rewrite(pruner))
     for align, (percentile, removed_u, pruned_u) in uniform.items():
-        name = f"uniform k={percentile:.2f} round-to {align}"
-        pruned_u, reconstruction_u = refit(pruner.prepared_model(), pruned_u,
-                                           kept_outputs(pruner.analysis, removed_u), source.batches,
-                                           progress=progress, **(reconstruct_options or {}))
-        finished[name] = (removed_u, pruned_u, reconstruction_u)
-        damage[name] = meter(pruned_u)
+        compete(f"uniform k={percentile:.2f} round-to {align}", removed_u, pruned_u)
     chosen = min(damage, key=lambda k: (damage[k], k != "measured"))
     allocated.final_check = {"damage_after_reconstruction": damage, "chosen": chosen}
     if not uniform:
@@ -640,9 +636,7 @@ def _allocation_without_coupled(pruner, scores, options, source, allocated, budg
                if len(g.members) > 1 and len(allocated.removed.get(g.id, ())) > 0}
     if not coupled:
         return None, set()
-    inner_options = SelectionOptions(percentile=options.percentile, scope=options.scope,
-                                     min_channels=options.min_channels, round_to=options.round_to,
-                                     exclude=set(options.exclude) | coupled)
+    inner_options = replace(options, exclude=set(options.exclude) | coupled)
     try:
         inner = allocate(pruner, scores.groups, inner_options, source.batches(), **budget,
                          damage_samples=damage_samples, progress=False, cache=scores.damage_tables,

@@ -282,31 +282,41 @@ def test_budget_of_a_model_with_dynamic_height_and_width_is_counted_at_the_data_
     assert report.extra["allocation"]["achieved"] == pytest.approx(ratio, rel=1e-6)
 
 
+def _residual_16():
+    """A 16-channel residual net (coupled stem/spine group) and 96 seeded samples for it."""
+    data = {"x": np.random.default_rng(0).standard_normal((96, 3, 6, 6)).astype(np.float32)}
+    return residual_net(set(), channels=16), data
+
+
+def _stem_width(model) -> int:
+    return next(list(i.dims)[0] for i in model.graph.initializer if i.name == "stem.w")
+
+
+def _final_check_prefers_a_whole_stem(monkeypatch) -> None:
+    """Only the final check's meter (no refit) is made to prefer a whole stem; the allocation's
+    own measurements stay real, so it still cuts the coupled group."""
+    real = alloc.DamageMeter.__call__
+    monkeypatch.setattr(alloc.DamageMeter, "__call__",
+                        lambda self, m: real(self, m) - (10.0 if not self.refit and _stem_width(m) == 16 else 0.0))
+
+
 def test_the_allocation_with_coupled_groups_kept_whole_competes_and_can_be_written(monkeypatch):
     """The sum of one-group damages misleads most on a coupled (residual) group, so the same
     budget allocated with the coupled groups kept whole competes after reconstruction; when it
     is the closest to the original, it is what is written, with its own widths in the report."""
     from onnx_ocnna.model_io import validate_model
 
-    model = residual_net(set(), channels=16)
-    data = {"x": np.random.default_rng(0).standard_normal((96, 3, 6, 6)).astype(np.float32)}
+    model, data = _residual_16()
     _, report = onnx_ocnna.compress(model, data, round_to=4, target_params=0.6, progress=False)
     check = report.extra["allocation"]["final_check"]
     damage = check["damage_after_reconstruction"]
     assert "measured, coupled groups kept" in damage and check["chosen"] == min(damage, key=damage.get)
 
-    def stem_width(m) -> int:
-        return next(list(i.dims)[0] for i in m.graph.initializer if i.name == "stem.w")
-
-    # Only the final check's meter (no refit) is made to prefer a whole stem; the allocation's
-    # own measurements stay real, so it still cuts the coupled group.
-    real = alloc.DamageMeter.__call__
-    monkeypatch.setattr(alloc.DamageMeter, "__call__",
-                        lambda self, m: real(self, m) - (10.0 if not self.refit and stem_width(m) == 16 else 0.0))
+    _final_check_prefers_a_whole_stem(monkeypatch)
     pruned, report = onnx_ocnna.compress(model, data, round_to=4, target_params=0.6, progress=False)
     check = report.extra["allocation"]["final_check"]
     assert check["chosen"] == "measured, coupled groups kept" and len(check["coupled_kept"]) == 1
-    assert stem_width(pruned) == 16
+    assert _stem_width(pruned) == 16
     assert all(len(g["members"]) == 1 for g in report.extra["allocation"]["groups"])
     assert 0 < report.rpr <= 0.6 + 1e-9
     validate_model(pruned)
@@ -319,17 +329,10 @@ def test_a_latency_budget_has_the_coupled_competitor_too(monkeypatch):
     from onnx_ocnna import evaluate
 
     monkeypatch.setattr(evaluate, "interleaved_latency", _fake_latency([]))
-    model = residual_net(set(), channels=16)
-    data = {"x": np.random.default_rng(0).standard_normal((96, 3, 6, 6)).astype(np.float32)}
-
-    def stem_width(m) -> int:
-        return next(list(i.dims)[0] for i in m.graph.initializer if i.name == "stem.w")
-
-    real = alloc.DamageMeter.__call__
-    monkeypatch.setattr(alloc.DamageMeter, "__call__",
-                        lambda self, m: real(self, m) - (10.0 if not self.refit and stem_width(m) == 16 else 0.0))
+    model, data = _residual_16()
+    _final_check_prefers_a_whole_stem(monkeypatch)
     pruned, report = onnx_ocnna.compress(model, data, round_to=4, target_latency=0.6, progress=False)
     check = report.extra["allocation"]["final_check"]
     assert set(check["damage_after_reconstruction"]) == {"measured", "measured, coupled groups kept"}
-    assert check["chosen"] == "measured, coupled groups kept" and stem_width(pruned) == 16
+    assert check["chosen"] == "measured, coupled groups kept" and _stem_width(pruned) == 16
     assert report.extra["allocation"]["latency"] and report.macs_ratio <= 0.6
