@@ -65,6 +65,8 @@ class Synthesis:
             the optimisation starts from).
         saved: the ``.npz`` the arrays were written to (:func:`save_npz`), else None.
         smoothness: the weight of the image prior (0: ZeroQ's loss alone).
+        class_weight: the weight of the class term (0: none); ``classes`` how many classes the
+            labels cycle through (0 when the term was off or the output has no class axis).
     """
 
     arrays: dict[str, np.ndarray]
@@ -80,6 +82,8 @@ class Synthesis:
     noise_loss: float
     saved: str | None = field(default=None)
     smoothness: float = 0.0
+    class_weight: float = 0.0
+    classes: int = 0
 
     @property
     def match_ratio(self) -> float:
@@ -153,6 +157,7 @@ class _StatsRecorder:
         import torch
 
         self.total = None
+        self.outputs = None
         self._targets = {}
         for t in targets:
             self._targets.setdefault(t.input, []).append(
@@ -189,7 +194,7 @@ class _StatsRecorder:
     def run(self, module, feeds: dict) -> "torch.Tensor":  # noqa: F821
         """The loss of one batch (graph inputs that feed a BatchNorm directly included)."""
         self.total = None
-        module(**feeds)
+        self.outputs = module(**feeds)
         for name in self._graph_inputs:
             self.add(name, feeds[name])
         return self.total
@@ -220,7 +225,8 @@ def bn_statistics_loss(model: onnx.ModelProto, arrays: dict[str, np.ndarray], ba
 
 def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 64, iterations: int = 50,
                lr: float = 0.25, seed: int = 0, size: tuple[int, int] | list[int] | None = None,
-               smoothness: float = 0.0, progress: bool = True, threads: int | None = None) -> Synthesis:
+               smoothness: float = 0.0, class_weight: float = 0.0, progress: bool = True,
+               threads: int | None = None) -> Synthesis:
     """Synthesize ``samples`` calibration inputs whose BatchNorm statistics match the model's.
 
     Each batch of ``batch_size`` samples starts from standard Gaussian noise (seeded) and is
@@ -236,6 +242,10 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
         size: (H, W) for an image input whose spatial dims are symbolic.
         smoothness: weight of an image prior added to the loss (DeepInversion's): the mean squared
             difference of neighbouring pixels of every rank-4 input; 0 (the default) is ZeroQ's loss.
+        class_weight: weight of a class term added to the loss (DeepInversion's and GDFQ's): the
+            cross-entropy of the model's first output [B, K] against labels that cycle through
+            the K classes (seeded order), so each class gets about N / K samples the model
+            itself assigns to it. Ignored (and recorded as 0) when that output is not [B, K].
         threads: torch intra-op threads for the optimisation (default: torch's).
 
     Returns:
@@ -255,6 +265,8 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
             raise InputError(f"{what} must be a positive integer, got {value!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise InputError(f"lr must be a positive number, got {lr!r}")
+    if not (isinstance(class_weight, (int, float)) and math.isfinite(class_weight) and class_weight >= 0):
+        raise InputError(f"class_weight must be a non-negative number, got {class_weight!r}")
     targets = bn_targets(model)
     if not targets:
         raise NoBatchNormError("the model has no BatchNormalization statistics to synthesize calibration data from "
@@ -275,6 +287,8 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
         generator = torch.Generator().manual_seed(seed)
         out = {name: np.empty((samples, *shape), dtype=dtypes[name]) for name, shape in shapes.items()}
         batches = math.ceil(samples / batch_size)
+        classes = _class_count(module, recorder, shapes, _fixed_batch(specs) or 2) if class_weight else 0
+        labels = _cycled_labels(samples, classes, generator) if classes else None
         bn_loss = noise_loss = 0.0
         bar = tqdm(total=batches * iterations, desc=f"synthesizing {samples} calibration samples", unit="step",
                    disable=not progress, leave=False)
@@ -295,6 +309,10 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
                     if smoothness:
                         loss = loss + smoothness * sum(_total_variation(x[s.name], s.layout) for s in specs
                                                        if len(s.shape) == 4)
+                    if labels is not None:
+                        target = labels[b * batch_size: b * batch_size + run_rows]
+                        logits = _first_output(recorder.outputs)[:len(target)]
+                        loss = loss + class_weight * torch.nn.functional.cross_entropy(logits, target)
                     loss.backward()
                     optimiser.step()
                     schedule.step()
@@ -312,7 +330,29 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
         if not np.isfinite(array).all():
             raise InputError(f"the synthesis diverged (non-finite values in input {name!r}); try a smaller lr")
     return Synthesis(out, METHOD, samples, batch_size, iterations, float(lr), seed, time.perf_counter() - start,
-                     len(targets), bn_loss / samples, noise_loss / samples, smoothness=float(smoothness))
+                     len(targets), bn_loss / samples, noise_loss / samples, smoothness=float(smoothness),
+                     class_weight=float(class_weight) if classes else 0.0, classes=classes)
+
+
+def _first_output(outputs):
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def _class_count(module, recorder: _StatsRecorder, shapes: dict[str, tuple[int, ...]], batch: int) -> int:
+    """K when the model's first output is [B, K] logits (K >= 2), else 0; one probe of ``batch`` zeros."""
+    import torch
+
+    with torch.no_grad():
+        recorder.run(module, {name: torch.zeros((batch, *shape)) for name, shape in shapes.items()})
+    out = _first_output(recorder.outputs)
+    return int(out.shape[1]) if out.dim() == 2 and out.shape[0] == batch and out.shape[1] >= 2 else 0
+
+
+def _cycled_labels(samples: int, classes: int, generator):
+    """[N] int64 labels: 0..K-1 repeated (each class N / K times, give or take one), seeded order."""
+    import torch
+
+    return torch.arange(samples, dtype=torch.int64).remainder(classes)[torch.randperm(samples, generator=generator)]
 
 
 def _total_variation(x, layout: str | None):

@@ -95,6 +95,46 @@ def test_smoothness_prior_makes_smoother_inputs():
     assert smooth.match_ratio < 1  # still closer to the BN statistics than the noise it started from
 
 
+def test_class_term_makes_the_model_predict_the_cycled_labels():
+    """With the class term every class gets its share of samples, predicted confidently by the
+    model itself; without it the predictions follow wherever the BN statistics lead."""
+    model = _bn_model()
+    # A head in which every class is reachable: class k when channel k dominates (random
+    # weights can leave a class no input reaches, after ReLU and pooling).
+    head = -np.ones((4, 6), np.float32)
+    head[np.arange(4), np.arange(4)] = 4.0
+    fc = next(i for i in model.graph.initializer if i.name == "fc.w")
+    fc.CopyFrom(onnx.numpy_helper.from_array(head, "fc.w"))
+    session = ort_session(model)
+
+    def predictions(synthesis):
+        logits = session.run(None, {"x": synthesis.arrays["x"]})[0]
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return logits.argmax(1), (p / p.sum(1, keepdims=True)).max(1).mean()
+
+    plain = synthesize(model, 32, batch_size=16, iterations=30, seed=2, progress=False)
+    labelled = synthesize(model, 32, batch_size=16, iterations=30, seed=2, class_weight=5.0, progress=False)
+    assert (plain.class_weight, plain.classes) == (0.0, 0)
+    assert (labelled.class_weight, labelled.classes) == (5.0, 4)
+    plain_pred, plain_conf = predictions(plain)
+    labelled_pred, labelled_conf = predictions(labelled)
+    print(f"classes predicted: plain {np.bincount(plain_pred, minlength=4)}, "
+          f"class term {np.bincount(labelled_pred, minlength=4)}; mean top probability {plain_conf:.3f} "
+          f"-> {labelled_conf:.3f}")
+    assert np.bincount(labelled_pred, minlength=4).min() >= 6, "8 labels per class"
+    assert labelled_conf > plain_conf + 0.2
+    assert labelled.match_ratio < 0.5  # the BN statistics are still matched
+
+
+def test_class_term_is_off_for_an_output_without_a_class_axis():
+    g = GraphBuilder(seed=0)
+    out = g.relu(g.bn(g.conv("x", 3, 4, name="conv_a"), 4, name="bn_a"))  # [N, 4, 8, 8]
+    synthesis = synthesize(g.model(["N", 3, 8, 8], out), 4, iterations=2, class_weight=1.0, progress=False)
+    assert (synthesis.class_weight, synthesis.classes) == (0.0, 0)
+    with pytest.raises(Exception, match="class_weight"):
+        synthesize(_bn_model(), 4, class_weight=-1.0, progress=False)
+
+
 def test_synthesis_is_seeded():
     model = _bn_model()
     first = synthesize(model, 8, iterations=5, seed=1, progress=False).arrays["x"]

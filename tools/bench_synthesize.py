@@ -36,11 +36,12 @@ def synthesized(model, key: str, args, results: dict, path: Path) -> dict:
 
     from onnx_ocnna.synthesize import synthesize
 
-    keep = args.work / f"{key}_synthetic_{args.samples}_seed{args.seed}.npz"
+    keep = args.work / f"{key}_synthetic_{args.samples}_seed{args.seed}{_variant(args)}.npz"
     if keep.exists() and "synthesis" in results:
         with np.load(keep) as data:
             return {k: data[k] for k in data.files}
-    synthesis = synthesize(model, args.samples, seed=args.seed, progress=False)
+    setting = {} if args.class_weight is None else {"class_weight": args.class_weight}
+    synthesis = synthesize(model, args.samples, seed=args.seed, progress=False, **setting)
     keep.parent.mkdir(parents=True, exist_ok=True)
     np.savez(keep, **synthesis.arrays)
     record = synthesis.describe()
@@ -49,6 +50,11 @@ def synthesized(model, key: str, args, results: dict, path: Path) -> dict:
     write_json(path, results)
     print(key, "synthesis", {k: record[k] for k in ("seconds", "bn_loss", "noise_loss", "match_ratio")}, flush=True)
     return synthesis.arrays
+
+
+def _variant(args) -> str:
+    """File-name suffix of a non-default synthesis setting ("" for the library's defaults)."""
+    return "" if args.class_weight is None else f"_class{args.class_weight:g}"
 
 
 def main() -> int:
@@ -61,6 +67,9 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=5000)
     parser.add_argument("--train", type=int, default=5000, help="real training images for the KD rows")
     parser.add_argument("--kd-epochs", type=int, default=1, help="0: no KD rows")
+    parser.add_argument("--class-weight", type=float, default=None,
+                        help="synthesize(class_weight=W); default: the library's; results go to *_class<W>.json")
+    parser.add_argument("--kinds", default="synthetic,real", help="which calibration sets to compress with")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ocnna_bench_synthesize"))
@@ -77,12 +86,13 @@ def main() -> int:
     real, test = calib_and_test(args.calib, args.test)
     targets = [float(t) for t in args.targets.split(",")]
     for key in args.models.split(","):
-        path = args.out / f"synthesize_{key}.json"
+        path = args.out / f"synthesize_{key}{_variant(args)}.json"
         results = json.loads(path.read_text()) if args.resume and path.exists() else {}
         model = onnx.load(model_path(key))
         base, _ = top1(model, test)
         results["meta"] = {"model": key, "top1": base, "calib_real": args.calib, "synthesized": args.samples,
                            "test": args.test, "train": args.train, "kd_epochs": args.kd_epochs,
+                           "class_weight": args.class_weight,
                            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(path, results)
         data = {"synthetic": synthesized(model, key, args, results, path), "real": real}
@@ -92,11 +102,11 @@ def main() -> int:
         scores = {}
         for kd in ([False, True] if args.kd_epochs else [False]):
             for target in targets:
-                for kind in ("synthetic", "real"):
+                for kind in args.kinds.split(","):
                     name = f"{kind} @ macs:{target}{' + KD' if kd else ''}"
                     if name in results:
                         continue
-                    kept = args.work / f"{key}_{kind}_macs{target}.onnx"
+                    kept = args.work / f"{key}_{kind}{_variant(args) if kind == 'synthetic' else ''}_macs{target}.onnx"
                     row = {"data": kind, "target_macs": target, "kd": kd}
                     try:
                         start = time.perf_counter()
