@@ -40,8 +40,7 @@ def synthesized(model, key: str, args, results: dict, path: Path) -> dict:
     if keep.exists() and "synthesis" in results:
         with np.load(keep) as data:
             return {k: data[k] for k in data.files}
-    setting = {} if args.class_weight is None else {"class_weight": args.class_weight}
-    synthesis = synthesize(model, args.samples, seed=args.seed, progress=False, **setting)
+    synthesis = synthesize(model, args.samples, seed=args.seed, progress=False, **_settings(args))
     keep.parent.mkdir(parents=True, exist_ok=True)
     np.savez(keep, **synthesis.arrays)
     record = synthesis.describe()
@@ -53,8 +52,14 @@ def synthesized(model, key: str, args, results: dict, path: Path) -> dict:
 
 
 def _variant(args) -> str:
-    """File-name suffix of a non-default synthesis setting ("" for the library's defaults)."""
-    return "" if args.class_weight is None else f"_class{args.class_weight:g}"
+    """File-name suffix of the non-default synthesis settings ("" for the library's defaults)."""
+    return "".join(f"_{label}{value:g}" for label, value in (("class", args.class_weight), ("it", args.iterations))
+                   if value is not None)
+
+
+def _settings(args) -> dict:
+    """The synthesize() keywords the command line sets (the rest: the library's defaults)."""
+    return {k: v for k, v in (("class_weight", args.class_weight), ("iterations", args.iterations)) if v is not None}
 
 
 def main() -> int:
@@ -69,6 +74,8 @@ def main() -> int:
     parser.add_argument("--kd-epochs", type=int, default=1, help="0: no KD rows")
     parser.add_argument("--class-weight", type=float, default=None,
                         help="synthesize(class_weight=W); default: the library's; results go to *_class<W>.json")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="synthesize(iterations=N); default: the library's; results go to *_it<N>.json")
     parser.add_argument("--kinds", default="synthetic,real", help="which calibration sets to compress with")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
@@ -92,7 +99,7 @@ def main() -> int:
         base, _ = top1(model, test)
         results["meta"] = {"model": key, "top1": base, "calib_real": args.calib, "synthesized": args.samples,
                            "test": args.test, "train": args.train, "kd_epochs": args.kd_epochs,
-                           "class_weight": args.class_weight,
+                           **_settings(args),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(path, results)
         data = {"synthetic": synthesized(model, key, args, results, path), "real": real}
