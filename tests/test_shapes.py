@@ -44,6 +44,24 @@ def test_symbolic_inference_shapes_what_onnx_cannot():
     assert model_stats(model).macs == 8 * 28 * 28 * 25 + 16 * 14 * 14 * 8 * 25 + 784 * 10
 
 
+def test_symbolic_inference_does_not_import_torch():
+    """``onnxruntime.tools``'s package init imports torch when it is installed (1.7 s and about
+    400 MiB on every scoring run that needs this source); the engine is loaded without it and
+    gives the same shapes. A fresh interpreter, since this test process has torch already."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, onnx\n"
+        "from onnx_ocnna import shapes\n"
+        f"model = onnx.load({str(FIXTURES / 'cntk_opset8_bias_add.onnx')!r})\n"
+        "found = shapes.symbolic_inference(model)\n"
+        "print(found['Convolution28_Output_0'][1], 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['N', 8, 28, 28] False", out
+
+
 def test_frozen_reason_names_node_operator_and_remedy(monkeypatch):
     """Without a source that shapes the Add, the reason names the node, the operator and what
     would unfreeze it; with ONNX Runtime's symbolic inference nothing is frozen."""
