@@ -149,7 +149,7 @@ def symbolic_inference(model: onnx.ModelProto) -> dict[str, tuple[int, Dims]]:
     SymbolicShapeInference, get_opset = engine_module.SymbolicShapeInference, engine_module.get_opset
     if (get_opset(model) or 0) < 7:  # the engine's own lower bound
         return {}
-    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    logger = logging.getLogger(engine_module.__name__)  # the module logs under its own name
     level = logger.level
     logger.setLevel(logging.ERROR)  # it warns about every op it has no rule for
     engine = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
