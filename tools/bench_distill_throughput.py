@@ -37,27 +37,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench.common import SHARED  # noqa: E402
 from bench_kd import link_folder, machine, pick_files  # noqa: E402
 from onnx_ocnna import api  # noqa: E402
-from onnx_ocnna.distill.conv_norm import ConvNorms  # noqa: E402
 from onnx_ocnna.distill.records import DistillSettings  # noqa: E402
-from onnx_ocnna.distill.torch_graph import OnnxModule  # noqa: E402
+from onnx_ocnna.distill.train import _Distiller  # noqa: E402
 
 PREPROCESS = "imagenet-32"
 
 
 def bare_rate(student: onnx.ModelProto, batch_size: int, steps: int, threads: int, seed: int = 0) -> float:
-    """Images per second of plain training steps on one decoded batch [batch_size, 3, 32, 32]."""
+    """Images per second of plain training steps on one decoded batch [batch_size, 3, 32, 32].
+
+    The student module and its optimiser are the distiller's own (``bn = "train"``: folded
+    BatchNorms restored as trainable normalisations; SGD with the default settings), so the
+    bare step trains exactly what distillation trains, minus teacher, data and augmentation.
+    """
     torch.set_num_threads(threads)
-    settings = DistillSettings()
-    module = OnnxModule(student)
-    norms = ConvNorms(module, student)
-    module.conv_norms = norms
+    distiller = _Distiller(student, student, DistillSettings(bn="train", threads=threads, progress=False))
+    module, opt = distiller.module, distiller.optimizer
     module.train()
     module.batch_stats = True
-    decay = [p for p in module.params.values() if p.dim() > 1]
-    no_decay = [p for p in module.params.values() if p.dim() <= 1] + list(norms.parameters())
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": settings.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=settings.lr, momentum=settings.momentum, nesterov=settings.momentum > 0)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (batch_size,), generator=gen)
