@@ -584,9 +584,9 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
                 break
     inner, coupled = _allocation_without_coupled(pruner, scores, options, source, allocated, budget,
                                                  damage_samples, fixed, block_removal)
+    uniform_skipped = f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"
     if not uniform and inner is None:
-        allocated.final_check = {"chosen": "measured",
-                                 "skipped": f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"}
+        allocated.final_check = {"chosen": "measured", "skipped": uniform_skipped}
         return measured
     meter = DamageMeter(pruner.model, take_feeds(source.batches(), damage_samples), refit=False)
     finished = {"measured": measured}
@@ -606,7 +606,7 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     chosen = min(damage, key=lambda k: (damage[k], k != "measured"))
     allocated.final_check = {"damage_after_reconstruction": damage, "chosen": chosen}
     if not uniform:
-        allocated.final_check["uniform_skipped"] = f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"
+        allocated.final_check["uniform_skipped"] = uniform_skipped
     if chosen == _COUPLED_KEPT:
         # Still the measured allocation, on fewer groups: its widths and blocks are reported.
         for name in ("removed", "groups", "achieved", "dropped", "blocks", "latency"):
