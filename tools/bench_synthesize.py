@@ -51,15 +51,18 @@ def synthesized(model, key: str, args, results: dict, path: Path) -> dict:
     return synthesis.arrays
 
 
-def _variant(args) -> str:
-    """File-name suffix of the non-default synthesis settings ("" for the library's defaults)."""
-    return "".join(f"_{label}{value:g}" for label, value in (("class", args.class_weight), ("it", args.iterations))
-                   if value is not None)
+# synthesize() keyword the command line may set -> its label in the results' file names
+SETTING_LABELS = {"class_weight": "class", "iterations": "it"}
 
 
 def _settings(args) -> dict:
     """The synthesize() keywords the command line sets (the rest: the library's defaults)."""
-    return {k: v for k, v in (("class_weight", args.class_weight), ("iterations", args.iterations)) if v is not None}
+    return {k: getattr(args, k) for k in SETTING_LABELS if getattr(args, k) is not None}
+
+
+def _variant(args) -> str:
+    """File-name suffix of the non-default synthesis settings ("" for the library's defaults)."""
+    return "".join(f"_{SETTING_LABELS[k]}{v:g}" for k, v in _settings(args).items())
 
 
 def main() -> int:
