@@ -22,7 +22,6 @@ library's image-folder reader as the CLI reads ``--train``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench.common import SHARED  # noqa: E402
+from bench.common import SHARED, write_json  # noqa: E402
 from bench_kd import link_folder, machine, pick_files  # noqa: E402
 from onnx_ocnna import api  # noqa: E402
 from onnx_ocnna.distill.records import DistillSettings  # noqa: E402
@@ -127,7 +126,7 @@ def main() -> None:
                   flush=True)
     result = {"machine": {**started, "loadavg_end": os.getloadavg()}, "rows": rows}
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

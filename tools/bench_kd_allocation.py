@@ -15,7 +15,6 @@ labels (``alpha = 0``) for ``--epochs`` over all 50,000 training JPEGs at the CL
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench.common import SHARED  # noqa: E402
+from bench.common import SHARED, write_json  # noqa: E402
 from bench_kd import machine  # noqa: E402
 from onnx_ocnna import api  # noqa: E402
 from onnx_ocnna.evaluate import compare_accuracy  # noqa: E402
@@ -67,8 +66,8 @@ def main() -> None:
         print(f"{label}: RPR {row['rpr']:.3f}, widths {row['widths']}, top-1 {100 * row['top1_before']:.2f} % -> "
               f"{100 * row['top1_after']:.2f} % after {args.epochs} epoch(s) ({row['distill_s']:.0f} s)", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"machine": {**started, "loadavg_end": os.getloadavg()},
-                                        "settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1) + "\n")
+        write_json(args.out, {"machine": {**started, "loadavg_end": os.getloadavg()},
+                              "settings": vars(args) | {"out": str(args.out)}, "rows": rows})
 
 
 if __name__ == "__main__":
