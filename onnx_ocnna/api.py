@@ -178,10 +178,15 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
             samples = distributed.all_sum(samples)
         _check_sample_count(crit, samples)
         member_scores = {m: acc.scores() for m, acc in accumulators.items()}
+    elif crit.coupled:
+        groups = crit.group_scores(analysis)
+        member_scores = {m: groups[g.id][g.member_channels[m]] for g in analysis.groups if g.prunable
+                         for m in g.members}
     else:
         member_scores = {m: crit.weight_scores(member_info(analysis, m)) for m in members}
-    groups = {g.id: member_scores_to_group(g, {m: member_scores[m] for m in g.members})
-              for g in analysis.groups if g.prunable}
+    if not crit.coupled:
+        groups = {g.id: member_scores_to_group(g, {m: member_scores[m] for m in g.members})
+                  for g in analysis.groups if g.prunable}
     return Scores(analysis, groups, criterion, samples, time.perf_counter() - start, member_scores,
                   calibration=described)
 

@@ -17,7 +17,7 @@ from typing import Iterator
 from onnx_ocnna import __version__
 from onnx_ocnna.errors import OcnnaError
 
-CRITERIA_CHOICES = ["ocnna", "l1", "l2", "apoz", "mean-activation", "random", "si"]
+CRITERIA_CHOICES = ["ocnna", "l1", "l2", "group-l2", "apoz", "mean-activation", "random", "si"]
 EXIT_ERROR = 2
 
 
@@ -401,7 +401,7 @@ def _synthesize_calibration(args, model):
                                progress=not args.quiet)
     except NoBatchNormError:
         needs = ", ".join(args.synthesis_needed_by) or "--synthesize"
-        data_free = " or a data-free criterion (--criterion l1)" if "criterion" in needs else ""
+        data_free = " or a data-free criterion (--criterion group-l2)" if "criterion" in needs else ""
         raise InputError(f"{args.input} has no BatchNormalization statistics (folded into the Convs by the exporter) "
                          f"to synthesize calibration data from; {needs} needs real data: give --calib DATA"
                          f"{data_free}") from None

@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
+from graphs import GraphBuilder, residual_net
+from onnx import numpy_helper
+
+from onnx_ocnna import api
 from onnx_ocnna.criteria import CRITERIA, MemberInfo, get_criterion
 from onnx_ocnna.criteria.activation import APoZAccumulator, MeanAbsAccumulator
 from onnx_ocnna.criteria.ocnna import OCNNAAccumulator, ocnna_frobenius, snr_scores
@@ -317,3 +321,52 @@ def test_spread_criteria_refuse_one_sample_and_warn_below_the_advised_minimum():
     with pytest.warns(UserWarning, match="only 8 calibration samples"):
         api.score(model, x, criterion="ocnna", progress=False)
     api.score(model, x[:1], criterion="mean-activation", progress=False)  # a mean needs no spread
+
+
+def _init(model, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name).astype(np.float64)
+
+
+def test_group_l2_sums_every_learned_slice_a_channel_owns() -> None:
+    """Conv a -> BN -> Relu -> Conv b -> Relu -> Flatten -> Gemm: a channel of a owns its filter,
+    its BN scale and b's input slice; a channel of b its filter and the Gemm's columns of it
+    (flattened with 2 x 2 positions). Biases and BN statistics are not counted."""
+    g = GraphBuilder(seed=3)
+    h = g.relu(g.bn(g.conv("x", 3, 4, name="a"), 4, name="bn"))
+    h = g.relu(g.conv(h, 4, 5, name="b"))
+    out = g.gemm(g.node("Flatten", [h])[0], 5 * 2 * 2, 3, name="fc")
+    model = g.model(["N", 3, 2, 2], out)
+    scores = api.score(model, criterion="group-l2", progress=False)
+    assert scores.samples == 0 and get_criterion("group-l2").coupled
+    a, b, scale, fc = (_init(model, n) for n in ("a.w", "b.w", "bn.scale", "fc.w"))
+    expected_a = np.sqrt((a**2).sum(axis=(1, 2, 3)) + scale**2 + (b**2).sum(axis=(0, 2, 3)))
+    expected_b = np.sqrt((b**2).sum(axis=(1, 2, 3)) + (fc.reshape(3, 5, 4) ** 2).sum(axis=(0, 2)))
+    group_a = scores.analysis.group_of("a").id
+    group_b = scores.analysis.group_of("b").id
+    np.testing.assert_allclose(scores.groups[group_a], expected_a, rtol=1e-6)
+    np.testing.assert_allclose(scores.groups[group_b], expected_b, rtol=1e-6)
+    np.testing.assert_allclose(scores.member_scores["a"], expected_a, rtol=1e-6)
+    # An unread channel keeps only what writes it; biases and statistics never count.
+    for init in model.graph.initializer:
+        if init.name == "b.w":
+            weight = numpy_helper.to_array(init).copy()
+            weight[:, 0] = 0.0
+            init.CopyFrom(numpy_helper.from_array(weight, init.name))
+        if init.name in ("bn.mean", "bn.var", "bn.bias", "a.b"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 7.0, init.name))
+    moved = api.score(model, criterion="group-l2", progress=False).groups[group_a]
+    np.testing.assert_allclose(moved[0], np.sqrt((a[0] ** 2).sum() + scale[0] ** 2), rtol=1e-6)
+    np.testing.assert_allclose(moved[1:], expected_a[1:], rtol=1e-6)
+
+
+def test_group_l2_on_a_residual_group_counts_every_member() -> None:
+    model = residual_net(set(), channels=4, blocks=2)
+    scores = api.score(model, criterion="group-l2", progress=False)
+    spine = scores.analysis.group_of("stem")
+    assert set(spine.members) == {"stem", "b0_c2", "b1_c2"}
+    w = {n: _init(model, f"{n}.w") for n in ("stem", "b0_c1", "b0_c2", "b1_c1", "b1_c2")}
+    energy = sum((w[n] ** 2).sum(axis=(1, 2, 3)) for n in ("stem", "b0_c2", "b1_c2"))
+    energy = energy + sum((w[n] ** 2).sum(axis=(0, 2, 3)) for n in ("b0_c1", "b1_c1"))
+    fc = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("fc"))
+    energy = energy + (fc.astype(np.float64) ** 2).sum(axis=0)  # transB: the channels are columns
+    np.testing.assert_allclose(scores.groups[spine.id], np.sqrt(energy), rtol=1e-6)

@@ -213,7 +213,7 @@ def test_model_without_batchnorm_gets_one_line(tmp_path, capsys):
     save_model(_folded_model(), path)
     code, _, err = _run([path, tmp_path / "out.onnx"], capsys)
     line = _one_line_error(code, err)
-    assert "no BatchNormalization statistics" in line and "--calib" in line and "--criterion l1" in line
+    assert "no BatchNormalization statistics" in line and "--calib" in line and "--criterion group-l2" in line
     assert not (tmp_path / "out.onnx").exists()
     # The data-free criterion it points to runs without any data.
     code, _, err = _run([path, tmp_path / "out.onnx", "--criterion", "l1"], capsys)

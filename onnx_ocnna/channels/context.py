@@ -22,12 +22,18 @@ KeepFn = Callable[[np.ndarray], np.ndarray]
 
 @dataclass
 class SliceInput:
-    """Slice the constant input ``index`` of ``node`` along ``axis`` by keep(ids)."""
+    """Slice the constant input ``index`` of ``node`` along ``axis`` by keep(ids).
+
+    ``learned`` marks a trained weight (a Conv/Gemm/MatMul kernel, a normalisation's scale), as
+    opposed to a bias or a running statistic: the weight-coupled criterion (``group-l2``) sums
+    every learned slice a channel owns.
+    """
 
     node: gs.Node
     index: int
     axis: int
     ids: np.ndarray
+    learned: bool = False
 
     def touches(self, keep: KeepFn) -> bool:
         return not keep(self.ids).all()

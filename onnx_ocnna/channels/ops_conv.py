@@ -38,7 +38,7 @@ def conv(ctx: AnalysisContext, node: gs.Node) -> None:
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name != ""
 
     def slice_outputs(ids: np.ndarray) -> None:
-        ctx.add_edit(SliceInput(node, 1, 0, ids))
+        ctx.add_edit(SliceInput(node, 1, 0, ids, learned=True))
         if has_bias:
             ctx.add_edit(SliceInput(node, 2, 0, ids))
 
@@ -50,7 +50,7 @@ def conv(ctx: AnalysisContext, node: gs.Node) -> None:
 
     if groups == 1:
         if in_layout is not None:
-            ctx.add_edit(SliceInput(node, 1, 1, in_layout.ids))
+            ctx.add_edit(SliceInput(node, 1, 1, in_layout.ids, learned=True))
         ids = ctx.space.new(c_out, "producer", node.name)
         add_producer(ids)
         slice_outputs(ids)
@@ -81,7 +81,7 @@ def conv(ctx: AnalysisContext, node: gs.Node) -> None:
         per_group = in_layout.ids.reshape(groups, c_in_per_group)
         for other in per_group[1:]:
             ctx.space.union(per_group[0], other)
-        ctx.add_edit(SliceInput(node, 1, 1, per_group[0]))
+        ctx.add_edit(SliceInput(node, 1, 1, per_group[0], learned=True))
     block = ctx.space.new(c_out // groups, "producer", node.name)
     ids = np.tile(block, groups)
     add_producer(ids)
@@ -99,11 +99,11 @@ def conv_transpose(ctx: AnalysisContext, node: gs.Node) -> None:
         ctx.opaque(node, f"{describe(node)} {why}")
         return
     if in_layout is not None:
-        ctx.add_edit(SliceInput(node, 1, 0, in_layout.ids))
+        ctx.add_edit(SliceInput(node, 1, 0, in_layout.ids, learned=True))
     ids = ctx.space.new(int(weight.shape[1]), "producer", node.name)
     ctx.producers.append(Producer(node, ids, weight_axis=1))
     ctx.require_nonempty(ids, f"output '{node.outputs[0].name}' of {describe(node)}")
-    ctx.add_edit(SliceInput(node, 1, 1, ids))
+    ctx.add_edit(SliceInput(node, 1, 1, ids, learned=True))
     if len(node.inputs) > 2 and node.inputs[2].name:
         ctx.add_edit(SliceInput(node, 2, 0, ids))
     ctx.set_layout(node.outputs[0], Layout(1, weight.ndim, ids))
@@ -119,7 +119,8 @@ def per_channel_norm(ctx: AnalysisContext, node: gs.Node) -> None:
             ctx.freeze_layout(layout, f"{describe(node)} has non-constant parameters")
             return
     for index in range(1, len(node.inputs)):
-        ctx.add_edit(SliceInput(node, index, 0, layout.ids))
+        # Input 1 is the scale (learned); then the bias and, for BatchNormalization, statistics.
+        ctx.add_edit(SliceInput(node, index, 0, layout.ids, learned=index == 1))
     ctx.set_layout(node.outputs[0], layout)
     for extra in node.outputs[1:]:  # training-mode running statistics: [C]
         ctx.set_layout(extra, Layout(0, 1, layout.ids))

@@ -34,7 +34,7 @@ def _produce(ctx: AnalysisContext, node: gs.Node, neurons: int, weight_axis: int
     ids = ctx.space.new(neurons, "producer", node.name)
     ctx.producers.append(Producer(node, ids, weight_axis=weight_axis))
     ctx.require_nonempty(ids, f"output '{node.outputs[0].name}' of {describe(node)}")
-    ctx.add_edit(SliceInput(node, 1, weight_axis, ids))
+    ctx.add_edit(SliceInput(node, 1, weight_axis, ids, learned=True))
     if bias is not None:
         ctx.add_edit(SliceInput(node, bias, ctx.constant(node.inputs[bias]).ndim - 1, ids))
     ctx.set_layout(node.outputs[0], Layout(out_rank - 1, out_rank, ids))
@@ -57,7 +57,7 @@ def gemm(ctx: AnalysisContext, node: gs.Node) -> None:
         if weight is None:
             ctx.opaque(node, f"{describe(node)} has a weight that is not a constant")
             return
-        ctx.add_edit(SliceInput(node, 1, 1 if trans_b else 0, layout.ids))
+        ctx.add_edit(SliceInput(node, 1, 1 if trans_b else 0, layout.ids, learned=True))
     if weight is None or weight.ndim != 2:
         return
     neurons = int(weight.shape[0 if trans_b else 1])
@@ -89,7 +89,7 @@ def matmul(ctx: AnalysisContext, node: gs.Node) -> None:
         if weight is None or weight.ndim != 2:
             ctx.opaque(node, f"{describe(node)} has a weight that is not a constant matrix")
             return
-        ctx.add_edit(SliceInput(node, 1, 0, layout.ids))
+        ctx.add_edit(SliceInput(node, 1, 0, layout.ids, learned=True))
     elif ctx.layout(node.inputs[1]) is not None:
         return
     # Only a batch of rows ([M, K]) makes neurons; a [B, T, K] input (attention, sequences)

@@ -65,10 +65,12 @@ MIN_SAMPLES_ADVISED = 32
 
 @dataclass
 class Criterion:
-    """Base class: a named way of scoring the output channels of one producer.
+    """Base class: a named way of scoring the output channels of one producer (or, coupled,
+    of one channel group).
 
-    Subclasses set the class attributes and implement either :meth:`weight_scores`
-    (``needs_data = False``) or :meth:`new_accumulator` (``needs_data = True``).
+    Subclasses set the class attributes and implement :meth:`weight_scores` (``needs_data =
+    False``), :meth:`new_accumulator` (``needs_data = True``) or :meth:`group_scores`
+    (``coupled = True``).
     """
 
     name: ClassVar[str] = ""
@@ -77,11 +79,19 @@ class Criterion:
     # A criterion built on a spread across images (OCNNA's coefficient of variation, SI's class
     # separation) is undefined below this many samples; fewer than MIN_SAMPLES_ADVISED are noisy.
     min_samples: ClassVar[int] = 1
+    # A coupled criterion scores a channel from everything tied to it (every member's filter
+    # and every reader's input slice), so it sees the whole analysis, not one producer.
+    coupled: ClassVar[bool] = False
     options: dict = field(default_factory=dict)
 
     def weight_scores(self, member: MemberInfo) -> np.ndarray:
         """Scores from weights alone, shape [C]."""
         raise NotImplementedError(f"criterion {self.name!r} needs data")
+
+    def group_scores(self, analysis) -> dict[int, np.ndarray]:
+        """Scores of a coupled criterion (``coupled = True``): prunable group id -> [channels],
+        indexed like the group's channels."""
+        raise NotImplementedError(f"criterion {self.name!r} scores one producer at a time")
 
     def new_accumulator(self, member: MemberInfo) -> Accumulator:
         """A fresh accumulator for the measured tensor of ``member``."""

@@ -1,10 +1,12 @@
-"""Weight-norm criteria (Li et al. 2017): the L1 or L2 norm of each output filter."""
+"""Weight-norm criteria: the L1 or L2 norm of each output filter (Li et al. 2017), and the L2
+norm of every weight coupled to a channel (the group norm of DepGraph, Fang et al. 2023)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from onnx_ocnna.criteria import register
+from onnx_ocnna.channels.context import SliceInput
 from onnx_ocnna.criteria.base import Criterion, MemberInfo
 from onnx_ocnna.errors import InputError
 
@@ -37,3 +39,46 @@ class L2Norm(Criterion):
 
     def weight_scores(self, member: MemberInfo) -> np.ndarray:
         return np.linalg.norm(_filters(member), axis=1)
+
+
+@register
+class GroupL2Norm(Criterion):
+    """L2 norm of every learned weight a channel owns, shape [C] per group.
+
+    A channel of a group owns a slice of each member's kernel (its filter), of each
+    normalisation scale after it, and of each reader's kernel (the input slice of the next
+    Conv, Gemm or MatMul, including a flattened classifier's columns): everything that leaves
+    the model with it. Summing the squares over all of them (biases and running statistics
+    excluded) ranks a channel by how much it writes *and* how much it is read, where ``l2``
+    sees only the filter that writes it.
+    """
+
+    name = "group-l2"
+    coupled = True
+
+    def group_scores(self, analysis) -> dict[int, np.ndarray]:
+        context = analysis.context
+        roots: list[np.ndarray] = []
+        energies: list[np.ndarray] = []
+        for edit in context.edits:
+            if not isinstance(edit, SliceInput) or not edit.learned:
+                continue
+            value = context.constant(edit.node.inputs[edit.index])
+            if value is None:
+                continue
+            value = np.moveaxis(np.asarray(value, dtype=np.float64), edit.axis, 0)
+            energies.append(np.square(value.reshape(len(edit.ids), -1)).sum(axis=1))
+            roots.append(context.space.roots(edit.ids))
+        if not roots:
+            return {g.id: np.zeros(g.channels) for g in analysis.groups if g.prunable}
+        all_roots, all_energy = np.concatenate(roots), np.concatenate(energies)
+        unique, index = np.unique(all_roots, return_inverse=True)
+        per_root = np.bincount(index, weights=all_energy, minlength=len(unique))
+        scores = {}
+        for group in analysis.groups:
+            if not group.prunable:
+                continue
+            where = np.searchsorted(unique, group.roots)
+            found = (where < len(unique)) & (unique[np.minimum(where, len(unique) - 1)] == group.roots)
+            scores[group.id] = np.sqrt(np.where(found, per_root[np.minimum(where, len(unique) - 1)], 0.0))
+        return scores
