@@ -40,11 +40,11 @@ def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, sa
     target = {f"target_{kind}": ratio}
     start = time.perf_counter()
     if recipe == "default":
-        pruned, report = api.compress(model, calib, scores=scores, progress=False, **target)
+        pruned, report = api.compress(model, calib, scores=scores, criterion=scores.criterion, progress=False, **target)
     else:
         if kind == "latency":
             return {"skipped": "the uniform search has no latency target"}
-        pruned, report = api.compress(model, calib, scores=scores, allocation="uniform", progress=False,
+        pruned, report = api.compress(model, calib, scores=scores, criterion=scores.criterion, allocation="uniform", progress=False,
                                       reconstruct=recipe.endswith("reconstruct"), **target)
     seconds = time.perf_counter() - start
     acc, _ = top1(pruned, test)
@@ -96,6 +96,8 @@ def main() -> int:
     parser.add_argument("--targets", nargs="+", default=["macs:0.5", "params:0.8", "params:0.6", "params:0.4"],
                         help="kind:ratio, kind in params|macs|latency")
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--criterion", default="ocnna",
+                        help="importance criterion; results of any other go to allocation_<model>_<criterion>.json")
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--test", type=int, default=5000)
     parser.add_argument("--resume", action="store_true")
@@ -115,17 +117,18 @@ def main() -> int:
 
     calib, test = calib_and_test(args.calib, args.test)
     for key in args.models.split(","):
-        path = args.out / f"allocation_{key}.json"
+        suffix = "" if args.criterion == "ocnna" else f"_{args.criterion}"
+        path = args.out / f"allocation_{key}{suffix}.json"
         if args.remeasure_latency:
             remeasure(path, onnx.load(model_path(key)))
             continue
         results = json.loads(path.read_text()) if args.resume and path.exists() else {}
         model = onnx.load(model_path(key))
         base, _ = top1(model, test)
-        results["meta"] = {"model": key, "top1": base, "calib": args.calib, "test": args.test,
+        results["meta"] = {"model": key, "top1": base, "calib": args.calib, "test": args.test, "criterion": args.criterion,
                            "onnxruntime": onnxruntime.__version__, "load": os.getloadavg(),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-        scores = api.score(model, calib, progress=False)
+        scores = api.score(model, calib, criterion=args.criterion, progress=False)
         for target in args.targets:
             kind, ratio = target.split(":")
             for recipe in args.recipes.split(","):
@@ -133,7 +136,7 @@ def main() -> int:
                 if name in results:
                     continue
                 try:
-                    slug = f"{key}_{recipe}_{kind}{ratio}".replace(" ", "").replace("+", "_")
+                    slug = f"{key}{suffix}_{recipe}_{kind}{ratio}".replace(" ", "").replace("+", "_")
                     row = run_row(model, scores, recipe, kind, float(ratio), calib, test,
                                   save_as=args.models_dir / f"{slug}.onnx")
                 except Exception as exc:  # a failed row is a result too
