@@ -37,6 +37,8 @@ BLOCK_INTERNAL = ["/conv1/Conv", "*/conv2/Conv"]
 METHODS: list[tuple[str, str, dict]] = [
     # The README's recommended command: measured allocation of the budget + reconstruction.
     ("onnx-ocnna default", "onnx-ocnna", {"criterion": "ocnna", "default": True}),
+    # The same recipe ranking channels by group-l2 (every weight a channel owns) instead of OCNNA.
+    ("onnx-ocnna group-l2", "onnx-ocnna", {"criterion": "group-l2", "default": True}),
     ("ocnna", "onnx-ocnna", {"criterion": "ocnna"}),
     ("ocnna --invert", "onnx-ocnna", {"criterion": "ocnna", "criterion_options": {"invert": True}}),
     ("l1", "onnx-ocnna", {"criterion": "l1"}),
