@@ -184,7 +184,7 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
                          for m in g.members}
     else:
         member_scores = {m: crit.weight_scores(member_info(analysis, m)) for m in members}
-    if not crit.coupled:
+    if not crit.coupled:  # each member's scores, scaled and averaged per group channel (SPEC section 1)
         groups = {g.id: member_scores_to_group(g, {m: member_scores[m] for m in g.members})
                   for g in analysis.groups if g.prunable}
     return Scores(analysis, groups, criterion, samples, time.perf_counter() - start, member_scores,
