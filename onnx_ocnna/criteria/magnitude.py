@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_ocnna.criteria import register
 from onnx_ocnna.channels.context import SliceInput
+from onnx_ocnna.criteria import register
 from onnx_ocnna.criteria.base import Criterion, MemberInfo
 from onnx_ocnna.errors import InputError
 
@@ -58,8 +58,8 @@ class GroupL2Norm(Criterion):
 
     def group_scores(self, analysis) -> dict[int, np.ndarray]:
         context = analysis.context
-        roots: list[np.ndarray] = []
-        energies: list[np.ndarray] = []
+        # Squared weight per channel class, indexed by its representative element id.
+        energy = np.zeros(len(context.space))
         for edit in context.edits:
             if not isinstance(edit, SliceInput) or not edit.learned:
                 continue
@@ -67,18 +67,5 @@ class GroupL2Norm(Criterion):
             if value is None:
                 continue
             value = np.moveaxis(np.asarray(value, dtype=np.float64), edit.axis, 0)
-            energies.append(np.square(value.reshape(len(edit.ids), -1)).sum(axis=1))
-            roots.append(context.space.roots(edit.ids))
-        if not roots:
-            return {g.id: np.zeros(g.channels) for g in analysis.groups if g.prunable}
-        all_roots, all_energy = np.concatenate(roots), np.concatenate(energies)
-        unique, index = np.unique(all_roots, return_inverse=True)
-        per_root = np.bincount(index, weights=all_energy, minlength=len(unique))
-        scores = {}
-        for group in analysis.groups:
-            if not group.prunable:
-                continue
-            where = np.searchsorted(unique, group.roots)
-            found = (where < len(unique)) & (unique[np.minimum(where, len(unique) - 1)] == group.roots)
-            scores[group.id] = np.sqrt(np.where(found, per_root[np.minimum(where, len(unique) - 1)], 0.0))
-        return scores
+            np.add.at(energy, context.space.roots(edit.ids), np.square(value.reshape(len(edit.ids), -1)).sum(axis=1))
+        return {g.id: np.sqrt(energy[g.roots]) for g in analysis.groups if g.prunable}
