@@ -22,6 +22,8 @@ Each job's result goes into docs/results/kd_budget.json as soon as it ends (comm
 load average, wall time, command, the report or the per-epoch history); a job already there is
 skipped. ``--only NAME`` runs one job, ``--summarize`` prints the Markdown table, ``--smoke``
 runs tiny budgets (1 epoch on 512 training images, 500 test images) into /tmp.
+``--criterion C`` runs the two prune jobs with ``--criterion C`` into kd_budget_C.json; the
+self-distilled references do not depend on the criterion and are copied from kd_budget.json.
 
     PYTHONPATH=. python tools/bench_kd_budget.py            # all four, about an hour on 2 cores
     PYTHONPATH=. python tools/bench_kd_budget.py --summarize
@@ -39,6 +41,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.common import write_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("/work/shared/data")
 TRAIN, TEST = DATA / "cifar10/train", DATA / "cifar10/test"
@@ -49,7 +54,7 @@ EVAL_SAMPLES = 5000
 COMMON = ["--preprocess", "imagenet-32", "--alpha", "0", "--quiet", "--overwrite"]
 
 
-def command(job: str, out: Path, smoke: bool) -> list[str]:
+def command(job: str, out: Path, smoke: bool, criterion: str | None = None) -> list[str]:
     model, kind = job.split("-")
     target, epochs = BUDGET[model]
     cli = [sys.executable, "-m", "onnx_ocnna.cli"]
@@ -57,6 +62,7 @@ def command(job: str, out: Path, smoke: bool) -> list[str]:
         ["--epochs", str(epochs), "--eval-samples", str(EVAL_SAMPLES)]
     if kind == "prune":
         smoke_alloc = ["--damage-samples", "64"] if smoke else []
+        smoke_alloc += ["--criterion", criterion] if criterion else []
         return [*cli, str(MODELS[model]), str(out / f"{job}.onnx"), "--calib", str(TRAIN), "--max-samples", "512",
                 *target, "--distill", "--train", str(TRAIN), "--eval", str(TEST), "--bench",
                 "--report", str(out / f"{job}.report.json"), *size, *smoke_alloc, *COMMON]
@@ -74,8 +80,8 @@ def top1(model_path: Path, original: Path, samples: int) -> dict:
     return compare_accuracy(api.as_model(original), api.as_model(model_path), source.batches).as_dict()
 
 
-def run_job(job: str, out: Path, smoke: bool) -> dict:
-    cmd = command(job, out, smoke)
+def run_job(job: str, out: Path, smoke: bool, criterion: str | None = None) -> dict:
+    cmd = command(job, out, smoke, criterion)
     start, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     load_before = os.getloadavg()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -145,21 +151,31 @@ def main() -> None:
     ap.add_argument("--only", choices=JOBS, help="run this job only")
     ap.add_argument("--smoke", action="store_true", help="tiny budgets, results in /tmp")
     ap.add_argument("--summarize", action="store_true", help="print the table and exit")
-    ap.add_argument("--out", type=Path, help="results JSON (default docs/results/kd_budget.json)")
+    ap.add_argument("--criterion", help="criterion of the prune jobs (default: the CLI's); the self-distilled "
+                    "references do not depend on it and are taken from docs/results/kd_budget.json")
+    ap.add_argument("--out", type=Path, help="results JSON (default docs/results/kd_budget.json, "
+                    "kd_budget_CRITERION.json with --criterion)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/kd_budget"), help="where models and reports go")
     args = ap.parse_args()
-    path = args.out or (Path("/tmp/kd_budget_smoke.json") if args.smoke else ROOT / "docs/results/kd_budget.json")
-    work = args.work / ("smoke" if args.smoke else "full")
+    default_out = ROOT / "docs/results" / (f"kd_budget_{args.criterion}.json" if args.criterion else "kd_budget.json")
+    path = args.out or (Path("/tmp/kd_budget_smoke.json") if args.smoke else default_out)
+    work = args.work / ("smoke" if args.smoke else "full") / (args.criterion or "default")
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {}
+    jobs = [args.only] if args.only else JOBS
+    if args.criterion:
+        jobs = [job for job in jobs if job.endswith("-prune")]
+        if not args.smoke:
+            reference = json.loads((ROOT / "docs/results/kd_budget.json").read_text())
+            results.update({job: row for job, row in reference.items() if job.endswith("-self")})
     if not args.summarize:
-        for job in [args.only] if args.only else JOBS:
+        for job in jobs:
             if results.get(job, {}).get("returncode") == 0:
                 print(f"{job}: done, skipped", flush=True)
                 continue
             print(f"{job}: running", flush=True)
-            results[job] = run_job(job, work, args.smoke)
-            path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+            results[job] = run_job(job, work, args.smoke, args.criterion)
+            write_json(path, results)
             print(f"{job}: exit {results[job]['returncode']} in {results[job]['wall_s']:.0f} s", flush=True)
     print(summarize(results))
 
