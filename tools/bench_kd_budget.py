@@ -24,6 +24,8 @@ skipped. ``--only NAME`` runs one job, ``--summarize`` prints the Markdown table
 runs tiny budgets (1 epoch on 512 training images, 500 test images) into /tmp.
 ``--criterion C`` runs the two prune jobs with ``--criterion C`` into kd_budget_C.json; the
 self-distilled references do not depend on the criterion and are copied from kd_budget.json.
+``--lr X`` passes ``--lr X`` to every job (the references are then run again) into
+kd_budget[_C]_lrX.json.
 
     PYTHONPATH=. python tools/bench_kd_budget.py            # all four, about an hour on 2 cores
     PYTHONPATH=. python tools/bench_kd_budget.py --summarize
@@ -54,10 +56,11 @@ EVAL_SAMPLES = 5000
 COMMON = ["--preprocess", "imagenet-32", "--alpha", "0", "--quiet", "--overwrite"]
 
 
-def command(job: str, out: Path, smoke: bool, criterion: str | None = None) -> list[str]:
+def command(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: float | None = None) -> list[str]:
     model, kind = job.split("-")
     target, epochs = BUDGET[model]
     cli = [sys.executable, "-m", "onnx_ocnna.cli"]
+    common = [*COMMON, *(["--lr", f"{lr:g}"] if lr is not None else [])]
     size = ["--epochs", "1", "--train-samples", "512", "--eval-samples", "500"] if smoke else \
         ["--epochs", str(epochs), "--eval-samples", str(EVAL_SAMPLES)]
     if kind == "prune":
@@ -65,9 +68,9 @@ def command(job: str, out: Path, smoke: bool, criterion: str | None = None) -> l
         smoke_alloc += ["--criterion", criterion] if criterion else []
         return [*cli, str(MODELS[model]), str(out / f"{job}.onnx"), "--calib", str(TRAIN), "--max-samples", "512",
                 *target, "--distill", "--train", str(TRAIN), "--eval", str(TEST), "--bench",
-                "--report", str(out / f"{job}.report.json"), *size, *smoke_alloc, *COMMON]
+                "--report", str(out / f"{job}.report.json"), *size, *smoke_alloc, *common]
     return [*cli, "distill", str(MODELS[model]), str(out / f"{job}.onnx"), "--teacher", str(MODELS[model]),
-            "--train", str(TRAIN), "--eval", str(TEST), *size, *COMMON]
+            "--train", str(TRAIN), "--eval", str(TEST), *size, *common]
 
 
 def top1(model_path: Path, original: Path, samples: int) -> dict:
@@ -80,8 +83,8 @@ def top1(model_path: Path, original: Path, samples: int) -> dict:
     return compare_accuracy(api.as_model(original), api.as_model(model_path), source.batches).as_dict()
 
 
-def run_job(job: str, out: Path, smoke: bool, criterion: str | None = None) -> dict:
-    cmd = command(job, out, smoke, criterion)
+def run_job(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: float | None = None) -> dict:
+    cmd = command(job, out, smoke, criterion, lr)
     start, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     load_before = os.getloadavg()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -153,17 +156,20 @@ def main() -> None:
     ap.add_argument("--summarize", action="store_true", help="print the table and exit")
     ap.add_argument("--criterion", help="criterion of the prune jobs (default: the CLI's); the self-distilled "
                     "references do not depend on it and are taken from docs/results/kd_budget.json")
-    ap.add_argument("--out", type=Path, help="results JSON (default docs/results/kd_budget.json, "
-                    "kd_budget_CRITERION.json with --criterion)")
+    ap.add_argument("--lr", type=float, help="--lr of every job (default: the CLI's); the self-distilled "
+                    "references are then run too")
+    ap.add_argument("--out", type=Path, help="results JSON (default docs/results/kd_budget.json; "
+                    "kd_budget_CRITERION_lrLR.json with --criterion / --lr)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/kd_budget"), help="where models and reports go")
     args = ap.parse_args()
-    default_out = ROOT / "docs/results" / (f"kd_budget_{args.criterion}.json" if args.criterion else "kd_budget.json")
-    path = args.out or (Path("/tmp/kd_budget_smoke.json") if args.smoke else default_out)
-    work = args.work / ("smoke" if args.smoke else "full") / (args.criterion or "default")
+    variant = "".join([f"_{args.criterion}" if args.criterion else "", f"_lr{args.lr:g}" if args.lr else ""])
+    path = args.out or (Path("/tmp/kd_budget_smoke.json") if args.smoke else
+                        ROOT / "docs/results" / f"kd_budget{variant}.json")
+    work = args.work / ("smoke" if args.smoke else "full") / (variant.lstrip("_") or "default")
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {}
     jobs = [args.only] if args.only else JOBS
-    if args.criterion:
+    if args.criterion and args.lr is None:
         jobs = [job for job in jobs if job.endswith("-prune")]
         if not args.smoke:
             reference = json.loads((ROOT / "docs/results/kd_budget.json").read_text())
@@ -174,7 +180,7 @@ def main() -> None:
                 print(f"{job}: done, skipped", flush=True)
                 continue
             print(f"{job}: running", flush=True)
-            results[job] = run_job(job, work, args.smoke, args.criterion)
+            results[job] = run_job(job, work, args.smoke, args.criterion, args.lr)
             write_json(path, results)
             print(f"{job}: exit {results[job]['returncode']} in {results[job]['wall_s']:.0f} s", flush=True)
     print(summarize(results))
