@@ -80,6 +80,11 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=None,
                         help="synthesize(iterations=N); default: the library's; results go to *_it<N>.json")
     parser.add_argument("--kinds", default="synthetic,real", help="which calibration sets to compress with")
+    parser.add_argument("--scores-from", choices=["own", "real", "group-l2"], default="own",
+                        help="channel scores of every row: 'own' (OCNNA on the row's own calibration set, the "
+                             "product's behaviour), 'real' (OCNNA on the real images, for every row), 'group-l2' "
+                             "(the data-free criterion); the allocation and reconstruction always use the row's "
+                             "own set. Not 'own': results go to *_scores-<FROM>.json")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ocnna_bench_synthesize"))
@@ -96,13 +101,14 @@ def main() -> int:
     real, test = calib_and_test(args.calib, args.test)
     targets = [float(t) for t in args.targets.split(",")]
     for key in args.models.split(","):
-        path = args.out / f"synthesize_{key}{_variant(args)}.json"
+        scored = "" if args.scores_from == "own" else f"_scores-{args.scores_from}"
+        path = args.out / f"synthesize_{key}{_variant(args)}{scored}.json"
         results = json.loads(path.read_text()) if args.resume and path.exists() else {}
         model = onnx.load(model_path(key))
         base, _ = top1(model, test)
         results["meta"] = {"model": key, "top1": base, "calib_real": args.calib, "synthesized": args.samples,
                            "test": args.test, "train": args.train, "kd_epochs": args.kd_epochs,
-                           **_settings(args),
+                           "scores_from": args.scores_from, **_settings(args),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(path, results)
         data = {"synthetic": synthesized(model, key, args, results, path), "real": real}
@@ -116,15 +122,20 @@ def main() -> int:
                     name = f"{kind} @ macs:{target}{' + KD' if kd else ''}"
                     if name in results:
                         continue
-                    kept = args.work / f"{key}_{kind}{_variant(args) if kind == 'synthetic' else ''}_macs{target}.onnx"
+                    kept = args.work / (f"{key}_{kind}{_variant(args) if kind == 'synthetic' else ''}{scored}"
+                                        f"_macs{target}.onnx")
                     row = {"data": kind, "target_macs": target, "kd": kd}
                     try:
                         start = time.perf_counter()
                         if not kd:
-                            if kind not in scores:
-                                scores[kind] = api.score(model, data[kind], progress=False)
-                                row["score_s"] = scores[kind].seconds
-                            pruned, report = api.compress(model, data[kind], scores=scores[kind], progress=False,
+                            scored_on = kind if args.scores_from == "own" else args.scores_from
+                            if scored_on not in scores:
+                                criterion = "group-l2" if scored_on == "group-l2" else "ocnna"
+                                scores[scored_on] = api.score(model, data.get(scored_on), criterion=criterion,
+                                                              progress=False)
+                                row["score_s"] = scores[scored_on].seconds
+                            pruned, report = api.compress(model, data[kind], scores=scores[scored_on],
+                                                          criterion=scores[scored_on].criterion, progress=False,
                                                           target_macs=target)
                             onnx.save(pruned, str(kept))
                             row.update(rpr=report.rpr, macs_ratio=report.macs_ratio,
