@@ -198,6 +198,24 @@ def test_report_and_saved_set(bn_path, tmp_path, capsys):
     assert "SYNTHETIC" not in err
 
 
+def test_synthetic_data_ranks_by_group_l2_unless_a_criterion_is_given(bn_path, tmp_path, capsys):
+    out, report, saved = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "calib.npz"
+    code, _, err = _run([bn_path, out, "--synthesize", "32", "--save-calib", saved, "--report", report, "--quiet"],
+                        capsys)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["settings"]["criterion"] == "group-l2"
+    assert "channels ranked by group-l2" in err
+    assert any("channels ranked by group-l2" in note for note in data["notes"])
+    # Asked for explicitly, OCNNA scores the synthetic data; with real (here: saved) data it is the default.
+    for extra in (["--criterion", "ocnna", "--synthesize", "32"], ["--calib", saved]):
+        code, _, err = _run([bn_path, out, *extra, "--report", report, "--quiet", "--overwrite"], capsys)
+        assert code == 0, err
+        data = json.loads(report.read_text())
+        assert data["settings"]["criterion"] == "ocnna"
+        assert "ranked by" not in err and not any("ranked by" in note for note in data["notes"])
+
+
 def test_distillation_and_int8_run_on_the_synthesized_set(bn_path, tmp_path, capsys):
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     code, _, err = _run([bn_path, out, "--synthesize", "32", "--distill", "--epochs", "1", "--quantize", "int8",
