@@ -64,11 +64,10 @@ def command(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: 
     size = ["--epochs", "1", "--train-samples", "512", "--eval-samples", "500"] if smoke else \
         ["--epochs", str(epochs), "--eval-samples", str(EVAL_SAMPLES)]
     if kind == "prune":
-        smoke_alloc = ["--damage-samples", "64"] if smoke else []
-        smoke_alloc += ["--criterion", criterion] if criterion else []
+        pruning = [*(["--damage-samples", "64"] if smoke else []), *(["--criterion", criterion] if criterion else [])]
         return [*cli, str(MODELS[model]), str(out / f"{job}.onnx"), "--calib", str(TRAIN), "--max-samples", "512",
                 *target, "--distill", "--train", str(TRAIN), "--eval", str(TEST), "--bench",
-                "--report", str(out / f"{job}.report.json"), *size, *smoke_alloc, *common]
+                "--report", str(out / f"{job}.report.json"), *size, *pruning, *common]
     return [*cli, "distill", str(MODELS[model]), str(out / f"{job}.onnx"), "--teacher", str(MODELS[model]),
             "--train", str(TRAIN), "--eval", str(TEST), *size, *common]
 
@@ -162,7 +161,7 @@ def main() -> None:
                     "kd_budget_CRITERION_lrLR.json with --criterion / --lr)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/kd_budget"), help="where models and reports go")
     args = ap.parse_args()
-    variant = "".join([f"_{args.criterion}" if args.criterion else "", f"_lr{args.lr:g}" if args.lr else ""])
+    variant = "".join([f"_{args.criterion}" if args.criterion else "", f"_lr{args.lr:g}" if args.lr is not None else ""])
     path = args.out or (Path("/tmp/kd_budget_smoke.json") if args.smoke else
                         ROOT / "docs/results" / f"kd_budget{variant}.json")
     work = args.work / ("smoke" if args.smoke else "full") / (variant.lstrip("_") or "default")

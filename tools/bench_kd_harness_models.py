@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench.common import load_arrays, model_path, top1, write_json  # noqa: E402
+from bench.common import cifar_subset, load_arrays, model_path, top1, write_json  # noqa: E402
 from onnx_ocnna import api  # noqa: E402
 
 
@@ -50,9 +50,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
-    data = args.work / "data"
-    train = load_arrays(data / "cifar10_train_5000_seed1_shuffled.npz")
-    test = load_arrays(data / "cifar10_test_2000_seed0.npz")
+    data = args.work / "data"  # the harness's subsets, decoded there by its run (or now, if missing)
+    train = load_arrays(cifar_subset("train", 5000, 1, data, shuffle=True))
+    test = load_arrays(cifar_subset("test", 2000, 0, data))
     original = onnx.load(str(model_path(args.model)))
     peers = json.loads((args.peers or Path(__file__).resolve().parent.parent / "docs" / "results" /
                         f"peers_{args.model}.json").read_text())
