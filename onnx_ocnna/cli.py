@@ -425,7 +425,10 @@ def _synthesize_calibration(args, model):
     args.calib = api.as_source(synthesis.arrays, model, batch_size=args.batch_size, seed=args.seed)
     if not args.calib.num_samples:  # pragma: no cover - synthesize makes at least one sample
         raise InputError("no calibration data was synthesized")
-    if not args.criterion_given and args.plan is None and not args.invert and args.pca_variance == 1.0:
+    from onnx_ocnna.criteria.ocnna import DEFAULT_PCA_VARIANCE
+
+    ocnna_options_given = args.invert or args.pca_variance != DEFAULT_PCA_VARIANCE
+    if not args.criterion_given and not ocnna_options_given and args.plan is None:
         args.criterion = SYNTHETIC_DATA_CRITERION
         print(f"onnx-ocnna: note: channels ranked by {SYNTHETIC_DATA_CRITERION} (their weights), which measured "
               f"better than {DEFAULT_CRITERION} on synthetic images; the synthetic data serves the allocation and "

@@ -207,8 +207,10 @@ def test_synthetic_data_ranks_by_group_l2_unless_a_criterion_is_given(bn_path, t
     assert data["settings"]["criterion"] == "group-l2"
     assert "channels ranked by group-l2" in err
     assert any("channels ranked by group-l2" in note for note in data["notes"])
-    # Asked for explicitly, OCNNA scores the synthetic data; with real (here: saved) data it is the default.
-    for extra in (["--criterion", "ocnna", "--synthesize", "32"], ["--calib", saved]):
+    # Asked for explicitly (or through an OCNNA-only option), OCNNA scores the synthetic data; with
+    # real (here: saved) data it is the default.
+    for extra in (["--criterion", "ocnna", "--synthesize", "32"], ["--invert", "--synthesize", "32"],
+                  ["--calib", saved]):
         code, _, err = _run([bn_path, out, *extra, "--report", report, "--quiet", "--overwrite"], capsys)
         assert code == 0, err
         data = json.loads(report.read_text())
