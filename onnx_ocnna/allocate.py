@@ -98,6 +98,7 @@ class Allocation:
     final_check: dict = field(default_factory=dict)
     dropped: list = field(default_factory=list)  # ResidualBlocks to remove after the channel cut
     blocks: list[dict] = field(default_factory=list)  # every block tried: damage, saving, verdict
+    speed: dict = field(default_factory=dict)  # the speed floor of a MACs target: asked, measured, met
 
     def rewrite(self, pruner) -> onnx.ModelProto:
         """The original cut as allocated: channels removed, then the dropped blocks."""
@@ -107,7 +108,8 @@ class Allocation:
         return {"objective": self.objective, "target": self.target, "achieved": self.achieved,
                 "final_check": self.final_check,
                 "damage_samples": self.damage_samples, "seconds": self.seconds,
-                "groups": [g.as_dict() for g in self.groups], "blocks": self.blocks, "latency": self.latency}
+                "groups": [g.as_dict() for g in self.groups], "blocks": self.blocks, "latency": self.latency,
+                "speed": self.speed}
 
 
 def _rewrite(pruner, removed: dict[int, np.ndarray], dropped: list) -> onnx.ModelProto:
@@ -436,7 +438,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
              *, target_params: float | None = None, target_macs: float | None = None,
              target_latency: float | None = None, latency_batch: int = 1, latency_threads: int = 1,
              damage_samples: int = DEFAULT_DAMAGE_SAMPLES, refit: bool = True, progress: bool = True,
-             cache: dict | None = None, blocks: bool = True, fixed: dict[int, np.ndarray] | None = None) -> Allocation:
+             cache: dict | None = None, blocks: bool = True, fixed: dict[int, np.ndarray] | None = None,
+             speed_floor: float | None = None) -> Allocation:
     """Choose each group's width for the budget from measured damage.
 
     Args:
@@ -454,6 +457,10 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         fixed: group id -> channels removed whatever the allocation chooses (the FC widths of
             ``--fc-width csi``); its saving counts towards the budget. Its groups must be in
             ``options.exclude``.
+        speed_floor: with ``target_macs`` R, the result must also run at least ``speed_floor / R``
+            times as fast as the original, measured like ``target_latency``; when the MACs-only
+            allocation is slower, the blocked-MACs budget is searched under both limits
+            (:func:`meet_speed_floor`). None or 0: MACs only.
     Returns:
         the allocation (its ``removed`` is ready for the rewrite).
     """
@@ -493,19 +500,25 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     def rewrite(state: dict[int, int]) -> onnx.ModelProto:
         return _rewrite(pruner, removal(state), dropped(state))
 
-    def solve(kind: str, ratio: float) -> tuple[dict[int, int], float]:
-        total = {"params": base.parameters, "macs": base.macs, "blocked": base_blocked}[kind]
+    totals = {"params": base.parameters, "macs": base.macs, "blocked": base_blocked}
+
+    def cost_ratio(cut: onnx.ModelProto, kind: str) -> float:
+        if kind == "blocked":
+            return count_macs(cut, block, static_shapes(cut, sizes)) / totals[kind]
+        stats = model_stats(cut, sizes=sizes)
+        return (stats.parameters if kind == "params" else stats.macs) / totals[kind]
+
+    def solve(kind: str, ratio: float, also: tuple[str, float] | None = None) -> tuple[dict[int, int], float]:
+        """The greedy for ``kind`` at ``ratio``; ``also`` (kind, ratio) is a second limit the
+        joint cut must meet (the steps still go by damage per unit of ``kind``)."""
+        total = totals[kind]
         achieved = {}
 
         def fits(state):
             cut = rewrite(state)
-            if kind == "blocked":
-                value = count_macs(cut, block, static_shapes(cut, sizes)) / total
-            else:
-                stats = model_stats(cut, sizes=sizes)
-                value = (stats.parameters if kind == "params" else stats.macs) / total
+            value = cost_ratio(cut, kind)
             achieved["ratio"] = value
-            return value <= ratio
+            return value <= ratio and (also is None or cost_ratio(cut, also[0]) <= also[1])
 
         # What the fixed cut saves is already spent: the greedy finds the rest.
         spent = 0.0
@@ -517,8 +530,13 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         return state, achieved.get("ratio", 1.0)
 
     latency_rows: list[dict] = []
+    speed: dict = {}
     if objective != "latency":
         state, achieved = solve(objective, target)
+        if objective == "macs" and speed_floor:
+            state, latency_rows, speed = meet_speed_floor(pruner, solve, rewrite, state, target, speed_floor,
+                                                          latency_batch, latency_threads, progress, sizes)
+            achieved = cost_ratio(rewrite(state), "macs")
     else:
         state, achieved, latency_rows = _search_latency(pruner, solve, rewrite, target, latency_batch,
                                                         latency_threads, progress, sizes)
@@ -534,13 +552,47 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
                            if state[-1 - i] else "kept: narrowing groups costs less damage per unit saved")}
                   for i, (residual, row) in enumerate(residuals)]
     return Allocation(removal(state), choices, objective, target, achieved, meter.samples,
-                      time.perf_counter() - start, latency_rows, dropped=dropped(state), blocks=block_rows)
+                      time.perf_counter() - start, latency_rows, dropped=dropped(state), blocks=block_rows,
+                      speed=speed)
+
+
+# A MACs budget must also buy time: at least this fraction of 1 / (MACs ratio) as measured speed-up.
+DEFAULT_SPEED_FLOOR = 0.8
+
+
+def meet_speed_floor(pruner, solve, rewrite, state: dict[int, int], target: float, speed_floor: float, batch: int,
+                     threads: int, progress: bool, sizes: dict | None = None):
+    """Make a MACs allocation measure at least ``speed_floor / target`` times faster.
+
+    ``state`` (the MACs-only allocation) is timed first and kept when it is fast enough. Otherwise
+    the blocked-MACs budget is searched for a latency ratio of ``target / speed_floor`` with the
+    MACs target as a second limit: MACs that NCHWc kernels still pay for (a 16-channel layer cut
+    to 8 with 16-channel blocks) give way to cuts that save time. When no allocation measures fast
+    enough, the MACs-only one is kept and the record says so.
+    Returns (state, latency rows, record).
+    """
+    wanted = target / speed_floor
+    record = {"floor": speed_floor, "latency_target": wanted, "batch": batch, "threads": threads}
+
+    def both(kind: str, budget: float):
+        return solve(kind, budget, also=("macs", target))
+
+    found, ratio, rows = _search_latency(pruner, both, rewrite, wanted, batch, threads, progress, sizes,
+                                         first=state, strict=False)
+    if found is None:
+        record.update(met=False, latency_ratio=ratio,
+                      why=f"no allocation within MACs {target:g} measured a latency ratio of {wanted:.3f} or less")
+        return state, rows, record
+    record.update(met=True, latency_ratio=ratio, searched=found != state)
+    return found, rows, record
 
 
 def _search_latency(pruner, solve, rewrite, target: float, batch: int, threads: int, progress: bool,
-                    sizes: dict | None = None):
+                    sizes: dict | None = None, first: dict[int, int] | None = None, strict: bool = True):
     """Search the blocked-MACs budget until the measured latency ratio meets ``target``; of the
-    allocations that measure fast enough the widest (loosest budget) wins."""
+    allocations that measure fast enough the widest (loosest budget) wins. ``first``: a state
+    timed before any search and returned when it meets the target. Not ``strict``: (None, the
+    best ratio measured, rows) instead of an InputError when nothing meets the target."""
     from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
 
     fixed = fixed_batch(pruner.model)
@@ -571,6 +623,12 @@ def _search_latency(pruner, solve, rewrite, target: float, batch: int, threads: 
     # miss it, ``floor`` one no allocation reaches. The next budget is interpolated on the
     # measured points (latency is close to affine in blocked MACs: a fixed per-node cost plus
     # the Convs), bisected when the interpolation leaves the bracket.
+    if first is not None:
+        value = ratio_of(first)
+        if progress:
+            print(f"allocation: latency ratio {value:.3f} (needed {target:.3f})")
+        if value <= target:
+            return first, value, rows
     fast, slow, floor = 0.0, 1.0, 0.0
     points: list[tuple[float, float]] = [(1.0, 1.0)]
     budget, best = target, None
@@ -599,6 +657,8 @@ def _search_latency(pruner, solve, rewrite, target: float, batch: int, threads: 
         budget = guess if low < guess < slow else (low + slow) / 2
         if slow - low < 0.005:
             break
+    if best is None and not strict:
+        return None, min(measured.values(), default=1.0), rows
     if best is None:
         raise InputError(f"no allocation measured a latency ratio of {target:g} or less "
                          f"(best {min(measured.values(), default=1.0):.3f}) at batch {batch}, {threads} thread(s)")

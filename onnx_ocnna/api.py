@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_ocnna import distributed
 from onnx_ocnna.calibration import CalibrationSource, open_calibration
-from onnx_ocnna.allocate import DEFAULT_DAMAGE_SAMPLES
+from onnx_ocnna.allocate import DEFAULT_DAMAGE_SAMPLES, DEFAULT_SPEED_FLOOR
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
 from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
@@ -280,7 +280,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
              si_epsilon: float = 0.0, reconstruct: bool | None = None,
              reconstruct_options: dict | None = None, eval_data: Any = None,
              eval_options: dict | None = None, fc_width: str | None = None,
-             csi_tolerance: float = 0.01) -> tuple[onnx.ModelProto, Report]:
+             csi_tolerance: float = 0.01, speed_floor: float | None = DEFAULT_SPEED_FLOOR
+             ) -> tuple[onnx.ModelProto, Report]:
     """Score, select and rewrite. Returns the pruned model (validated) and its report.
 
     With ``target_params``, ``target_macs`` or ``target_latency`` R the budget is allocated
@@ -289,8 +290,10 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     ``damage_samples`` calibration images, so that the result keeps at most R of the parameters
     (MACs, measured latency at ``latency_batch`` / ``latency_threads``); ``percentile`` is then
     ignored; with ``block_removal`` removing a whole identity-shortcut residual block is one
-    more candidate. ``allocation="uniform"`` instead searches one percentile for every group (the
-    paper's setting; params/MACs targets only). With
+    more candidate. A measured MACs target R must also measure at least ``speed_floor`` / R times
+    faster (same latency settings; None or 0: MACs only, see
+    :func:`onnx_ocnna.allocate.meet_speed_floor`). ``allocation="uniform"`` instead searches one
+    percentile for every group (the paper's setting; params/MACs targets only). With
     ``drop_blocks``, residual blocks that do not raise the Separation Index by ``si_epsilon``
     are removed first (labelled calibration data needed); filters are then selected on the
     remaining network. With ``reconstruct``, the layers after every cut are refitted by least
@@ -319,6 +322,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         raise InputError("--target-latency needs the measured allocation (--allocation measured)")
     if reconstruct and calibration is None:
         raise InputError("--reconstruct needs calibration data (--calib)")
+    if speed_floor is not None and not (isinstance(speed_floor, (int, float)) and 0 <= speed_floor < 10):
+        raise InputError(f"--speed-floor must be a number in [0, 10), got {speed_floor!r}")
     if fc_width not in (None, "csi"):
         raise InputError(f"--fc-width must be 'csi', got {fc_width!r}")
     if fc_width and (calibration is None or not as_source(calibration, model, **(calibration_options or {})).has_labels):
@@ -392,15 +397,19 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         allocated = allocate(pruner, scores.groups, options, source.batches(), target_params=target_params,
                              target_macs=target_macs, target_latency=target_latency, latency_batch=latency_batch,
                              latency_threads=latency_threads, damage_samples=damage_samples, progress=progress,
-                             cache=scores.damage_tables, blocks=block_removal, fixed=fixed)
+                             cache=scores.damage_tables, blocks=block_removal, fixed=fixed,
+                             speed_floor=speed_floor)
         removed = allocated.removed
         pruned = allocated.rewrite(pruner)
         timings["allocate_s"] = allocated.seconds
         settings.update(percentile=None, round_to=options.round_to, allocation="measured",
-                        target={allocated.objective: allocated.target})
+                        target={allocated.objective: allocated.target},
+                        speed_floor=speed_floor if target_macs is not None else None)
         notes.append(f"allocation: {allocated.objective} ratio {allocated.achieved:.3f} for target "
                      f"{allocated.target:g}, widths chosen from measured damage on {allocated.damage_samples} images"
                      f" in {allocated.seconds:.1f} s")
+        if allocated.speed:
+            notes.append(_speed_note(allocated.speed))
     elif targets:
         removed, pruned = _search_target(model, pruner, scores, options, target_params, target_macs, fixed, sizes)
         settings["percentile"] = options.percentile
@@ -426,7 +435,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
                                        source.batches, progress=progress, **(reconstruct_options or {}))
         if allocated is not None:
             budget = {"target_params": target_params, "target_macs": target_macs, "target_latency": target_latency,
-                      "latency_batch": latency_batch, "latency_threads": latency_threads}
+                      "latency_batch": latency_batch, "latency_threads": latency_threads, "speed_floor": speed_floor}
             removed, pruned, reconstruction = _best_of_recipes(
                 model, pruner, scores, round_to, options, source, allocated, (removed, pruned, reconstruction),
                 budget, damage_samples, reconstruct_options, progress, notes, fixed, sizes, block_removal)
@@ -575,6 +584,7 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     # size, so the unaligned uniform cut competes too. A latency budget has no uniform search.
     alignments = () if budget["target_latency"] is not None else (
         (block, width_step(block)), (1,) if budget["target_params"] is not None else ())
+    floor = budget["speed_floor"] if budget["target_macs"] is not None else None
     for aligns in alignments:
         for align in aligns:
             if align in uniform:
@@ -583,6 +593,9 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
                 cut = uniform_cut(align)
             except InputError as exc:
                 failure = str(exc)
+                continue
+            if cut[1] and floor and not _fast_enough(model, cut[2], budget, sizes):
+                failure = f"the uniform cut at round-to {align} is slower than the speed floor {floor:g}"
                 continue
             if cut[1]:  # a cut that removes nothing is no competitor
                 uniform[align] = cut
@@ -614,7 +627,7 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
         allocated.final_check["uniform_skipped"] = uniform_skipped
     if chosen == _COUPLED_KEPT:
         # Still the measured allocation, on fewer groups: its widths and blocks are reported.
-        for name in ("removed", "groups", "achieved", "dropped", "blocks", "latency"):
+        for name in ("removed", "groups", "achieved", "dropped", "blocks", "latency", "speed"):
             setattr(allocated, name, getattr(inner, name))
         allocated.final_check["coupled_kept"] = sorted(coupled)
     elif chosen != "measured":
@@ -628,6 +641,30 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
 
 
 _COUPLED_KEPT = "measured, coupled groups kept"
+
+
+def _fast_enough(model: onnx.ModelProto, cut: onnx.ModelProto, budget: dict, sizes: dict | None) -> bool:
+    """Whether ``cut`` meets the MACs target's speed floor, timed like the allocation's
+    candidates (a pass is confirmed by a second timing; the slower counts)."""
+    from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
+
+    wanted = budget["target_macs"] / budget["speed_floor"]
+    batch = fixed_batch(model) or budget["latency_batch"]
+    for _ in range(2):
+        row = interleaved_latency(model, cut, batch, budget["latency_threads"], runs=20, sizes=sizes)
+        if row["after_ms"] / row["before_ms"] > wanted:
+            return False
+    return True
+
+
+def _speed_note(speed: dict) -> str:
+    """One line on a MACs target's speed floor for the report."""
+    head = (f"speed floor {speed['floor']:g}: latency ratio {speed['latency_ratio']:.3f} measured at batch "
+            f"{speed['batch']}, {speed['threads']} thread(s), {speed['latency_target']:.3f} needed")
+    if not speed["met"]:
+        return f"{head}; NOT met ({speed['why']}), the MACs-only allocation is written"
+    return head + ("; the MACs-only allocation was slower, so the budget was searched for time too"
+                   if speed.get("searched") else "; met by the MACs-only allocation")
 
 
 def _allocation_without_coupled(pruner, scores, options, source, allocated, budget: dict, damage_samples, fixed,

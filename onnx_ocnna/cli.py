@@ -117,6 +117,10 @@ def _add_budget_options(group, many: bool = False) -> None:
                        help="batch size --target-latency is measured at (default 1)")
     group.add_argument("--latency-threads", type=_positive_int, default=1, metavar="T",
                        help="intra-op threads --target-latency is measured with (default 1)")
+    group.add_argument("--speed-floor", type=_speed_floor, metavar="F",
+                       help="with --target-macs R the model must also measure at least F / R times as fast as "
+                            "the original (--latency-batch, --latency-threads), or the budget is searched for "
+                            "time too; 0: MACs alone (default 0.8)")
     group.add_argument("--damage-samples", type=_positive_int, default=512, metavar="N",
                        help="calibration images the allocation measures each candidate cut on (default 512, "
                             "or all when fewer)")
@@ -156,7 +160,9 @@ def _compress_options(args) -> dict:
             "latency_threads": args.latency_threads, "damage_samples": args.damage_samples,
             "block_removal": args.block_removal, "reconstruct": args.reconstruct,
             "reconstruct_options": {"samples": args.reconstruct_samples},
-            "fc_width": args.fc_width, "csi_tolerance": args.csi_tolerance}
+            "fc_width": args.fc_width, "csi_tolerance": args.csi_tolerance,
+            # Unset: the library's own default floor (not repeated here, to keep numpy out of start-up).
+            **({"speed_floor": args.speed_floor} if args.speed_floor is not None else {})}
 
 
 def build_parser() -> dict[str, argparse.ArgumentParser]:
@@ -954,6 +960,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _speed_floor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 10:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 10), got {text!r}")
     return value
 
 

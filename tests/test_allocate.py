@@ -174,9 +174,68 @@ def test_latency_target_is_not_met_by_one_lucky_timing(monkeypatch):
     assert all(r["first_ratio"] == 0.1 for r in report.extra["allocation"]["latency"])
 
 
+def _overhead_latency(overhead: float):
+    """interleaved_latency stand-in: latency ratio = ``overhead`` + MACs ratio (a fixed per-run
+    cost that MACs do not remove), so a MACs cut buys less time than its MACs."""
+    from onnx_ocnna.metrics import model_stats
+
+    def fake(before, after, batch, threads, runs=20, warmup=3, sizes=None):
+        ratio = overhead + model_stats(after, sizes=sizes).macs / model_stats(before, sizes=sizes).macs
+        return {"batch": batch, "threads": threads, "before_ms": 1.0, "after_ms": ratio, "speedup": 1 / ratio,
+                "runs": runs}
+
+    return fake
+
+
+def test_a_macs_target_that_buys_too_little_time_is_searched_for_time_too(monkeypatch):
+    """MACs 0.6 with the default floor 0.8 must measure a latency ratio of at most 0.75; with a
+    fixed cost of 0.3 that takes MACs <= 0.45, which the MACs-only allocation does not reach, so
+    the budget is searched under both limits and the written model meets both."""
+    from onnx_ocnna import evaluate
+
+    monkeypatch.setattr(evaluate, "interleaved_latency", _overhead_latency(0.3))
+    model = _chain()
+    plain = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False,
+                                speed_floor=None)[1]
+    assert plain.macs_ratio > 0.45 and not plain.extra["allocation"]["speed"]
+    _, report = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False)
+    speed = report.extra["allocation"]["speed"]
+    assert speed["met"] and speed["searched"] and speed["latency_target"] == pytest.approx(0.75)
+    assert 0.3 + report.macs_ratio <= 0.75 + 1e-9
+    assert report.extra["allocation"]["achieved"] == pytest.approx(report.macs_ratio, rel=1e-6)
+    assert any("speed floor 0.8" in note for note in report.notes)
+    # With reconstruction, a uniform cut that is slower than the floor does not compete.
+    _, report = onnx_ocnna.compress(model, _data(96), round_to=4, target_macs=0.6, progress=False)
+    check = report.extra["allocation"]["final_check"]
+    assert not any(name.startswith("uniform") for name in check.get("damage_after_reconstruction", {}))
+    assert "speed floor" in check.get("uniform_skipped", check.get("skipped", ""))
+    assert 0.3 + report.macs_ratio <= 0.75 + 1e-9
+
+
+def test_a_macs_target_fast_enough_is_left_alone_and_an_unreachable_floor_is_reported(monkeypatch):
+    """A MACs-only allocation that meets the floor is written as it is (timed, not searched); a
+    floor no allocation can meet leaves the MACs-only allocation, and the report says so."""
+    from onnx_ocnna import evaluate
+
+    model = _chain()
+    plain = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False,
+                                speed_floor=None)[1]
+    monkeypatch.setattr(evaluate, "interleaved_latency", _overhead_latency(0.0))
+    _, fast = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False)
+    assert fast.extra["allocation"]["speed"]["met"] and not fast.extra["allocation"]["speed"]["searched"]
+    assert fast.extra["allocation"]["groups"] == plain.extra["allocation"]["groups"]
+    monkeypatch.setattr(evaluate, "interleaved_latency", _overhead_latency(0.9))
+    _, slow = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False)
+    assert not slow.extra["allocation"]["speed"]["met"]
+    assert slow.extra["allocation"]["groups"] == plain.extra["allocation"]["groups"]
+    assert any("NOT met" in note for note in slow.notes)
+    with pytest.raises(InputError, match="speed-floor"):
+        onnx_ocnna.compress(model, _data(), target_macs=0.6, speed_floor=-1, progress=False)
+
+
 def test_default_recipe_reconstructs_and_writes_the_closer_candidate():
     model = _chain()
-    _, report = onnx_ocnna.compress(model, _data(96), round_to=4, target_macs=0.6, progress=False)
+    _, report = onnx_ocnna.compress(model, _data(96), round_to=4, target_macs=0.6, progress=False, speed_floor=None)
     assert report.settings["reconstruct"] is True and "reconstruction" in report.extra
     check = report.extra["allocation"]["final_check"]
     damage = check["damage_after_reconstruction"]
@@ -189,19 +248,21 @@ def test_scores_given_again_reuse_the_measured_candidates(monkeypatch):
     what a fresh run allocates; other damage images are measured afresh."""
     model = _chain()
     scores = onnx_ocnna.score(model, _data(), progress=False)
+    # No speed floor: its timings would make the two allocations differ by the machine's load.
     first = onnx_ocnna.compress(model, _data(), scores=scores, round_to=4, target_macs=0.7, progress=False,
-                                reconstruct=False)[1]
-    fresh = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.5, progress=False, reconstruct=False)[1]
+                                reconstruct=False, speed_floor=None)[1]
+    fresh = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.5, progress=False, reconstruct=False,
+                                speed_floor=None)[1]
     measured = []
     real = alloc.DamageMeter.measure
     monkeypatch.setattr(alloc.DamageMeter, "measure", lambda self, *a, **k: measured.append(1) or real(self, *a, **k))
     again = onnx_ocnna.compress(model, _data(), scores=scores, round_to=4, target_macs=0.5, progress=False,
-                                reconstruct=False)[1]
+                                reconstruct=False, speed_floor=None)[1]
     assert not measured
     assert again.extra["allocation"]["groups"] == fresh.extra["allocation"]["groups"]
     assert first.extra["allocation"]["groups"] != again.extra["allocation"]["groups"]
     onnx_ocnna.compress(model, _data(48), scores=scores, round_to=4, target_macs=0.5, progress=False,
-                        reconstruct=False)
+                        reconstruct=False, speed_floor=None)
     assert measured
 
 

@@ -63,6 +63,7 @@ def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, sa
         row["latency_search"] = report.extra["allocation"]["latency"]
         row["final_check"] = report.extra["allocation"].get("final_check", {})
         row["blocks_removed"] = [b["add"] for b in report.extra["allocation"].get("blocks", []) if b["removed"]]
+        row["speed_floor"] = report.extra["allocation"].get("speed", {})
     return row
 
 
