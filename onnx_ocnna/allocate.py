@@ -549,7 +549,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     if objective != "latency":
         state, achieved = solve(objective, target)
         if objective == "macs" and speed_floor:
-            judge = LatencyJudge(pruner, rewrite, target / speed_floor, latency_batch, latency_threads, sizes)
+            judge = LatencyJudge(pruner, rewrite, SPEED_MARGIN * target / speed_floor, latency_batch,
+                                 latency_threads, sizes)
             state, speed = meet_speed_floor(solve, judge, damage_of, state, target, speed_floor, progress)
             achieved, latency_rows = cost_ratio(rewrite(state), "macs"), judge.rows
     else:
@@ -579,6 +580,9 @@ DEFAULT_SPEED_FLOOR = 0.8
 # channels with 16-channel blocks) would never be taken and the MACs target could be out of reach.
 _BLEND_STEPS = 5
 _MIN_BLEND = 1 / 64
+# The floor is aimed at with this margin: the written ResNet-56 of MACs 0.5 timed 0.624 of the
+# original in the search (0.625 needed) and 0.635 in the benchmark's own 30-run timing after it.
+SPEED_MARGIN = 0.97
 
 
 class LatencyJudge:
@@ -619,7 +623,8 @@ class LatencyJudge:
 
 def meet_speed_floor(solve, judge: LatencyJudge, damage: Callable[[dict[int, int]], float], state: dict[int, int],
                      target: float, speed_floor: float, progress: bool):
-    """Make a MACs allocation measure at least ``speed_floor / target`` times faster.
+    """Make a MACs allocation measure at least ``speed_floor / target`` times faster (``judge``
+    times against ``SPEED_MARGIN * target / speed_floor``).
 
     ``state`` (the MACs-only allocation) is timed first and kept when it is fast enough. If not,
     the greedy ranks its steps by a blend of MACs and blocked MACs (channels rounded up to the
@@ -632,7 +637,8 @@ def meet_speed_floor(solve, judge: LatencyJudge, damage: Callable[[dict[int, int
     record says so. Returns (state, record).
     """
     wanted = judge.target
-    record = {"floor": speed_floor, "latency_target": wanted, "batch": judge.batch, "threads": judge.threads}
+    record = {"floor": speed_floor, "speedup_needed": speed_floor / target, "latency_target": wanted,
+              "batch": judge.batch, "threads": judge.threads}
     first = judge(state)
     if progress:
         print(f"allocation: MACs-only latency ratio {first:.3f} (speed floor needs {wanted:.3f})")

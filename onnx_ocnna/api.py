@@ -648,7 +648,9 @@ def _fast_enough(model: onnx.ModelProto, cut: onnx.ModelProto, budget: dict, siz
     candidates (a pass is confirmed by a second timing; the slower counts)."""
     from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
 
-    wanted = budget["target_macs"] / budget["speed_floor"]
+    from onnx_ocnna.allocate import SPEED_MARGIN
+
+    wanted = SPEED_MARGIN * budget["target_macs"] / budget["speed_floor"]
     batch = fixed_batch(model) or budget["latency_batch"]
     for _ in range(2):
         row = interleaved_latency(model, cut, batch, budget["latency_threads"], runs=20, sizes=sizes)
@@ -659,8 +661,9 @@ def _fast_enough(model: onnx.ModelProto, cut: onnx.ModelProto, budget: dict, siz
 
 def _speed_note(speed: dict) -> str:
     """One line on a MACs target's speed floor for the report."""
-    head = (f"speed floor {speed['floor']:g}: latency ratio {speed['latency_ratio']:.3f} measured at batch "
-            f"{speed['batch']}, {speed['threads']} thread(s), {speed['latency_target']:.3f} needed")
+    head = (f"speed floor {speed['floor']:g} (a speed-up of {speed['speedup_needed']:.2f}x or more): "
+            f"{1 / speed['latency_ratio']:.2f}x measured at batch {speed['batch']}, {speed['threads']} thread(s), "
+            f"latency ratio {speed['latency_ratio']:.3f} against {speed['latency_target']:.3f} aimed at")
     if not speed["met"]:
         return f"{head}; NOT met ({speed['why']}), the MACs-only allocation is written"
     return head + ("; the MACs-only allocation was slower, so the budget was searched for time too"
