@@ -551,25 +551,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         if objective == "macs" and speed_floor:
             judge = LatencyJudge(pruner, rewrite, SPEED_MARGIN * target / speed_floor, latency_batch,
                                  latency_threads, sizes)
-
-            def widen(state: dict[int, int], blend: float, blocked_limit: float | None) -> tuple[dict[int, int], float]:
-                """Width given back to ``state`` while MACs stay within the target and blocked MACs
-                within ``blocked_limit`` (None: none given back), with the blocked-MACs ratio of the
-                result. Widenings go by damage undone per unit of the ``blend`` of savings."""
-                if blocked_limit is None:
-                    return state, cost_ratio(rewrite(state), "blocked")
-
-                def fits(trial: dict[int, int]) -> bool:
-                    cut = rewrite(trial)
-                    return cost_ratio(cut, "macs") <= target and cost_ratio(cut, "blocked") <= blocked_limit
-
-                def blended(c: Candidate) -> float:
-                    return blend * c.saved_macs / totals["macs"] + (1 - blend) * c.saved_blocked / totals["blocked"]
-
-                wider = _refill(table, blended, dict(state), fits)
-                return wider, cost_ratio(rewrite(wider), "blocked")
-
-            state, speed = meet_speed_floor(solve, judge, damage_of, state, target, speed_floor, progress, widen)
+            state, speed = meet_speed_floor(solve, judge, damage_of, state, target, speed_floor, progress)
             achieved, latency_rows = cost_ratio(rewrite(state), "macs"), judge.rows
     else:
         judge = LatencyJudge(pruner, rewrite, target, latency_batch, latency_threads, sizes)
@@ -601,8 +583,6 @@ _MIN_BLEND = 1 / 64
 # The floor is aimed at with this margin: the written ResNet-56 of MACs 0.5 timed 0.624 of the
 # original in the search (0.625 needed) and 0.635 in the benchmark's own 30-run timing after it.
 SPEED_MARGIN = 0.97
-# A speed-floor winner faster than this share of the aim gets width back (:func:`_give_back`).
-_WIDEN_BELOW = 0.95
 
 
 class LatencyJudge:
@@ -642,7 +622,7 @@ class LatencyJudge:
 
 
 def meet_speed_floor(solve, judge: LatencyJudge, damage: Callable[[dict[int, int]], float], state: dict[int, int],
-                     target: float, speed_floor: float, progress: bool, widen=None):
+                     target: float, speed_floor: float, progress: bool):
     """Make a MACs allocation measure at least ``speed_floor / target`` times faster (``judge``
     times against ``SPEED_MARGIN * target / speed_floor``).
 
@@ -682,8 +662,6 @@ def meet_speed_floor(solve, judge: LatencyJudge, damage: Callable[[dict[int, int
             slow_blend = blend
     if fast:
         _, blend, found, ratio = min(fast, key=lambda f: (f[0], -f[1]))
-        if widen is not None and ratio < _WIDEN_BELOW * wanted:
-            found, ratio = _give_back(widen, judge, found, ratio, blend, progress)
         record.update(met=True, latency_ratio=ratio, searched=True, blend=blend)
         return found, record
 
@@ -698,30 +676,6 @@ def meet_speed_floor(solve, judge: LatencyJudge, damage: Callable[[dict[int, int
         return state, record
     record.update(met=True, latency_ratio=ratio, searched=True)
     return found, record
-
-
-def _give_back(widen, judge: LatencyJudge, state: dict[int, int], ratio: float, blend: float, progress: bool):
-    """Width back for a selection that measures well under the aim: block removals and narrow
-    widths come in steps, so the blend's fastest-enough result can be far faster than needed
-    (ResNet-20 at MACs 0.5: 0.52-0.56 where 0.606 was aimed at). Latency is taken as affine in
-    blocked MACs through the original (1, 1) and this selection; width is given back up to the
-    blocked MACs that line allows, then half of that, each result timed; the first that still
-    measures fast enough is kept. Returns (state, ratio)."""
-    _, blocked = widen(state, blend, None)
-    if blocked >= 1.0:
-        return state, ratio
-    slope = (1.0 - ratio) / (1.0 - blocked)
-    for share in (1.0, 0.5):
-        limit = blocked + share * (judge.target - ratio) / slope
-        trial, _ = widen(state, blend, limit)
-        if trial == state:
-            continue
-        value = judge(trial)
-        if progress:
-            print(f"allocation: width given back up to blocked MACs {limit:.3f} -> latency ratio {value:.3f}")
-        if value <= judge.target:
-            return trial, value
-    return state, ratio
 
 
 def _search_latency(solve, judge: LatencyJudge, progress: bool, strict: bool = True):

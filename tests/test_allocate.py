@@ -234,42 +234,6 @@ def test_a_macs_target_fast_enough_is_left_alone_and_an_unreachable_floor_is_rep
         onnx_ocnna.compress(model, _data(), target_macs=0.6, speed_floor=-1, progress=False)
 
 
-def test_width_is_given_back_only_while_it_still_measures_fast_enough():
-    """A speed-floor result far under the aim gets width back up to the blocked MACs an affine
-    latency line allows, then half of that; each widening is timed, and one that measures too
-    slow is not kept."""
-
-    class Judge:
-        target = 0.6
-
-        def __init__(self, ratios):
-            self.ratios, self.timed = ratios, []
-
-        def __call__(self, state):
-            self.timed.append(state[0])
-            return self.ratios[state[0]]
-
-    limits = []
-
-    def widen(state, blend, limit):
-        if limit is None:
-            return state, 0.5
-        limits.append(limit)
-        wider = {0: 1 if limit > 0.6 else 2}
-        return wider, limit
-
-    # Through (1, 1) and (0.5 blocked, 0.4 latency): slope 1.2, so up to 0.5 + 0.2 / 1.2.
-    judge = Judge({1: 0.58, 2: 0.5})
-    assert alloc._give_back(widen, judge, {0: 0}, 0.4, 0.5, False) == ({0: 1}, 0.58)
-    assert limits == [pytest.approx(0.5 + 0.2 / 1.2)] and judge.timed == [1]
-    limits.clear()
-    judge = Judge({1: 0.7, 2: 0.55})
-    assert alloc._give_back(widen, judge, {0: 0}, 0.4, 0.5, False) == ({0: 2}, 0.55)
-    assert limits == [pytest.approx(0.5 + 0.2 / 1.2), pytest.approx(0.5 + 0.1 / 1.2)]
-    judge = Judge({1: 0.7, 2: 0.65})
-    assert alloc._give_back(widen, judge, {0: 0}, 0.4, 0.5, False) == ({0: 0}, 0.4)
-
-
 def test_default_recipe_reconstructs_and_writes_the_closer_candidate():
     model = _chain()
     _, report = onnx_ocnna.compress(model, _data(96), round_to=4, target_macs=0.6, progress=False, speed_floor=None)
