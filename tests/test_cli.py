@@ -84,7 +84,7 @@ def test_existing_output_needs_overwrite(model_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["--criterion", "nonsense"], ["--scope", "everything"], ["--percentile", "abc"],
                                   ["--percentile", "150", "--criterion", "l1"], ["--percentile", "100"],
-                                  ["--batch-size", "0"]])
+                                  ["--batch-size", "0"], ["--speed-floor", "-1"], ["--speed-floor", "fast"]])
 def test_bad_option_values(argv, model_path, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([str(model_path), str(tmp_path / "out.onnx"), *argv])
@@ -329,3 +329,12 @@ def test_cli_budget_defaults_are_the_library_defaults():
     args = build_parser()["main"].parse_args(["in.onnx", "out.onnx"])
     assert args.damage_samples == DEFAULT_DAMAGE_SAMPLES == 512
     assert inspect.signature(api.compress).parameters["damage_samples"].default == DEFAULT_DAMAGE_SAMPLES
+    # --speed-floor unset leaves the library's default; given, it is passed on (0: MACs alone).
+    from onnx_ocnna.allocate import DEFAULT_SPEED_FLOOR
+    from onnx_ocnna.cli import _compress_options
+
+    assert "speed_floor" not in _compress_options(args)
+    assert inspect.signature(api.compress).parameters["speed_floor"].default == DEFAULT_SPEED_FLOOR == 0.8
+    assert "default 0.8" in build_parser()["main"].format_help().replace("\n", " ").replace("  ", " ")
+    given = build_parser()["main"].parse_args(["in.onnx", "out.onnx", "--speed-floor", "0"])
+    assert _compress_options(given)["speed_floor"] == 0.0
