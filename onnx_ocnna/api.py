@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -322,8 +323,9 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         raise InputError("--target-latency needs the measured allocation (--allocation measured)")
     if reconstruct and calibration is None:
         raise InputError("--reconstruct needs calibration data (--calib)")
-    if speed_floor is not None and not (isinstance(speed_floor, (int, float)) and 0 <= speed_floor < 10):
-        raise InputError(f"--speed-floor must be a number in [0, 10), got {speed_floor!r}")
+    if speed_floor is not None and not (isinstance(speed_floor, (int, float)) and math.isfinite(speed_floor)
+                                        and speed_floor >= 0):
+        raise InputError(f"--speed-floor must be a number of 0 or more, got {speed_floor!r}")
     if fc_width not in (None, "csi"):
         raise InputError(f"--fc-width must be 'csi', got {fc_width!r}")
     if fc_width and (calibration is None or not as_source(calibration, model, **(calibration_options or {})).has_labels):

@@ -74,6 +74,13 @@ def test_output_equal_to_input_is_refused(model_path, capsys):
     assert model_path.read_bytes() == before
 
 
+def test_a_speed_floor_without_a_macs_budget_is_refused(model_path, tmp_path, capsys):
+    code, _, err = _run([model_path, tmp_path / "out.onnx", "--criterion", "l1", "--target-params", "0.5",
+                         "--speed-floor", "0.9"], capsys)
+    assert "--speed-floor applies to a MACs budget only" in _one_line_error(code, err)
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_existing_output_needs_overwrite(model_path, tmp_path, capsys):
     out = tmp_path / "out.onnx"
     out.write_bytes(b"keep me")
