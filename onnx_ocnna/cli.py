@@ -778,6 +778,10 @@ def _run_sweep(args) -> int:
         from onnx_ocnna.errors import InputError
 
         raise InputError("a sweep runs along one axis: --percentiles or one --target-* list")
+    if args.speed_floor is not None and "macs" not in lists:
+        from onnx_ocnna.errors import InputError
+
+        raise InputError("--speed-floor applies to a MACs budget only: --target-macs R,...")
     targets = next(iter(lists.items())) if lists else None
     percentiles = None if targets else args.percentiles or [float(k) for k in range(0, 90, 10)]
     rows = run_sweep(model, args.calib, args.eval, percentiles, targets=targets, criterion=args.criterion,

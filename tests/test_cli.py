@@ -79,6 +79,9 @@ def test_a_speed_floor_without_a_macs_budget_is_refused(model_path, tmp_path, ca
                          "--speed-floor", "0.9"], capsys)
     assert "--speed-floor applies to a MACs budget only" in _one_line_error(code, err)
     assert not (tmp_path / "out.onnx").exists()
+    code, _, err = _run(["sweep", model_path, "--calib", model_path, "--eval", model_path, "-o", tmp_path / "s.png",
+                         "--percentiles", "10", "--speed-floor", "0.9"], capsys)
+    assert "--speed-floor applies to a MACs budget only" in _one_line_error(code, err)
 
 
 def test_existing_output_needs_overwrite(model_path, tmp_path, capsys):
