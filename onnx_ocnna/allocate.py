@@ -463,8 +463,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             ``options.exclude``.
         speed_floor: with ``target_macs`` R, the result must also run at least ``speed_floor / R``
             times as fast as the original, measured like ``target_latency``; when the MACs-only
-            allocation is slower, the blocked-MACs budget is searched under both limits
-            (:func:`meet_speed_floor`). None or 0: MACs only.
+            allocation is slower, the greedy ranks its steps towards blocked MACs, still within
+            the MACs target (:func:`meet_speed_floor`). None or 0: MACs only.
     Returns:
         the allocation (its ``removed`` is ready for the rewrite).
     """
@@ -647,7 +647,7 @@ def meet_speed_floor(solve, judge: LatencyJudge, damage: Callable[[dict[int, int
         return state, record
     fast: list[tuple[float, float, dict[int, int], float]] = []  # (damage, blend, state, ratio)
     slow_blend, fast_blend = 1.0, None
-    for step in range(_BLEND_STEPS + 1):
+    for _ in range(_BLEND_STEPS + 1):
         blend = _MIN_BLEND if fast_blend is None else (fast_blend + slow_blend) / 2
         trial, _ = solve("macs", target, blend=blend)
         ratio = judge(trial)

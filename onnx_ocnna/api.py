@@ -410,8 +410,6 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         notes.append(f"allocation: {allocated.objective} ratio {allocated.achieved:.3f} for target "
                      f"{allocated.target:g}, widths chosen from measured damage on {allocated.damage_samples} images"
                      f" in {allocated.seconds:.1f} s")
-        if allocated.speed:
-            notes.append(_speed_note(allocated.speed))
     elif targets:
         removed, pruned = _search_target(model, pruner, scores, options, target_params, target_macs, fixed, sizes)
         settings["percentile"] = options.percentile
@@ -451,6 +449,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         fitted = [f for f in reconstruction.layers if not f.skipped]
         notes.append(f"reconstruction refitted {len(fitted)} of {len(reconstruction.layers)} layers on "
                      f"{reconstruction.samples} samples")
+    if allocated is not None and allocated.speed:  # after the final check: it can change what is written
+        notes.append(_speed_note(allocated.speed))
     if blocks:
         by_si = [b.add for b in blocks if b.dropped]
         notes.append(f"removed {len(by_si)} of {len(blocks)} identity-shortcut blocks by SI: {', '.join(by_si) or 'none'}")
@@ -633,6 +633,8 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
             setattr(allocated, name, getattr(inner, name))
         allocated.final_check["coupled_kept"] = sorted(coupled)
     elif chosen != "measured":
+        if allocated.speed:
+            allocated.speed["written"] = chosen
         allocated.dropped = []
         for row in allocated.blocks:
             row["removed"], row["why"] = False, f"kept: the {chosen} cut was written"
@@ -648,9 +650,8 @@ _COUPLED_KEPT = "measured, coupled groups kept"
 def _fast_enough(model: onnx.ModelProto, cut: onnx.ModelProto, budget: dict, sizes: dict | None) -> bool:
     """Whether ``cut`` meets the MACs target's speed floor, timed like the allocation's
     candidates (a pass is confirmed by a second timing; the slower counts)."""
-    from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
-
     from onnx_ocnna.allocate import SPEED_MARGIN
+    from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
 
     wanted = SPEED_MARGIN * budget["target_macs"] / budget["speed_floor"]
     batch = fixed_batch(model) or budget["latency_batch"]
@@ -666,6 +667,8 @@ def _speed_note(speed: dict) -> str:
     head = (f"speed floor {speed['floor']:g} (a speed-up of {speed['speedup_needed']:.2f}x or more): "
             f"{1 / speed['latency_ratio']:.2f}x measured at batch {speed['batch']}, {speed['threads']} thread(s), "
             f"latency ratio {speed['latency_ratio']:.3f} against {speed['latency_target']:.3f} aimed at")
+    if "written" in speed:  # a uniform competitor won the final check; it was timed within the floor
+        return f"{head}; the {speed['written']} cut written instead was timed within the floor too"
     if not speed["met"]:
         return f"{head}; NOT met ({speed['why']}), the MACs-only allocation is written"
     return head + ("; the MACs-only allocation was slower, so the budget was searched for time too"
