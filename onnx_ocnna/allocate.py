@@ -536,11 +536,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             return value <= ratio and (also is None or cost_ratio(cut, also[0]) <= also[1])
 
         # What the fixed cut saves is already spent: the greedy finds the rest.
-        spent = 0.0
-        if fixed:
-            cut = rewrite({})
-            spent = total - (count_macs(cut, block, static_shapes(cut, sizes)) if kind == "blocked" else
-                             getattr(model_stats(cut, sizes=sizes), "parameters" if kind == "params" else "macs"))
+        spent = total * (1 - cost_ratio(rewrite({}), kind)) if fixed else 0.0
         state = greedy(table, kind, (1 - ratio) * total - spent, fits, blended if blend is not None else None)
         return state, achieved.get("ratio", 1.0)
 
@@ -549,8 +545,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     if objective != "latency":
         state, achieved = solve(objective, target)
         if objective == "macs" and speed_floor:
-            judge = LatencyJudge(pruner, rewrite, SPEED_MARGIN * target / speed_floor, latency_batch,
-                                 latency_threads, sizes)
+            judge = floor_judge(pruner, rewrite, target, speed_floor, latency_batch, latency_threads, sizes)
             state, speed = meet_speed_floor(solve, judge, damage_of, state, target, speed_floor, progress)
             achieved, latency_rows = cost_ratio(rewrite(state), "macs"), judge.rows
     else:
@@ -619,6 +614,13 @@ class LatencyJudge:
             self.measured[key] = ratio
             self.rows.append({**row, "ratio": ratio})
         return self.measured[key]
+
+
+def floor_judge(pruner, rewrite: Callable[[dict[int, int]], onnx.ModelProto], target: float, speed_floor: float,
+                batch: int, threads: int, sizes: dict | None = None) -> LatencyJudge:
+    """The judge of MACs target ``target``'s speed floor: a latency ratio of at most
+    ``SPEED_MARGIN * target / speed_floor``."""
+    return LatencyJudge(pruner, rewrite, SPEED_MARGIN * target / speed_floor, batch, threads, sizes)
 
 
 def meet_speed_floor(solve, judge: LatencyJudge, damage: Callable[[dict[int, int]], float], state: dict[int, int],

@@ -596,7 +596,7 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
             except InputError as exc:
                 failure = str(exc)
                 continue
-            if cut[1] and floor and not _fast_enough(model, cut[2], budget, sizes):
+            if cut[1] and floor and not _fast_enough(pruner, cut[2], budget, sizes):
                 failure = f"the uniform cut at round-to {align} is slower than the speed floor {floor:g}"
                 continue
             if cut[1]:  # a cut that removes nothing is no competitor
@@ -647,19 +647,14 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
 _COUPLED_KEPT = "measured, coupled groups kept"
 
 
-def _fast_enough(model: onnx.ModelProto, cut: onnx.ModelProto, budget: dict, sizes: dict | None) -> bool:
-    """Whether ``cut`` meets the MACs target's speed floor, timed like the allocation's
-    candidates (a pass is confirmed by a second timing; the slower counts)."""
-    from onnx_ocnna.allocate import SPEED_MARGIN
-    from onnx_ocnna.evaluate import fixed_batch, interleaved_latency
+def _fast_enough(pruner: Pruner, cut: onnx.ModelProto, budget: dict, sizes: dict | None) -> bool:
+    """Whether ``cut`` meets the MACs target's speed floor, judged like the allocation's own
+    selections (a pass is confirmed by a second timing; the slower counts)."""
+    from onnx_ocnna.allocate import floor_judge
 
-    wanted = SPEED_MARGIN * budget["target_macs"] / budget["speed_floor"]
-    batch = fixed_batch(model) or budget["latency_batch"]
-    for _ in range(2):
-        row = interleaved_latency(model, cut, batch, budget["latency_threads"], runs=20, sizes=sizes)
-        if row["after_ms"] / row["before_ms"] > wanted:
-            return False
-    return True
+    judge = floor_judge(pruner, lambda _: cut, budget["target_macs"], budget["speed_floor"], budget["latency_batch"],
+                        budget["latency_threads"], sizes)
+    return judge({}) <= judge.target
 
 
 def _speed_note(speed: dict) -> str:

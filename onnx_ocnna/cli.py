@@ -503,13 +503,8 @@ def _run_main(args) -> int:
 
         raise InputError("--reconstruct refits after scoring; it cannot be combined with --plan")
     targets = (args.target_params, args.target_macs, args.target_latency)
-    if args.speed_floor is not None and args.target_macs is None and not (
-            args.max_drop is not None and args.objective == "macs"):
-        from onnx_ocnna.errors import InputError
-
-        # Silently ignored, it would look like a promise the written model does not keep.
-        raise InputError("--speed-floor applies to a MACs budget only: --target-macs R (or --max-drop with "
-                         "--objective macs)")
+    _check_speed_floor(args, args.target_macs is not None or (args.max_drop is not None and args.objective == "macs"),
+                       "--target-macs R (or --max-drop with --objective macs)")
     if (args.plan is None and args.percentile == 0 and all(t is None for t in targets) and not args.drop_blocks
             and not args.quantize and not args.distill and not args.fc_width):
         from onnx_ocnna.errors import InputError
@@ -778,10 +773,7 @@ def _run_sweep(args) -> int:
         from onnx_ocnna.errors import InputError
 
         raise InputError("a sweep runs along one axis: --percentiles or one --target-* list")
-    if args.speed_floor is not None and "macs" not in lists:
-        from onnx_ocnna.errors import InputError
-
-        raise InputError("--speed-floor applies to a MACs budget only: --target-macs R,...")
+    _check_speed_floor(args, "macs" in lists, "--target-macs R,...")
     targets = next(iter(lists.items())) if lists else None
     percentiles = None if targets else args.percentiles or [float(k) for k in range(0, 90, 10)]
     rows = run_sweep(model, args.calib, args.eval, percentiles, targets=targets, criterion=args.criterion,
@@ -973,6 +965,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _check_speed_floor(args, macs_budget: bool, how: str) -> None:
+    """Refuse --speed-floor without a MACs budget (``how`` says how to give one): silently
+    ignored, it would look like a promise the written model does not keep."""
+    if args.speed_floor is not None and not macs_budget:
+        from onnx_ocnna.errors import InputError
+
+        raise InputError(f"--speed-floor applies to a MACs budget only: {how}")
 
 
 def _speed_floor(text: str) -> float:

@@ -124,15 +124,16 @@ def test_measured_allocation_needs_data_and_one_target():
         onnx_ocnna.compress(model, _data(), target_latency=1.5, progress=False)
 
 
-def _fake_latency(timed: list, first_spike: float | None = None):
-    """interleaved_latency stand-in whose ratio is the MACs ratio (a deterministic search);
-    with ``first_spike`` the first timing of every selection gives that ratio instead (a
-    noise spike on a loaded machine)."""
+def _fake_latency(timed: list, first_spike: float | None = None, overhead: float = 0.0):
+    """interleaved_latency stand-in whose ratio is ``overhead`` + the MACs ratio (a deterministic
+    search; an overhead is a fixed per-run cost that MACs do not remove, so a MACs cut buys less
+    time than its MACs); with ``first_spike`` the first timing of every selection gives that ratio
+    instead (a noise spike on a loaded machine)."""
     from onnx_ocnna.metrics import model_stats
 
     def fake(before, after, batch, threads, runs=20, warmup=3, sizes=None):
         key = tuple((i.name, tuple(i.dims)) for i in after.graph.initializer)
-        ratio = model_stats(after, sizes=sizes).macs / model_stats(before, sizes=sizes).macs
+        ratio = overhead + model_stats(after, sizes=sizes).macs / model_stats(before, sizes=sizes).macs
         if first_spike is not None and key not in timed:
             ratio = first_spike
         timed.append(key)
@@ -174,19 +175,6 @@ def test_latency_target_is_not_met_by_one_lucky_timing(monkeypatch):
     assert all(r["first_ratio"] == 0.1 for r in report.extra["allocation"]["latency"])
 
 
-def _overhead_latency(overhead: float):
-    """interleaved_latency stand-in: latency ratio = ``overhead`` + MACs ratio (a fixed per-run
-    cost that MACs do not remove), so a MACs cut buys less time than its MACs."""
-    from onnx_ocnna.metrics import model_stats
-
-    def fake(before, after, batch, threads, runs=20, warmup=3, sizes=None):
-        ratio = overhead + model_stats(after, sizes=sizes).macs / model_stats(before, sizes=sizes).macs
-        return {"batch": batch, "threads": threads, "before_ms": 1.0, "after_ms": ratio, "speedup": 1 / ratio,
-                "runs": runs}
-
-    return fake
-
-
 def test_a_macs_target_that_buys_too_little_time_is_searched_for_time_too(monkeypatch):
     """MACs 0.6 with the default floor 0.8 must measure a latency ratio of at most 0.75 (aimed at
     0.97 x 0.75); with a fixed cost of 0.3 that takes MACs <= 0.4275, which the MACs-only
@@ -194,7 +182,7 @@ def test_a_macs_target_that_buys_too_little_time_is_searched_for_time_too(monkey
     meets both."""
     from onnx_ocnna import evaluate
 
-    monkeypatch.setattr(evaluate, "interleaved_latency", _overhead_latency(0.3))
+    monkeypatch.setattr(evaluate, "interleaved_latency", _fake_latency([], overhead=0.3))
     model = _chain()
     plain = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False,
                                 speed_floor=None)[1]
@@ -221,11 +209,11 @@ def test_a_macs_target_fast_enough_is_left_alone_and_an_unreachable_floor_is_rep
     model = _chain()
     plain = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False,
                                 speed_floor=None)[1]
-    monkeypatch.setattr(evaluate, "interleaved_latency", _overhead_latency(0.0))
+    monkeypatch.setattr(evaluate, "interleaved_latency", _fake_latency([], overhead=0.0))
     _, fast = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False)
     assert fast.extra["allocation"]["speed"]["met"] and not fast.extra["allocation"]["speed"]["searched"]
     assert fast.extra["allocation"]["groups"] == plain.extra["allocation"]["groups"]
-    monkeypatch.setattr(evaluate, "interleaved_latency", _overhead_latency(0.9))
+    monkeypatch.setattr(evaluate, "interleaved_latency", _fake_latency([], overhead=0.9))
     _, slow = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False)
     assert not slow.extra["allocation"]["speed"]["met"]
     assert slow.extra["allocation"]["groups"] == plain.extra["allocation"]["groups"]
