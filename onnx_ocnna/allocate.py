@@ -47,6 +47,13 @@ from onnx_ocnna.select import SelectionOptions, _respect_nonempty, _round_member
 # 74.66 %, ResNet-20 71.02 % against 70.30 %, output KL after reconstruction 0.35 against 0.41;
 # the allocation takes about 1.8x as long (ResNet-56: 212 s against 120 s on a quiet machine).
 DEFAULT_DAMAGE_SAMPLES = 512
+# Unless the caller says how many, the damage table gets fewer images when candidate cuts x
+# images x the model's MACs per image would exceed this (about 7 minutes here): the table of
+# ResNet-56 (187 cuts x 512 images x 125 MMACs = 1.2e13, 210 s) keeps all 512; torchvision's
+# ResNet-18 at 224 x 224 (185 cuts x 1.8 GMACs) gets 64 and took 7.4 minutes, where 512 images
+# and the earlier 32 widths per group (281 cuts) ran at 16-21 s per cut, about 90 minutes.
+DAMAGE_WORK_LIMIT = 2.5e13
+MIN_DAMAGE_SAMPLES = 64
 
 
 @dataclass
@@ -99,6 +106,7 @@ class Allocation:
     dropped: list = field(default_factory=list)  # ResidualBlocks to remove after the channel cut
     blocks: list[dict] = field(default_factory=list)  # every block tried: damage, saving, verdict
     speed: dict = field(default_factory=dict)  # the speed floor of a MACs target: asked, measured, met
+    damage_limit: dict = field(default_factory=dict)  # why fewer damage images than given (auto_damage_samples)
 
     def rewrite(self, pruner) -> onnx.ModelProto:
         """The original cut as allocated: channels removed, then the dropped blocks."""
@@ -107,7 +115,7 @@ class Allocation:
     def as_dict(self) -> dict:
         return {"objective": self.objective, "target": self.target, "achieved": self.achieved,
                 "final_check": self.final_check,
-                "damage_samples": self.damage_samples, "seconds": self.seconds,
+                "damage_samples": self.damage_samples, "damage_limit": self.damage_limit, "seconds": self.seconds,
                 "groups": [g.as_dict() for g in self.groups], "blocks": self.blocks, "latency": self.latency,
                 "speed": self.speed}
 
@@ -134,8 +142,9 @@ def width_step(block: int, objective: str = "macs") -> int:
 
 
 # At most about this many widths per group: a hidden FC layer of 4,096 neurons at a 4-neuron step
-# would otherwise be measured 1,024 times; the step grows by whole blocks instead.
-MAX_CANDIDATES = 32
+# would otherwise be measured 1,024 times; the step grows by whole blocks instead (a 512-channel
+# Conv at 32 channels; 16 rather than 32 takes torchvision's ResNet-18 from 281 cuts to 185).
+MAX_CANDIDATES = 16
 
 
 def candidate_widths(channels: int, block: int, floor: int) -> list[int]:
@@ -340,14 +349,12 @@ def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True
     the shortcut, and its savings."""
     from tqdm.auto import tqdm
 
-    from onnx_ocnna.blocks import drop_blocks, find_residual_blocks
-    from onnx_ocnna.channels.analysis import prepare_graph
+    from onnx_ocnna.blocks import drop_blocks
 
     key = ("blocks", block, meter.refit, meter.fingerprint)
     if cache is not None and key in cache:
         return cache[key]
-    graph_outputs = {o.name for o in pruner.model.graph.output}
-    blocks = [b for b in find_residual_blocks(prepare_graph(pruner.model)) if b.output not in graph_outputs]
+    blocks = removable_blocks(pruner)
     base, base_blocked = _costs(pruner.model, block, meter.sizes)
     rows = []
     for residual in tqdm(blocks, desc="allocation: blocks", unit="block", disable=not progress or not blocks,
@@ -363,6 +370,26 @@ def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True
     if cache is not None:
         cache[key] = rows
     return rows
+
+
+def removable_blocks(pruner) -> list:
+    """The identity-shortcut residual blocks of the model whose output is not a graph output."""
+    from onnx_ocnna.blocks import find_residual_blocks
+    from onnx_ocnna.channels.analysis import prepare_graph
+
+    graph_outputs = {o.name for o in pruner.model.graph.output}
+    return [b for b in find_residual_blocks(prepare_graph(pruner.model)) if b.output not in graph_outputs]
+
+
+def auto_damage_samples(macs: int, cuts: int, batch: int = 32) -> int:
+    """Images to measure ``cuts`` candidate cuts of a model of ``macs`` MACs per image on:
+    :data:`DEFAULT_DAMAGE_SAMPLES`, or fewer (a multiple of ``batch``, at least
+    :data:`MIN_DAMAGE_SAMPLES`) when the table would spend more than :data:`DAMAGE_WORK_LIMIT`
+    multiply-accumulates."""
+    if macs <= 0 or cuts <= 0:
+        return DEFAULT_DAMAGE_SAMPLES
+    fit = int(DAMAGE_WORK_LIMIT // (macs * cuts))
+    return max(MIN_DAMAGE_SAMPLES, min(DEFAULT_DAMAGE_SAMPLES, fit // batch * batch))
 
 
 def _saved(c: Candidate, objective: str) -> int:
@@ -441,7 +468,7 @@ def _refill(table: dict[int, list[Candidate]], worth: Callable[[Candidate], floa
 def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, calibration_batches: Iterable[Batch],
              *, target_params: float | None = None, target_macs: float | None = None,
              target_latency: float | None = None, latency_batch: int = 1, latency_threads: int = 1,
-             damage_samples: int = DEFAULT_DAMAGE_SAMPLES, refit: bool = True, progress: bool = True,
+             damage_samples: int | None = None, refit: bool = True, progress: bool = True,
              cache: dict | None = None, blocks: bool = True, fixed: dict[int, np.ndarray] | None = None,
              speed_floor: float | None = None) -> Allocation:
     """Choose each group's width for the budget from measured damage.
@@ -449,7 +476,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     Args:
         scores: group id -> importance per group channel, [channels] (higher = keep).
         options: ``exclude``, ``min_channels`` and ``round_to`` (the channel block) are used.
-        calibration_batches: the first ``damage_samples`` images measure the damage.
+        calibration_batches: the first ``damage_samples`` images measure the damage; None: up to
+            :data:`DEFAULT_DAMAGE_SAMPLES`, fewer for a large model (:func:`auto_damage_samples`).
         refit: measure each candidate after refitting the layers that read its cut (see
             :class:`DamageMeter`).
         target_latency: ratio of the original's ONNX Runtime latency at ``latency_batch`` with
@@ -478,12 +506,23 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     start = time.perf_counter()
     block = max(1, options.round_to)
     groups = [g for g in pruner.analysis.groups if g.prunable and g.id not in options.exclude and g.id in scores]
-    feeds = take_feeds(calibration_batches, damage_samples)
+    step = width_step(block, objective)
+    damage_limit: dict = {}
+    feeds = take_feeds(calibration_batches, damage_samples or DEFAULT_DAMAGE_SAMPLES)
     if not feeds:
         raise InputError("the calibration data gave no sample to measure damage with")
+    if damage_samples is None:
+        cuts = sum(len(candidate_widths(g.channels, step, max(1, min(g.channels, options.min_channels)))) - 1
+                   for g in groups) + (len(removable_blocks(pruner)) if blocks else 0)
+        macs = _costs(pruner.model, block, dynamic_sizes(pruner.model, feeds))[0].macs
+        given = sum(len(next(iter(f.values()))) for f in feeds)
+        feeds = take_feeds(_as_batches(feeds), auto_damage_samples(macs, cuts))
+        used = sum(len(next(iter(f.values()))) for f in feeds)
+        if used < given:
+            damage_limit = {"cuts": cuts, "macs_per_sample": macs, "calibration_samples": given, "used": used}
     meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit)
     table = measure_candidates(pruner, scores, groups, meter, block, options.min_channels, progress, cache,
-                               step=width_step(block, objective))
+                               step=step)
     sizes = meter.sizes
     base, base_blocked = _costs(pruner.model, block, sizes)
     # A block is a pseudo-group with two rows, kept and removed, under a negative id.
@@ -565,7 +604,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
                   for i, (residual, row) in enumerate(residuals)]
     return Allocation(removal(state), choices, objective, target, achieved, meter.samples,
                       time.perf_counter() - start, latency_rows, dropped=dropped(state), blocks=block_rows,
-                      speed=speed)
+                      speed=speed, damage_limit=damage_limit)
 
 
 # A MACs budget must also buy time: at least this fraction of 1 / (MACs ratio) as measured speed-up.

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_ocnna import distributed
 from onnx_ocnna.calibration import CalibrationSource, open_calibration
-from onnx_ocnna.allocate import DEFAULT_DAMAGE_SAMPLES, DEFAULT_SPEED_FLOOR
+from onnx_ocnna.allocate import DEFAULT_SPEED_FLOOR
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
 from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
@@ -275,7 +275,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
              scope: str = "per-group", min_channels: int = 1, round_to: int | str = 1, exclude: list[str] | None = None,
              target_params: float | None = None, target_macs: float | None = None,
              target_latency: float | None = None, allocation: str = "measured", latency_batch: int = 1,
-             latency_threads: int = 1, damage_samples: int = DEFAULT_DAMAGE_SAMPLES, block_removal: bool = True,
+             latency_threads: int = 1, damage_samples: int | None = None, block_removal: bool = True,
              criterion_options: dict | None = None, calibration_options: dict | None = None,
              progress: bool = True, scores: Scores | None = None, drop_blocks: bool = False,
              si_epsilon: float = 0.0, reconstruct: bool | None = None,
@@ -288,7 +288,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     With ``target_params``, ``target_macs`` or ``target_latency`` R the budget is allocated
     (:mod:`onnx_ocnna.allocate`, ``allocation="measured"``): each group gets its own width,
     aligned to ONNX Runtime's channel block, from the damage each candidate width does alone on
-    ``damage_samples`` calibration images, so that the result keeps at most R of the parameters
+    ``damage_samples`` calibration images (None: up to 512, fewer for a large model, see
+    :func:`onnx_ocnna.allocate.auto_damage_samples`), so that the result keeps at most R of the parameters
     (MACs, measured latency at ``latency_batch`` / ``latency_threads``); ``percentile`` is then
     ignored; with ``block_removal`` removing a whole identity-shortcut residual block is one
     more candidate. A measured MACs target R must also measure at least ``speed_floor`` / R times
@@ -410,6 +411,11 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         notes.append(f"allocation: {allocated.objective} ratio {allocated.achieved:.3f} for target "
                      f"{allocated.target:g}, widths chosen from measured damage on {allocated.damage_samples} images"
                      f" in {allocated.seconds:.1f} s")
+        if allocated.damage_limit:
+            limit = allocated.damage_limit
+            notes.append(f"damage measured on {limit['used']} of {limit['calibration_samples']} calibration images: "
+                         f"{limit['cuts']} candidate cuts of a model of {limit['macs_per_sample'] / 1e9:.2f} GMACs "
+                         "per image would take long with all of them (--damage-samples N sets the number)")
     elif targets:
         removed, pruned = _search_target(model, pruner, scores, options, target_params, target_macs, fixed, sizes)
         settings["percentile"] = options.percentile
@@ -602,6 +608,8 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
             if cut[1]:  # a cut that removes nothing is no competitor
                 uniform[align] = cut
                 break
+    # The images the allocation measured on, not a new choice: the table is then reused.
+    damage_samples = allocated.damage_samples
     inner, coupled = _allocation_without_coupled(pruner, scores, options, source, allocated, budget,
                                                  damage_samples, fixed, block_removal)
     uniform_skipped = f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"

@@ -122,9 +122,10 @@ def _add_budget_options(group, many: bool = False) -> None:
                        help="with --target-macs R the model must also measure at least F / R times as fast as "
                             "the original (--latency-batch, --latency-threads), or the budget is searched for "
                             "time too; 0: MACs alone (default 0.8)")
-    group.add_argument("--damage-samples", type=_positive_int, default=512, metavar="N",
-                       help="calibration images the allocation measures each candidate cut on (default 512, "
-                            "or all when fewer)")
+    group.add_argument("--damage-samples", type=_positive_int, metavar="N",
+                       help="calibration images the allocation measures each candidate cut on (default 512, or all "
+                            "when fewer; fewer, not below 64, when candidate cuts x images x the model's MACs "
+                            "would pass 2.5e13, about 7 minutes here)")
     group.add_argument("--no-block-removal", dest="block_removal", action="store_false",
                        help="the allocation only narrows groups; by default removing a whole identity-shortcut "
                             "residual block is a candidate too")

@@ -41,9 +41,9 @@ def test_candidate_widths_are_block_aligned_and_respect_the_floor():
     assert alloc.candidate_widths(16, 16, 1) == [16, 8, 4]
     assert alloc.candidate_widths(16, 16, 6) == [16, 8]
     assert alloc.candidate_widths(10, 8, 1) == [10, 8, 4, 2]
-    # A 512-neuron layer at a 4-neuron step: 16-neuron steps (32 widths), plus 8 and 4.
+    # A 512-neuron layer at a 4-neuron step: 32-neuron steps (16 widths), plus 16 and 8.
     wide = alloc.candidate_widths(512, 4, 1)
-    assert wide[:3] == [512, 496, 480] and wide[-3:] == [16, 8, 4] and len(wide) == 34
+    assert wide[:3] == [512, 480, 448] and wide[-3:] == [32, 16, 8] and len(wide) == 18
 
 
 def test_nested_group_cuts_every_stage_to_the_fraction_rounded_up():
@@ -230,6 +230,36 @@ def test_default_recipe_reconstructs_and_writes_the_closer_candidate():
     damage = check["damage_after_reconstruction"]
     assert check["chosen"] == min(damage, key=damage.get)
     assert report.macs_ratio <= 0.6
+
+
+def test_damage_images_shrink_only_when_the_table_would_be_large():
+    # ResNet-56 at 32 x 32 (187 cuts of 126 MMACs) keeps all 512 images.
+    assert alloc.auto_damage_samples(125_000_000, 187) == alloc.DEFAULT_DAMAGE_SAMPLES == 512
+    # ResNet-18 at 224 x 224 (185 cuts of 1.8 GMACs): fewer, a whole number of batches, not below the floor.
+    assert alloc.auto_damage_samples(1_810_000_000, 185) == alloc.MIN_DAMAGE_SAMPLES == 64
+    medium = alloc.auto_damage_samples(600_000_000, 185)
+    assert 64 < medium < 512 and medium % 32 == 0
+    assert medium * 600_000_000 * 185 <= alloc.DAMAGE_WORK_LIMIT < (medium + 32) * 600_000_000 * 185
+
+
+def test_a_large_table_is_measured_on_fewer_images_and_says_so(monkeypatch):
+    """Unset, the damage images follow the table's size; the report and the notes say why."""
+    model = _chain()
+    monkeypatch.setattr(alloc, "MIN_DAMAGE_SAMPLES", 32)
+    monkeypatch.setattr(alloc, "DAMAGE_WORK_LIMIT", 1.0)  # any table is "large"
+    _, report = onnx_ocnna.compress(model, _data(96), round_to=4, target_macs=0.6, progress=False,
+                                    reconstruct=False, speed_floor=None)
+    allocation = report.extra["allocation"]
+    assert allocation["damage_samples"] == 32
+    limit = allocation["damage_limit"]
+    assert limit["used"] == 32 and limit["calibration_samples"] == 96 and limit["cuts"] > 0
+    assert limit["macs_per_sample"] == report.before.macs
+    assert any("damage measured on 32 of 96" in n for n in report.notes)
+    # A number given is used as given.
+    _, report = onnx_ocnna.compress(model, _data(96), round_to=4, target_macs=0.6, progress=False,
+                                    reconstruct=False, speed_floor=None, damage_samples=64)
+    assert report.extra["allocation"]["damage_samples"] == 64 and not report.extra["allocation"]["damage_limit"]
+    assert not any("damage measured on" in n for n in report.notes)
 
 
 def test_scores_given_again_reuse_the_measured_candidates(monkeypatch):

@@ -333,12 +333,17 @@ def test_cli_budget_defaults_are_the_library_defaults():
     import inspect
 
     from onnx_ocnna import api
-    from onnx_ocnna.allocate import DEFAULT_DAMAGE_SAMPLES
+    from onnx_ocnna.allocate import DEFAULT_DAMAGE_SAMPLES, DAMAGE_WORK_LIMIT, MIN_DAMAGE_SAMPLES
     from onnx_ocnna.cli import build_parser
 
-    args = build_parser()["main"].parse_args(["in.onnx", "out.onnx"])
-    assert args.damage_samples == DEFAULT_DAMAGE_SAMPLES == 512
-    assert inspect.signature(api.compress).parameters["damage_samples"].default == DEFAULT_DAMAGE_SAMPLES
+    parser = build_parser()["main"]
+    args = parser.parse_args(["in.onnx", "out.onnx"])
+    # Unset means the library's choice (512, fewer for a large model), whose numbers the help spells out.
+    assert args.damage_samples is None
+    assert inspect.signature(api.compress).parameters["damage_samples"].default is None
+    help_text = " ".join(parser.format_help().split())
+    assert (DEFAULT_DAMAGE_SAMPLES, MIN_DAMAGE_SAMPLES, DAMAGE_WORK_LIMIT) == (512, 64, 2.5e13)
+    assert "default 512" in help_text and "below 64" in help_text and "2.5e13" in help_text
     # --speed-floor unset leaves the library's default; given, it is passed on (0: MACs alone).
     from onnx_ocnna.allocate import DEFAULT_SPEED_FLOOR
     from onnx_ocnna.cli import _compress_options
