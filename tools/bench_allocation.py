@@ -34,10 +34,13 @@ from bench.common import REPO, SHARED, calib_and_test, model_path, top1, write_j
 RECIPES = ("uniform", "uniform + reconstruct", "default")
 
 
-def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, save_as: Path | None = None) -> dict:
+def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, save_as: Path | None = None,
+            damage_samples: int | None = None) -> dict:
     from onnx_ocnna import api
 
     target = {f"target_{kind}": ratio}
+    if damage_samples is not None:
+        target["damage_samples"] = damage_samples
     start = time.perf_counter()
     if recipe == "default":
         pruned, report = api.compress(model, calib, scores=scores, criterion=scores.criterion, progress=False, **target)
@@ -64,6 +67,7 @@ def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, sa
         row["final_check"] = report.extra["allocation"].get("final_check", {})
         row["blocks_removed"] = [b["add"] for b in report.extra["allocation"].get("blocks", []) if b["removed"]]
         row["speed_floor"] = report.extra["allocation"].get("speed", {})
+        row["damage_samples"] = report.extra["allocation"]["damage_samples"]
     return row
 
 
@@ -100,6 +104,9 @@ def main() -> int:
     parser.add_argument("--criterion", default="ocnna",
                         help="importance criterion; results of any other go to allocation_<model>_<criterion>.json")
     parser.add_argument("--calib", type=int, default=512)
+    parser.add_argument("--damage-samples", type=int, default=None,
+                        help="images the allocation measures damage on (unset: the library's choice); "
+                             "given, the results file is allocation_<model>[_criterion]_damage<N>.json")
     parser.add_argument("--test", type=int, default=5000)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
@@ -119,6 +126,7 @@ def main() -> int:
     calib, test = calib_and_test(args.calib, args.test)
     for key in args.models.split(","):
         suffix = "" if args.criterion == "ocnna" else f"_{args.criterion}"
+        suffix += "" if args.damage_samples is None else f"_damage{args.damage_samples}"
         path = args.out / f"allocation_{key}{suffix}.json"
         if args.remeasure_latency:
             remeasure(path, onnx.load(model_path(key)))
@@ -127,6 +135,7 @@ def main() -> int:
         model = onnx.load(model_path(key))
         base, _ = top1(model, test)
         results["meta"] = {"model": key, "top1": base, "calib": args.calib, "test": args.test, "criterion": args.criterion,
+                           "damage_samples": args.damage_samples,
                            "onnxruntime": onnxruntime.__version__, "load": os.getloadavg(),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         scores = api.score(model, calib, criterion=args.criterion, progress=False)
@@ -139,7 +148,7 @@ def main() -> int:
                 try:
                     slug = f"{key}{suffix}_{recipe}_{kind}{ratio}".replace(" ", "").replace("+", "_")
                     row = run_row(model, scores, recipe, kind, float(ratio), calib, test,
-                                  save_as=args.models_dir / f"{slug}.onnx")
+                                  save_as=args.models_dir / f"{slug}.onnx", damage_samples=args.damage_samples)
                 except Exception as exc:  # a failed row is a result too
                     row = {"error": f"{type(exc).__name__}: {exc}"}
                 results[name] = row
