@@ -244,11 +244,17 @@ def test_damage_images_shrink_only_when_the_table_would_be_large():
 
 def test_a_large_table_is_measured_on_fewer_images_and_says_so(monkeypatch):
     """Unset, the damage images follow the table's size; the report and the notes say why."""
-    model = _chain()
+    model, data = _residual_16()  # a coupled spine: the final check has competitors to measure
     monkeypatch.setattr(alloc, "MIN_DAMAGE_SAMPLES", 32)
     monkeypatch.setattr(alloc, "DAMAGE_WORK_LIMIT", 1.0)  # any table is "large"
-    _, report = onnx_ocnna.compress(model, _data(96), round_to=4, target_macs=0.6, progress=False,
-                                    reconstruct=False, speed_floor=None)
+    meters = []
+    real_init = alloc.DamageMeter.__init__
+    monkeypatch.setattr(alloc.DamageMeter, "__init__",
+                        lambda self, original, feeds, *a, **k: meters.append(sum(len(f["x"]) for f in feeds))
+                        or real_init(self, original, feeds, *a, **k))
+    _, report = onnx_ocnna.compress(model, data, round_to=4, target_macs=0.6, progress=False, speed_floor=None)
+    # The allocation, its competitor and the final check all measure on the same images.
+    assert len(meters) >= 3 and set(meters) == {32}, meters
     allocation = report.extra["allocation"]
     assert allocation["damage_samples"] == 32
     limit = allocation["damage_limit"]
@@ -256,7 +262,7 @@ def test_a_large_table_is_measured_on_fewer_images_and_says_so(monkeypatch):
     assert limit["macs_per_sample"] == report.before.macs
     assert any("damage measured on 32 of 96" in n for n in report.notes)
     # A number given is used as given.
-    _, report = onnx_ocnna.compress(model, _data(96), round_to=4, target_macs=0.6, progress=False,
+    _, report = onnx_ocnna.compress(model, data, round_to=4, target_macs=0.6, progress=False,
                                     reconstruct=False, speed_floor=None, damage_samples=64)
     assert report.extra["allocation"]["damage_samples"] == 64 and not report.extra["allocation"]["damage_limit"]
     assert not any("damage measured on" in n for n in report.notes)
