@@ -316,8 +316,8 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
     base, base_blocked = _costs(pruner.model, block, meter.sizes)
     todo = [g for g in groups if g.id not in known]
     plans = {g.id: candidate_widths(g.channels, step, max(1, min(g.channels, floor))) for g in todo}
-    with tqdm(total=sum(len(w) - 1 for w in plans.values()), desc="allocation: damage", unit="cut",
-              disable=not progress or not todo, leave=False) as bar:  # closed on Ctrl-C too
+    with tqdm(total=sum(len(w) - 1 for w in plans.values()), desc=f"allocation: damage on {meter.samples} images",
+              unit="cut", disable=not progress or not todo, leave=False) as bar:  # closed on Ctrl-C too
         table: dict[int, list[Candidate]] = {g.id: known[g.id] for g in groups if g.id in known}
         for group in todo:
             rows = [Candidate(group.channels, np.zeros(0, dtype=np.int64), 0.0, 0, 0)]
