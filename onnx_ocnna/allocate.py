@@ -273,6 +273,10 @@ def _as_batches(feeds):
     return [Batch(feeds=f, labels=None) for f in feeds]
 
 
+def _sample_count(feeds: list[dict[str, np.ndarray]]) -> int:
+    return sum(len(next(iter(f.values()))) for f in feeds)
+
+
 def take_feeds(batches: Iterable[Batch], samples: int) -> list[dict[str, np.ndarray]]:
     feeds, count = [], 0
     for batch in batches:
@@ -343,10 +347,11 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
 
 
 def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True,
-                   cache: dict | None = None) -> list[tuple]:
+                   cache: dict | None = None, found: list | None = None) -> list[tuple]:
     """Every identity-shortcut residual block removed alone: [(block, Candidate)], the
     candidate's ``kept`` 0 (the block gone), its damage after refitting the layers that now read
-    the shortcut, and its savings."""
+    the shortcut, and its savings. ``found``: :func:`removable_blocks` of the model, when the
+    caller has it already."""
     from tqdm.auto import tqdm
 
     from onnx_ocnna.blocks import drop_blocks
@@ -354,7 +359,7 @@ def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True
     key = ("blocks", block, meter.refit, meter.fingerprint)
     if cache is not None and key in cache:
         return cache[key]
-    blocks = removable_blocks(pruner)
+    blocks = removable_blocks(pruner) if found is None else found
     base, base_blocked = _costs(pruner.model, block, meter.sizes)
     rows = []
     for residual in tqdm(blocks, desc="allocation: blocks", unit="block", disable=not progress or not blocks,
@@ -511,22 +516,23 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     feeds = take_feeds(calibration_batches, damage_samples or DEFAULT_DAMAGE_SAMPLES)
     if not feeds:
         raise InputError("the calibration data gave no sample to measure damage with")
+    sizes = dynamic_sizes(pruner.model, feeds)  # one sample's size: the same for any number of samples
+    base, base_blocked = _costs(pruner.model, block, sizes)
+    found = None  # the removable blocks, once they are looked for
     if damage_samples is None:
+        found = removable_blocks(pruner) if blocks else []
         cuts = sum(len(candidate_widths(g.channels, step, max(1, min(g.channels, options.min_channels)))) - 1
-                   for g in groups) + (len(removable_blocks(pruner)) if blocks else 0)
-        macs = _costs(pruner.model, block, dynamic_sizes(pruner.model, feeds))[0].macs
-        given = sum(len(next(iter(f.values()))) for f in feeds)
-        feeds = take_feeds(_as_batches(feeds), auto_damage_samples(macs, cuts))
-        used = sum(len(next(iter(f.values()))) for f in feeds)
+                   for g in groups) + len(found)
+        given = _sample_count(feeds)
+        feeds = take_feeds(_as_batches(feeds), auto_damage_samples(base.macs, cuts))
+        used = _sample_count(feeds)
         if used < given:
-            damage_limit = {"cuts": cuts, "macs_per_sample": macs, "calibration_samples": given, "used": used}
+            damage_limit = {"cuts": cuts, "macs_per_sample": base.macs, "calibration_samples": given, "used": used}
     meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit)
     table = measure_candidates(pruner, scores, groups, meter, block, options.min_channels, progress, cache,
                                step=step)
-    sizes = meter.sizes
-    base, base_blocked = _costs(pruner.model, block, sizes)
     # A block is a pseudo-group with two rows, kept and removed, under a negative id.
-    residuals = measure_blocks(pruner, meter, block, progress, cache) if blocks else []
+    residuals = measure_blocks(pruner, meter, block, progress, cache, found) if blocks else []
     for index, (_, row) in enumerate(residuals):
         table[-1 - index] = [Candidate(1, np.zeros(0, dtype=np.int64), 0.0, 0, 0), row]
 
