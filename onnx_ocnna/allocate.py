@@ -121,10 +121,16 @@ class Allocation:
 
 
 def _rewrite(pruner, removed: dict[int, np.ndarray], dropped: list) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
     from onnx_ocnna.blocks import drop_blocks
 
-    cut = pruner.rewrite(removed) if removed else pruner.model
-    return drop_blocks(cut, dropped) if dropped else cut
+    if not dropped:
+        return pruner.rewrite(removed) if removed else pruner.model
+    # A channel cut, like the prepared model, is already folded and shape-inferred: preparing it
+    # again for the block removal took two thirds of each rewrite (0.13 of 0.18 s on ResNet-56).
+    cut = pruner.rewrite(removed) if removed else pruner.prepared_model()
+    return drop_blocks(cut, dropped, gs.import_onnx(cut))
 
 
 def width_step(block: int, objective: str = "macs") -> int:
@@ -354,8 +360,6 @@ def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True
     caller has it already."""
     from tqdm.auto import tqdm
 
-    from onnx_ocnna.blocks import drop_blocks
-
     key = ("blocks", block, meter.refit, meter.fingerprint)
     if cache is not None and key in cache:
         return cache[key]
@@ -365,7 +369,7 @@ def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True
     for residual in tqdm(blocks, desc="allocation: blocks", unit="block", disable=not progress or not blocks,
                          leave=False):
         try:
-            cut = drop_blocks(pruner.model, [residual])
+            cut = _rewrite(pruner, {}, [residual])
             stats, blocked = _costs(cut, block, meter.sizes)
             damage = meter.measure(cut, {})
         except Exception:  # noqa: BLE001 - a removal that cannot be run is no candidate, not a failed run

@@ -43,6 +43,7 @@ from onnx_ocnna.calibration import Batch
 from onnx_ocnna.collect import with_outputs
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.model_io import ort_session
+from onnx_ocnna.segments import SegmentRunner
 
 
 # A layer whose relative output error is below this already matches the original (float32
@@ -142,6 +143,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
                        positions, seed, budget=_TARGET_BUDGET,
                        addends={twin.output[0]: bounds[node.name].addend for node, twin in to_fit
                                 if bounds.get(node.name) is not None and bounds[node.name].addend})
+    runner = SegmentRunner(model, feeds)
     with _progress(len(plan), progress) as bar:  # closed on Ctrl-C too
         for node, reason in plan:
             fit = LayerFit(node.name, node.op_type, skipped=reason)
@@ -150,7 +152,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
                 twin = originals[node.name]
                 given = (equations.restricted(twin, kept_inputs[node.name], kept.get(node.name))
                          if node.name in from_equations else None)
-                _FITTERS[node.op_type](model, node, twin.output[0], targets, feeds, fit, ridge, given,
+                _FITTERS[node.op_type](model, node, twin.output[0], targets, runner, fit, ridge, given,
                                        bounds.get(node.name))
             bar.update(1)
             if fit.error_after is not None:
@@ -317,14 +319,14 @@ def _gemm_rows(x: np.ndarray, where) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def _fit_conv(model, node, target, targets, feeds, fit, ridge, given=None, bounds=None) -> None:
+def _fit_conv(model, node, target, targets, runner, fit, ridge, given=None, bounds=None) -> None:
     inits = {i.name: i for i in model.graph.initializer}
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [Cout, Cin, kh, kw]
     cout, cin, kh, kw = w.shape
     b = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
          if len(node.input) > 2 and node.input[2] else np.zeros(cout))
     start = np.concatenate([w.reshape(cout, -1), b[:, None]], axis=1).T  # [D + 1, Cout]
-    solution = _solve(model, node, target, targets, feeds, fit, ridge, _conv_rows(node, (kh, kw)), start,
+    solution = _solve(model, node, target, targets, runner, fit, ridge, _conv_rows(node, (kh, kw)), start,
                       given=given, bounds=bounds)
     if solution is not None:
         new_w = solution[:-1].T.reshape(w.shape).astype(np.float32)
@@ -358,7 +360,7 @@ def _shift_batchnorm_mean(model: onnx.ModelProto, node, bias: np.ndarray) -> boo
     return True
 
 
-def _fit_gemm(model, node, target, targets, feeds, fit, ridge, given=None, bounds=None) -> None:
+def _fit_gemm(model, node, target, targets, runner, fit, ridge, given=None, bounds=None) -> None:
     inits = {i.name: i for i in model.graph.initializer}
     trans_b = bool(_attr(node, "transB", 0))
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
@@ -370,7 +372,7 @@ def _fit_gemm(model, node, target, targets, feeds, fit, ridge, given=None, bound
         return
     b = bias if has_bias else np.zeros(w_kn.shape[1])
     start = np.concatenate([w_kn, b[None, :]], axis=0)
-    solution = _solve(model, node, target, targets, feeds, fit, ridge, _gemm_rows, start, intercept=has_bias,
+    solution = _solve(model, node, target, targets, runner, fit, ridge, _gemm_rows, start, intercept=has_bias,
                       given=given, bounds=bounds)
     if solution is not None:
         new_w = solution[:-1] if has_bias else solution
@@ -379,14 +381,14 @@ def _fit_gemm(model, node, target, targets, feeds, fit, ridge, given=None, bound
             _set(model, node.input[2], solution[-1].astype(np.float32))
 
 
-def _fit_matmul(model, node, target, targets, feeds, fit, ridge, given=None, bounds=None) -> None:
+def _fit_matmul(model, node, target, targets, runner, fit, ridge, given=None, bounds=None) -> None:
     """A MatMul with a constant B [K, N], like a Gemm; its intercept goes into the bias Add that
     alone reads its output (tf2onnx's Dense), and without one it is fitted without intercept."""
     inits = {i.name: i for i in model.graph.initializer}
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [K, N]
     bias = _bias_add(model, node, inits)
     start = np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0)  # the intercept is a change of the bias
-    solution = _solve(model, node, target, targets, feeds, fit, ridge, _gemm_rows, start,
+    solution = _solve(model, node, target, targets, runner, fit, ridge, _gemm_rows, start,
                       intercept=bias is not None, given=given, bounds=bounds)
     if solution is not None:
         _set(model, node.input[1], (solution[:-1] if bias is not None else solution).astype(np.float32))
@@ -410,7 +412,7 @@ def _bias_add(model: onnx.ModelProto, node, inits: dict) -> str | None:
     return other if dims in ([neurons], [1, neurons]) else None
 
 
-def _solve(model, node, target, targets, feeds, fit, ridge, rows, start, intercept: bool = True,
+def _solve(model, node, target, targets, runner, fit, ridge, rows, start, intercept: bool = True,
            given: Equations | None = None, bounds: ActivationBounds | None = None):
     """Accumulate the normal equations over the samples (or take ``given`` ones) and solve;
     None if not better. With ``bounds`` (and the sampled rows kept) the fit is refined to the
@@ -418,7 +420,7 @@ def _solve(model, node, target, targets, feeds, fit, ridge, rows, start, interce
     if not intercept:
         start = start[:-1]
     if given is None:
-        given = _accumulate(model, node, target, targets, feeds, rows, bounds)
+        given = _accumulate(model, node, target, targets, runner, rows, bounds)
     gram, rhs, target_energy = given.gram, given.rhs, given.energy
     if not intercept:
         gram, rhs = gram[:-1, :-1], rhs[:-1]
@@ -676,7 +678,8 @@ class _NormalSums:
         return Equations(self.gram, self.rhs, float(self.energy.sum()), self.rows, samples)
 
 
-def _accumulate(model, node, target, targets, feeds, rows, bounds: ActivationBounds | None = None) -> Equations:
+def _accumulate(model, node, target, targets, runner: SegmentRunner, rows,
+                bounds: ActivationBounds | None = None) -> Equations:
     """The normal equations of ``node``'s input in ``model`` against the original's ``target``.
 
     With ``bounds`` the sampled rows are kept too (when they fit in ``_KEPT_ROWS``), and a layer
@@ -687,11 +690,9 @@ def _accumulate(model, node, target, targets, feeds, rows, bounds: ActivationBou
     if addend is not None and addend not in _tensor_names(model):
         addend = None
     wanted = [node.input[0]] + ([addend] if addend else [])
-    session = ort_session(_up_to(model, *wanted), spinning=False)
-    names = [o.name for o in session.get_outputs()]
+    position = next((i for i, n in enumerate(model.graph.node) if n.name == node.name), None) if node.name else None
     sums = _NormalSums(_KEPT_ROWS if bounds is not None else 0)
-    for index, feed in enumerate(feeds):
-        values = dict(zip(names, session.run(None, _inputs(session, feed))))
+    for index, values in enumerate(runner.run(model, wanted, position)):
         t, where = targets.get(target, index)
         added = targets.added(target, index) if bounds is not None else None
         if addend is not None and added is not None:
@@ -836,47 +837,67 @@ class _Targets:
         added: dict[str, list] = {n: [] for n in self.addends}
         for batch, feed in enumerate(self.feeds):
             size = len(next(iter(feed.values())))
-            pieces: dict[str, list] = {n: [] for n in names + extra}
+            # Sampled piece by piece: concatenating whole outputs costs more than the sampling.
+            samples: dict[str, list] = {n: [] for n in names}
+            addend_samples: dict[str, list] = {n: [] for n in self.addends}
             for lo in range(0, size, step):
                 part = {k: v[lo:lo + step] for k, v in feed.items()}
                 values = dict(zip(out_names, session.run(None, _inputs(session, part))))
-                for n in names + extra:
-                    pieces[n].append(values[n])
-            whole = {n: np.concatenate(v) for n, v in pieces.items()}
-            for n in names:
-                cache[n].append(self._sample(n, batch, whole[n]))
-            for n, addend in self.addends.items():
-                added[n].append(self._sample_addend(n, batch, whole[n], whole[addend]))
+                for n in names:
+                    samples[n].append(self._sample(n, batch, values[n], (lo, size)))
+                for n, addend in self.addends.items():
+                    addend_samples[n].append(self._sample_addend(n, batch, values[n], values[addend], (lo, size)))
+            for n, pieces in samples.items():
+                cache[n].append(_joined(pieces))
+            for n, pieces in addend_samples.items():
+                added[n].append(None if any(p is None for p in pieces) else np.concatenate(pieces))
         self.cache, self.added_cache = cache, added
 
-    def _sample(self, name: str, batch: int, y: np.ndarray) -> tuple[np.ndarray, tuple | None]:
-        return _sample_outputs(y, self.kept[name], self.positions, (self.seed, self.order[name], batch))
+    def _sample(self, name: str, batch: int, y: np.ndarray,
+                part: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple | None]:
+        return _sample_outputs(y, self.kept[name], self.positions, (self.seed, self.order[name], batch), part)
 
     def sample_like(self, name: str, batch: int, y: np.ndarray) -> np.ndarray:
         """All channels of ``y`` (a tensor of the pruned model, already cut) at the positions
         sampled for layer ``name``, [rows, C]."""
         return _sample_outputs(y, None, self.positions, (self.seed, self.order[name], batch))[0]
 
-    def _sample_addend(self, name: str, batch: int, y: np.ndarray, added: np.ndarray) -> np.ndarray | None:
+    def _sample_addend(self, name: str, batch: int, y: np.ndarray, added: np.ndarray,
+                       part: tuple[int, int] | None = None) -> np.ndarray | None:
         """``added`` at the positions and kept channels sampled for layer ``name`` (same key);
         None when it is not shaped like the layer's output (a broadcast Add)."""
         if added.shape != y.shape:
             return None
-        return self._sample(name, batch, added)[0]
+        return self._sample(name, batch, added, part)[0]
 
 
-def _sample_outputs(y: np.ndarray, kept: np.ndarray | None, positions: int, key: tuple[int, int, int]
-            ) -> tuple[np.ndarray, tuple | None]:
+def _joined(pieces: list[tuple[np.ndarray, tuple | None]]) -> tuple[np.ndarray, tuple | None]:
+    """The samples of consecutive parts of a batch (:func:`_sample_outputs`) as one."""
+    if len(pieces) == 1:
+        return pieces[0]
+    rows = np.concatenate([p[0] for p in pieces])
+    if pieces[0][1] is None:
+        return rows, None
+    return rows, tuple(np.concatenate([p[1][axis] for p in pieces]) for axis in range(2))
+
+
+def _sample_outputs(y: np.ndarray, kept: np.ndarray | None, positions: int, key: tuple[int, int, int],
+                    part: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple | None]:
     """(the kept channels of ``y`` at ``positions`` output positions per image drawn from
-    ``key`` = (seed, layer, batch), [N * P, C_kept]; (oy, ox) [N, P] each, None for 2-D)."""
+    ``key`` = (seed, layer, batch), [N * P, C_kept]; (oy, ox) [N, P] each, None for 2-D).
+
+    ``part`` = (first, size): ``y`` holds images first ... first + N - 1 of a batch of ``size``;
+    they get the positions the whole batch would give them."""
     if kept is not None:
         y = y[:, kept]
     if y.ndim != 4:
         return y.reshape(len(y), -1).astype(np.float32), None
     n, _, hout, wout = y.shape
+    first, size = part if part is not None else (0, n)
     count = min(positions, hout * wout)
     rng = np.random.default_rng(list(key))
-    flat = np.stack([rng.choice(hout * wout, size=count, replace=False) for _ in range(n)])  # [N, P]
+    flat = np.stack([rng.choice(hout * wout, size=count, replace=False) for _ in range(size)])  # [size, P]
+    flat = flat[first:first + n]
     oy, ox = flat // wout, flat % wout
     return y[np.arange(n)[:, None], :, oy, ox].reshape(n * count, -1).astype(np.float32), (oy, ox)
 
