@@ -38,8 +38,8 @@ import onnx
 from onnx_ocnna.calibration import Batch, model_input_spec
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.metrics import count_macs, model_stats, static_shapes
-from onnx_ocnna.model_io import ort_session
 from onnx_ocnna.reconstruct import LayerEquations, kept_input_masks, kept_outputs, reconstruct
+from onnx_ocnna.segments import OriginalPrefix
 from onnx_ocnna.select import SelectionOptions, _respect_nonempty, _round_members, _order
 
 # Calibration images each candidate cut is measured on. 512 against 256, measured (no training,
@@ -234,6 +234,8 @@ class DamageMeter:
         self.prepared = prepared if prepared is not None else original
         self.refit = refit
         self.sizes = dynamic_sizes(original, feeds)
+        # Cuts of the prepared model run from its tensors before their first change.
+        self.prefix = OriginalPrefix(self.prepared, feeds)
         self.reference = self._log_probs(original)
         self.samples = len(self.reference)
         digest = hashlib.sha256()
@@ -263,11 +265,8 @@ class DamageMeter:
         return self(model)
 
     def _log_probs(self, model: onnx.ModelProto) -> np.ndarray:
-        session = ort_session(model)
-        names = {i.name for i in session.get_inputs()}
-        output = session.get_outputs()[0].name
-        return np.concatenate([_log_softmax(session.run([output], {k: v for k, v in f.items() if k in names})[0])
-                               for f in self.feeds])
+        output = model.graph.output[0].name
+        return np.concatenate([_log_softmax(values[output]) for values in self.prefix.run(model, [output])])
 
     def __call__(self, model: onnx.ModelProto) -> float:
         log_q = self._log_probs(model)
@@ -324,7 +323,11 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
     key = (block, step, floor, meter.refit, meter.fingerprint)
     known = cache.setdefault(key, {}) if cache is not None else {}
     base, base_blocked = _costs(pruner.model, block, meter.sizes)
-    todo = [g for g in groups if g.id not in known]
+    # In graph order: each group's cuts run from the original's tensors before it (OriginalPrefix),
+    # which are then one step further on.
+    order = {node.name: index for index, node in enumerate(pruner.prepared_model().graph.node)}
+    todo = sorted((g for g in groups if g.id not in known),
+                  key=lambda g: min((order.get(m, len(order)) for m in g.members), default=len(order)))
     plans = {g.id: candidate_widths(g.channels, step, max(1, min(g.channels, floor))) for g in todo}
     with tqdm(total=sum(len(w) - 1 for w in plans.values()), desc=f"allocation: damage on {meter.samples} images",
               unit="cut", disable=not progress or not todo, leave=False) as bar:  # closed on Ctrl-C too

@@ -731,6 +731,8 @@ class LayerEquations:
         self.order = {n.name: i for i, n in enumerate(original.graph.node)}
         self._full: dict[str, tuple[Equations, np.ndarray]] = {}
         self._inits = {i.name: i for i in original.graph.initializer}
+        # Layers are asked for mostly in graph order: each pass starts where the last one stopped.
+        self._runner = SegmentRunner(original, feeds)
 
     def covers(self, twin) -> bool:
         """Whether ``twin``'s equations are small enough to keep (a Gemm reading 25,088
@@ -744,12 +746,9 @@ class LayerEquations:
         if twin.name not in self._full:
             weight = self._inits[twin.input[1]]
             rows = (_conv_rows(twin, tuple(weight.dims[2:4])) if twin.op_type == "Conv" else _gemm_rows)
-            session = ort_session(with_outputs(_up_to(self.original, twin.output[0]), [twin.input[0]]),
-                                  spinning=False)
-            names = [o.name for o in session.get_outputs()]
             sums = _NormalSums()
-            for index, feed in enumerate(self.feeds):
-                values = dict(zip(names, session.run(None, _inputs(session, feed))))
+            passes = self._runner.run(self.original, [twin.input[0], twin.output[0]], self.order.get(twin.name))
+            for index, values in enumerate(passes):
                 t, where = _sample_outputs(values[twin.output[0]], None, self.positions,
                                            (self.seed, self.order[twin.name], index))
                 sums.add(rows(values[twin.input[0]], where), t)

@@ -62,12 +62,15 @@ class SegmentRunner:
 
         ``before``: index in ``model.graph.node`` of the next node whose weights will change;
         every node before it must be final. The tensors made before it and read from it on are
-        kept for the next call. None keeps nothing new. The generator must be run to its end
+        kept for the next call. None keeps nothing new; a ``before`` behind the kept cut starts
+        from the model's inputs again (for a model that does not change, any order is right). The generator must be run to its end
         for the cut to be kept; abandoned, the next call starts from the model's inputs.
         """
-        if not self.enabled or before is None or before < self._position:
+        if not self.enabled or before is None:
             yield from self._from_inputs(model, wanted)
             return
+        if before < self._position:  # behind the kept cut: start again from the inputs
+            self._reset()
         nodes = list(model.graph.node)
         crossing = _crossing(nodes, before, {i.name for i in model.graph.initializer})
         stored = set(self._kept[0]) if self._kept else set()
@@ -91,7 +94,7 @@ class SegmentRunner:
                 if keep:
                     fresh.append({n: values[n] for n in crossing})
                     if index == 0:
-                        keep = self._fits(fresh[0], crossing)
+                        keep = _fits(fresh[0], crossing, self.feeds, self.budget)
                         if not keep:
                             fresh = []
                 yield {n: values[n] for n in wanted}
@@ -102,22 +105,28 @@ class SegmentRunner:
         if keep and completed:
             self._kept, self._position = fresh, before
 
-    def _fits(self, first: dict[str, np.ndarray], names: list[str]) -> bool:
-        inputs = set(self.feeds[0])
-        per_feed = sum(first[n].nbytes for n in names if n not in inputs)
-        rows = max(len(next(iter(first.values()))), 1) if first else 1
-        images = sum(len(next(iter(f.values()))) for f in self.feeds)
-        return per_feed / rows * images <= self.budget
-
     def _from_inputs(self, model: onnx.ModelProto, wanted: list[str]) -> Iterator[dict[str, np.ndarray]]:
-        from onnx_ocnna.collect import with_outputs
-
         self.passes_from_inputs += 1
-        session = ort_session(with_outputs(model, wanted), spinning=False)
-        names = {i.name for i in session.get_inputs()}
-        for feed in self.feeds:
-            outputs = session.run(wanted, {k: v for k, v in feed.items() if k in names})
-            yield dict(zip(wanted, outputs))
+        yield from _run_from_inputs(model, wanted, self.feeds)
+
+
+def _run_from_inputs(model: onnx.ModelProto, wanted: list[str],
+                     feeds: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    from onnx_ocnna.collect import with_outputs
+
+    session = ort_session(with_outputs(model, wanted), spinning=False)
+    names = {i.name for i in session.get_inputs()}
+    for feed in feeds:
+        yield dict(zip(wanted, session.run(wanted, {k: v for k, v in feed.items() if k in names})))
+
+
+def _fits(first: dict[str, np.ndarray], names: list[str], feeds: list[dict[str, np.ndarray]], budget: int) -> bool:
+    """Whether ``names`` (``first``: their values for the first feed) fit ``budget`` bytes over
+    all feeds; the model's inputs are held anyway and not counted."""
+    per_feed = sum(first[n].nbytes for n in names if n not in feeds[0])
+    rows = max(len(next(iter(first.values()))), 1) if first else 1
+    images = sum(len(next(iter(f.values()))) for f in feeds)
+    return per_feed / rows * images <= budget
 
 
 def _crossing(nodes: list, before: int, initializers: set[str]) -> list[str]:
@@ -159,3 +168,88 @@ def _segment(model: onnx.ModelProto, nodes: list, available: dict[str, np.ndarra
     segment = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     segment.functions.extend(model.functions)
     return segment
+
+
+class OriginalPrefix:
+    """Runs changed copies of one model (cuts of it) over fixed feeds, each from the original's
+    tensors just before the first node the copy changes.
+
+    A cut of one group changes nothing before that group's first layer, yet a plain run
+    computes that prefix again for every candidate width (half of ResNet-56 on average). The
+    original's tensors at the cut come from a :class:`SegmentRunner` over the original, which
+    moves forward through the model as the cuts do; a tensor counts as unchanged when the node
+    that makes it is the original's (same operator, attributes, inputs and initializer values)
+    and reads only unchanged tensors.
+
+    Args:
+        original: the model the copies were cut from (their tensor names are its names).
+        feeds: the calibration feeds, one dict (input name -> [B, ...]) per batch.
+    """
+
+    def __init__(self, original: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                 budget: int | None = None) -> None:
+        self.original, self.feeds = original, feeds
+        self.runner = SegmentRunner(original, feeds, budget)
+        self._made_by = {out: node for node in original.graph.node for out in node.output}
+        self._position = {node.output[0]: index for index, node in enumerate(original.graph.node) if node.output}
+        self._initializers = {i.name: i for i in original.graph.initializer}
+        self._inputs = {i.name for i in original.graph.input} - set(self._initializers)
+        self.passes_from_inputs = 0
+
+    def unchanged(self, model: onnx.ModelProto) -> set[str]:
+        """Tensors of ``model`` whose values are the original's."""
+        initializers = {i.name: i for i in model.graph.initializer}
+        same = {i.name for i in model.graph.input} & self._inputs
+        for node in model.graph.node:
+            twin = self._made_by.get(node.output[0]) if node.output else None
+            if (twin is not None and twin.op_type == node.op_type and twin.domain == node.domain
+                    and list(twin.input) == list(node.input) and list(twin.output) == list(node.output)
+                    and list(twin.attribute) == list(node.attribute)
+                    and all(self._same_input(name, same, initializers) for name in node.input)):
+                same.update(node.output)
+        return same
+
+    def _same_input(self, name: str, same: set[str], initializers: dict) -> bool:
+        if not name or name in same:
+            return True
+        mine, theirs = initializers.get(name), self._initializers.get(name)
+        return mine is not None and theirs is not None and mine == theirs
+
+    def run(self, model: onnx.ModelProto, wanted: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Yield, feed by feed, the values of ``wanted`` as ``model`` computes them."""
+        nodes = list(model.graph.node)
+        same = self.unchanged(model) if self.runner.enabled else set()
+        first = next((i for i, node in enumerate(nodes) if not set(node.output) <= same), len(nodes))
+        if first == 0 or not self.runner.enabled:
+            yield from self._from_inputs(model, wanted)
+            return
+        crossing = _crossing(nodes, first, {i.name for i in model.graph.initializer})
+        # The original's node that the first changed node replaces: the original is kept cut there.
+        before = self._position.get(nodes[first].output[0]) if first < len(nodes) and nodes[first].output else None
+        prefix = self._prefix(crossing, before)
+        try:
+            segment = _segment(model, nodes, prefix[0], wanted) if prefix else None
+        except KeyError:  # an output not reachable from the cut (nothing changed before it)
+            segment = None
+        if segment is None:
+            yield from self._from_inputs(model, wanted)
+            return
+        session = ort_session(segment, spinning=False)
+        inputs = {i.name for i in session.get_inputs()}
+        for values in prefix:
+            yield dict(zip(wanted, session.run(wanted, {k: v for k, v in values.items() if k in inputs})))
+
+    def _prefix(self, names: list[str], before: int | None) -> list[dict[str, np.ndarray]] | None:
+        """The original's ``names`` for every feed; None when they would not fit the budget."""
+        values: list[dict[str, np.ndarray]] = []
+        passes = self.runner.run(self.original, names, before)
+        for index, found in enumerate(passes):
+            values.append(found)
+            if index == 0 and not _fits(found, names, self.feeds, self.runner.budget):
+                passes.close()
+                return None
+        return values
+
+    def _from_inputs(self, model: onnx.ModelProto, wanted: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        self.passes_from_inputs += 1
+        yield from _run_from_inputs(model, wanted, self.feeds)

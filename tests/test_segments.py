@@ -149,3 +149,53 @@ def test_reconstruction_is_the_same_from_kept_cuts_as_from_the_inputs(monkeypatc
     assert runners[0].position > 0 and runners[1].position == 0  # kept cuts, then none
     for name, value in results[0].items():
         np.testing.assert_allclose(value, results[1][name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def _cuts_in_graph_order(model: onnx.ModelProto):
+    from onnx_ocnna import api
+
+    pruner = api.Pruner(model)
+    cuts = []
+    for layer in ["b0_c1", "b1_c1", "b2_c1"]:
+        group = pruner.analysis.group_of(layer)
+        for removed in ([1], [0, 2, 4]):
+            cuts.append(pruner.rewrite({group.id: np.array(removed)}))
+    return pruner.prepared_model(), cuts
+
+
+def test_cuts_run_from_the_original_before_their_first_change():
+    original, cuts = _cuts_in_graph_order(residual_net(set()))
+    feeds = _feeds()
+    prefix = segments.OriginalPrefix(original, feeds)
+    output = original.graph.output[0].name
+    for cut in cuts:
+        got = list(prefix.run(cut, [output]))
+        expected = _full_run(cut, [output], feeds)
+        for mine, theirs in zip(got, expected):
+            np.testing.assert_allclose(mine[output], theirs[output], rtol=1e-5, atol=1e-6)
+    assert prefix.passes_from_inputs == 0 and prefix.runner.passes_from_inputs == 0
+    assert prefix.runner.position == _position(original, "b2_c1")
+
+
+def test_a_changed_weight_or_attribute_is_not_taken_from_the_original():
+    original = residual_net(set())
+    feeds = _feeds()
+    prefix = segments.OriginalPrefix(original, feeds)
+    assert prefix.unchanged(original) >= {o for n in original.graph.node for o in n.output}
+    changed = onnx.ModelProto()
+    changed.CopyFrom(original)
+    _scale_weight(changed, "stem", 0.5)
+    assert not prefix.unchanged(changed) & {o for n in changed.graph.node for o in n.output}
+    strided = onnx.ModelProto()
+    strided.CopyFrom(original)
+    node = strided.graph.node[_position(strided, "b1_c1")]
+    hidden = node.output[0]
+    for attribute in node.attribute:
+        if attribute.name == "pads":
+            attribute.ints[:] = [0, 0, 2, 2]  # same output shape, other values
+    same = prefix.unchanged(strided)
+    assert node.input[0] in same and hidden not in same
+    output = strided.graph.output[0].name
+    got = list(prefix.run(strided, [output]))
+    for mine, theirs in zip(got, _full_run(strided, [output], feeds)):
+        np.testing.assert_allclose(mine[output], theirs[output], rtol=1e-5, atol=1e-6)
