@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from onnx_ocnna.calibration import Batch, model_input_spec
+from onnx_ocnna.cut_cost import CutCost
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.metrics import count_macs, model_stats, static_shapes
 from onnx_ocnna.reconstruct import LayerEquations, kept_input_masks, kept_outputs, reconstruct
@@ -568,6 +569,23 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         stats = model_stats(cut, sizes=sizes)
         return (stats.parameters if kind == "params" else stats.macs) / totals[kind]
 
+    # The joint cost of a selection, counted from the analysis (CutCost) instead of rewriting
+    # the model for each of the greedy's checks; checked against the rewrite of every
+    # selection a solve returns, and given up for the rewrite if they ever differ.
+    counter = CutCost(pruner, sizes, block, uncut=(base.parameters, base.macs, base_blocked))
+    counting = {"on": counter.countable}
+
+    def ratios(state: dict[int, int], kinds: list[str]) -> list[float]:
+        if counting["on"]:
+            counted = dict(zip(("params", "macs", "blocked"), counter.counts(removal(state), dropped(state))))
+            return [counted[k] / totals[k] for k in kinds]
+        cut = rewrite(state)
+        return [cost_ratio(cut, k) for k in kinds]
+
+    def counted_right(state: dict[int, int]) -> bool:
+        stats, blocked = _costs(rewrite(state), block, sizes)
+        return counter.counts(removal(state), dropped(state)) == (stats.parameters, stats.macs, blocked)
+
     def solve(kind: str, ratio: float, also: tuple[str, float] | None = None,
               blend: float | None = None) -> tuple[dict[int, int], float]:
         """The greedy for ``kind`` at ``ratio``; ``also`` (kind, ratio) is a second limit the
@@ -580,16 +598,19 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             return blend * c.saved_macs / totals["macs"] + (1 - blend) * c.saved_blocked / totals["blocked"]
 
         achieved = {}
+        kinds = [kind] + ([also[0]] if also is not None else [])
 
         def fits(state):
-            cut = rewrite(state)
-            value = cost_ratio(cut, kind)
-            achieved["ratio"] = value
-            return value <= ratio and (also is None or cost_ratio(cut, also[0]) <= also[1])
+            values = ratios(state, kinds)
+            achieved["ratio"] = values[0]
+            return values[0] <= ratio and (also is None or values[1] <= also[1])
 
         # What the fixed cut saves is already spent: the greedy finds the rest.
-        spent = total * (1 - cost_ratio(rewrite({}), kind)) if fixed else 0.0
+        spent = total * (1 - ratios({}, [kind])[0]) if fixed else 0.0
         state = greedy(table, kind, (1 - ratio) * total - spent, fits, blended if blend is not None else None)
+        if counting["on"] and not counted_right(state):
+            counting["on"] = False
+            return solve(kind, ratio, also, blend)
         return state, achieved.get("ratio", 1.0)
 
     latency_rows: list[dict] = []

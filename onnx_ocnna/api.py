@@ -396,7 +396,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
 
         options.round_to = round_block(round_to)
         source = as_source(calibration, model, **(calibration_options or {}))
-        source.shuffle, source.seed = True, 0
+        source.shuffle, source.reshuffle, source.seed = True, False, (reconstruct_options or {}).get("seed", 0)
         allocated = allocate(pruner, scores.groups, options, source.batches(), target_params=target_params,
                              target_macs=target_macs, target_latency=target_latency, latency_batch=latency_batch,
                              latency_threads=latency_threads, damage_samples=damage_samples, progress=progress,
@@ -436,7 +436,10 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         refit_start = time.perf_counter()
         source = as_source(calibration, model, **(calibration_options or {}))
         # Image folders list their files class by class: the first samples must not be one class.
-        source.shuffle, source.seed = True, (reconstruct_options or {}).get("seed", 0)
+        # One order for every pass: the competitors of the final check are measured on the
+        # allocation's images and find its damage table (a new order per pass measured it again).
+        source.shuffle, source.reshuffle = True, False
+        source.seed = (reconstruct_options or {}).get("seed", 0)
         pruned, reconstruction = refit(pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed),
                                        source.batches, progress=progress, **(reconstruct_options or {}))
         if allocated is not None:

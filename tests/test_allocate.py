@@ -422,3 +422,26 @@ def test_a_latency_budget_has_the_coupled_competitor_too(monkeypatch):
     assert set(check["damage_after_reconstruction"]) == {"measured", "measured, coupled groups kept"}
     assert check["chosen"] == "measured, coupled groups kept" and _stem_width(pruned) == 16
     assert report.extra["allocation"]["latency"] and report.macs_ratio <= 0.6
+
+
+def test_the_coupled_competitor_reuses_the_allocations_table(monkeypatch):
+    """The final check reads the allocation's images in the allocation's order, so the
+    allocation with the coupled groups kept whole finds every group's widths and every block
+    measured already (a new sample order per pass measured the whole table again)."""
+    model, data = _residual_16()
+    calls = []  # per allocate() call: the cuts it measured
+    real_allocate, real_measure = alloc.allocate, alloc.DamageMeter.measure
+
+    def allocate(*args, **kwargs):
+        calls.append(0)
+        return real_allocate(*args, **kwargs)
+
+    def measure(self, *args, **kwargs):
+        calls[-1] += 1
+        return real_measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(alloc, "allocate", allocate)
+    monkeypatch.setattr(alloc.DamageMeter, "measure", measure)
+    _, report = onnx_ocnna.compress(model, data, round_to=4, target_params=0.6, progress=False)
+    assert "measured, coupled groups kept" in report.extra["allocation"]["final_check"]["damage_after_reconstruction"]
+    assert len(calls) == 2 and calls[0] > 0 and calls[1] == 0, calls

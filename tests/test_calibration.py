@@ -547,3 +547,24 @@ def test_image_folder_sample_shapes_follow_the_size_option(tmp_path):
     source = open_calibration(tmp_path, nchw(h="h", w="w"), preprocess="raw", size=[12, 16])
     assert source.sample_shapes() == {"x": (3, 12, 16)}
     assert next(iter(source.batches())).feeds["x"].shape == (3, 3, 12, 16)
+
+
+def test_a_shuffled_source_repeats_its_order_when_told_not_to_reshuffle():
+    from graphs import GraphBuilder
+
+    from onnx_ocnna.api import as_source
+
+    g = GraphBuilder(seed=0)
+    model = g.model(["N", 3, 4, 4], g.relu(g.conv("x", 3, 4, name="a")))
+    x = np.arange(40, dtype=np.float32)[:, None, None, None] * np.ones((1, 3, 4, 4), np.float32)
+    source = as_source({"x": x}, model, batch_size=8)
+    source.shuffle, source.seed = True, 3
+
+    def order():
+        return np.concatenate([b.feeds["x"][:, 0, 0, 0] for b in source.batches()])
+
+    first, second = order(), order()
+    assert sorted(first) == list(range(40)) and not np.array_equal(first, second)  # a new order per pass
+    source.reshuffle = False
+    third, fourth = order(), order()
+    assert np.array_equal(third, fourth) and sorted(third) == list(range(40))

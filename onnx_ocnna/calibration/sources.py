@@ -51,6 +51,10 @@ class CalibrationSource:
     # ``batches()`` call: training needs it, since folders list their images class by class.
     shuffle: bool = False
     seed: int = 0
+    # With ``reshuffle`` off, every call repeats the first seeded order: the budget allocation,
+    # the reconstruction and its final check then read the same images in the same order, and
+    # a damage table, whose key is those images, is found again instead of measured again.
+    reshuffle: bool = True
     _epoch: int = 0
 
     def batches(self) -> Iterator[Batch]:
@@ -63,7 +67,8 @@ class CalibrationSource:
         if not self.shuffle:
             return np.arange(count)
         order = np.random.default_rng([self.seed, self._epoch]).permutation(count)
-        self._epoch += 1
+        if self.reshuffle:
+            self._epoch += 1
         return order
 
     def __iter__(self) -> Iterator[Batch]:
