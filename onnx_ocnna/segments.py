@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnx_ocnna.collect import with_outputs
 from onnx_ocnna.model_io import ort_session
 
 # Tensors kept at a cut, over all feeds, up to this many bytes.
@@ -63,8 +64,9 @@ class SegmentRunner:
         ``before``: index in ``model.graph.node`` of the next node whose weights will change;
         every node before it must be final. The tensors made before it and read from it on are
         kept for the next call. None keeps nothing new; a ``before`` behind the kept cut starts
-        from the model's inputs again (for a model that does not change, any order is right). The generator must be run to its end
-        for the cut to be kept; abandoned, the next call starts from the model's inputs.
+        from the model's inputs again (for a model that does not change, any order is right).
+        The generator must be run to its end for the cut to be kept; abandoned, the next call
+        starts from the model's inputs.
         """
         if not self.enabled or before is None:
             yield from self._from_inputs(model, wanted)
@@ -97,6 +99,8 @@ class SegmentRunner:
                         keep = _fits(fresh[0], crossing, self.feeds, self.budget)
                         if not keep:
                             fresh = []
+                    if keep:  # the old cut's values of this feed are not read again
+                        self._kept[index] = {}
                 yield {n: values[n] for n in wanted}
             completed = True
         finally:
@@ -112,8 +116,6 @@ class SegmentRunner:
 
 def _run_from_inputs(model: onnx.ModelProto, wanted: list[str],
                      feeds: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-    from onnx_ocnna.collect import with_outputs
-
     session = ort_session(with_outputs(model, wanted), spinning=False)
     names = {i.name for i in session.get_inputs()}
     for feed in feeds:
