@@ -262,7 +262,7 @@ class DamageMeter:
             model, _ = reconstruct(self.prepared, model, kept, lambda: iter(_as_batches(self.feeds)),
                                    samples=self.samples, positions=16, progress=False, local=True,
                                    equations=self.equations, kept_inputs=kept_inputs,
-                                   activation_aware=False)
+                                   activation_aware=False, prefix=self.prefix)
         return self(model)
 
     def _log_probs(self, model: onnx.ModelProto) -> np.ndarray:

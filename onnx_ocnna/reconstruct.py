@@ -43,7 +43,7 @@ from onnx_ocnna.calibration import Batch
 from onnx_ocnna.collect import with_outputs
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.model_io import ort_session
-from onnx_ocnna.segments import SegmentRunner
+from onnx_ocnna.segments import OriginalPrefix, SegmentRunner, extract
 
 
 # A layer whose relative output error is below this already matches the original (float32
@@ -94,7 +94,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
                 batches: Callable[[], Iterable[Batch]], *, samples: int = 512, positions: int = 32,
                 ridge: float = 1e-3, seed: int = 0, progress: bool = True, local: bool = False,
                 equations: LayerEquations | None = None, kept_inputs: dict[str, np.ndarray] | None = None,
-                activation_aware: bool = True) -> tuple[onnx.ModelProto, ReconstructionReport]:
+                activation_aware: bool = True, prefix: OriginalPrefix | None = None
+                ) -> tuple[onnx.ModelProto, ReconstructionReport]:
     """Refit the pruned model's Conv, Gemm and MatMul layers to reproduce the original's outputs.
 
     Args:
@@ -117,6 +118,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
             a Relu or Clip is fitted to what that activation passes on: an output the
             activation clips in the original may be anything the activation also clips
             (:func:`activation_bounds`; the sliced equations of ``equations`` are fitted plainly).
+        prefix: the original's tensors on the same samples (:class:`OriginalPrefix` of
+            ``original``): the pruned model and the original's targets are then run from the
+            original's tensors before the cut's first change instead of from the inputs.
     Returns:
         (the reconstructed model, a report with each layer's relative error before/after).
     """
@@ -139,11 +143,13 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
     to_fit = [(node, originals[node.name]) for node, reason in plan if not reason and node.name not in from_equations]
     bounds = {node.name: activation_bounds(original, twin, kept.get(node.name))
               for node, twin in to_fit} if activation_aware else {}
+    from_cut = prefix.cut(model) if prefix is not None and to_fit else None
     targets = _Targets(original, [(twin.output[0], kept.get(node.name)) for node, twin in to_fit], feeds,
                        positions, seed, budget=_TARGET_BUDGET,
                        addends={twin.output[0]: bounds[node.name].addend for node, twin in to_fit
-                                if bounds.get(node.name) is not None and bounds[node.name].addend})
-    runner = SegmentRunner(model, feeds)
+                                if bounds.get(node.name) is not None and bounds[node.name].addend},
+                       start=from_cut[1] if from_cut is not None else None)
+    runner = SegmentRunner(model, feeds, start=from_cut)
     with _progress(len(plan), progress) as bar:  # closed on Ctrl-C too
         for node, reason in plan:
             fit = LayerFit(node.name, node.op_type, skipped=reason)
@@ -783,8 +789,10 @@ class _Targets:
 
     def __init__(self, original: onnx.ModelProto, layers: list[tuple[str, np.ndarray | None]],
                  feeds: list[dict[str, np.ndarray]], positions: int, seed: int,
-                 budget: int = 1 << 30, transient: int = 256 << 20, addends: dict[str, str] | None = None) -> None:
+                 budget: int = 1 << 30, transient: int = 256 << 20, addends: dict[str, str] | None = None,
+                 start: list[dict[str, np.ndarray]] | None = None) -> None:
         self.original, self.feeds, self.positions, self.seed = original, feeds, positions, seed
+        self.start = start  # the original's tensors at a cut, per feed: the one pass runs from there
         self.kept = dict(layers)
         self.order = {name: i for i, (name, _) in enumerate(layers)}
         self.addends = dict(addends or {})
@@ -821,9 +829,17 @@ class _Targets:
     def _try_cache(self, budget: int, transient: int) -> None:
         names = list(self.kept)
         extra = sorted(set(self.addends.values()) - set(names))
-        session = ort_session(with_outputs(self.original, names + extra), spinning=False)
+        feeds, model = self.feeds, with_outputs(self.original, names + extra)
+        if self.start is not None and all(len(v) == len(next(iter(f.values())))
+                                          for s, f in zip(self.start, self.feeds) for v in s.values()):
+            try:
+                model = extract(self.original, list(self.original.graph.node), self.start[0], names + extra)
+                feeds = self.start
+            except KeyError:  # a target not reachable from the cut: the whole original runs
+                pass
+        session = ort_session(model, spinning=False)
         out_names = [o.name for o in session.get_outputs()]
-        first = {k: v[:1] for k, v in self.feeds[0].items()}
+        first = {k: v[:1] for k, v in feeds[0].items()}
         outputs = dict(zip(out_names, session.run(None, _inputs(session, first))))
         per_image = sum(outputs[n].nbytes for n in names + extra)
         kept_bytes = sum(self._sample(n, 0, outputs[n])[0].nbytes * (2 if n in self.addends else 1)
@@ -834,7 +850,7 @@ class _Targets:
         step = max(1, transient // max(per_image, 1))
         cache: dict[str, list] = {n: [] for n in names}
         added: dict[str, list] = {n: [] for n in self.addends}
-        for batch, feed in enumerate(self.feeds):
+        for batch, feed in enumerate(feeds):
             size = len(next(iter(feed.values())))
             # Sampled piece by piece: concatenating whole outputs costs more than the sampling.
             samples: dict[str, list] = {n: [] for n in names}

@@ -36,10 +36,12 @@ class SegmentRunner:
             may change, and a node may gain an initializer input).
         feeds: the calibration feeds, one dict (input name -> [B, ...]) per batch.
         budget: bytes of tensors kept at a cut, over all feeds (default :data:`FRONTIER_BUDGET`).
+        start: a cut to start from, (node index, per feed the tensors that cross there), e.g.
+            :meth:`OriginalPrefix.cut` of a model that is the original before that node.
     """
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                 budget: int | None = None) -> None:
+                 budget: int | None = None, start: tuple[int, list[dict[str, np.ndarray]]] | None = None) -> None:
         self.feeds = feeds
         self.budget = FRONTIER_BUDGET if budget is None else budget
         # A node with a subgraph may read any outer tensor without naming it as an input, so
@@ -48,6 +50,8 @@ class SegmentRunner:
                                for n in model.graph.node for a in n.attribute)
         self.passes_from_inputs = 0
         self._reset()
+        if start is not None and self.enabled:
+            self._position, self._kept = start[0], list(start[1])
 
     def _reset(self) -> None:
         self._position = 0
@@ -78,7 +82,7 @@ class SegmentRunner:
         stored = set(self._kept[0]) if self._kept else set()
         computed = [n for n in dict.fromkeys(wanted + crossing) if n not in stored]
         try:
-            segment = _segment(model, nodes, self._kept[0], computed) if computed else None
+            segment = extract(model, nodes, self._kept[0], computed) if computed else None
         except KeyError:  # a tensor neither kept nor made by any node: run the old way
             yield from self._from_inputs(model, wanted)
             return
@@ -138,7 +142,7 @@ def _crossing(nodes: list, before: int, initializers: set[str]) -> list[str]:
     return [name for name in read_later if name and name not in initializers and name not in made_later]
 
 
-def _segment(model: onnx.ModelProto, nodes: list, available: dict[str, np.ndarray],
+def extract(model: onnx.ModelProto, nodes: list, available: dict[str, np.ndarray],
              outputs: list[str]) -> onnx.ModelProto:
     """The nodes of ``model`` that compute ``outputs`` from the tensors ``available`` (name ->
     one feed's value, [B, ...]), as a model whose inputs are those tensors, typed as the values
@@ -217,28 +221,36 @@ class OriginalPrefix:
         mine, theirs = initializers.get(name), self._initializers.get(name)
         return mine is not None and theirs is not None and mine == theirs
 
-    def run(self, model: onnx.ModelProto, wanted: list[str]) -> Iterator[dict[str, np.ndarray]]:
-        """Yield, feed by feed, the values of ``wanted`` as ``model`` computes them."""
+    def cut(self, model: onnx.ModelProto) -> tuple[int, list[dict[str, np.ndarray]]] | None:
+        """(index of ``model``'s first changed node, per feed the tensors that cross there, all
+        of them the original's values); None when the first node changes, or nothing does, or
+        the tensors would not fit the budget."""
+        if not self.runner.enabled:
+            return None
         nodes = list(model.graph.node)
-        same = self.unchanged(model) if self.runner.enabled else set()
+        same = self.unchanged(model)
         first = next((i for i, node in enumerate(nodes) if not set(node.output) <= same), len(nodes))
-        if first == 0 or not self.runner.enabled:
-            yield from self._from_inputs(model, wanted)
-            return
+        if first == 0 or first == len(nodes):
+            return None
         crossing = _crossing(nodes, first, {i.name for i in model.graph.initializer})
         # The original's node that the first changed node replaces: the original is kept cut there.
-        before = self._position.get(nodes[first].output[0]) if first < len(nodes) and nodes[first].output else None
-        prefix = self._prefix(crossing, before)
+        before = self._position.get(nodes[first].output[0]) if nodes[first].output else None
+        values = self._prefix(crossing, before)
+        return (first, values) if values else None
+
+    def run(self, model: onnx.ModelProto, wanted: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Yield, feed by feed, the values of ``wanted`` as ``model`` computes them."""
+        found = self.cut(model)
         try:
-            segment = _segment(model, nodes, prefix[0], wanted) if prefix else None
-        except KeyError:  # an output not reachable from the cut (nothing changed before it)
+            segment = extract(model, list(model.graph.node), found[1][0], wanted) if found else None
+        except KeyError:  # an output not reachable from the cut
             segment = None
         if segment is None:
             yield from self._from_inputs(model, wanted)
             return
         session = ort_session(segment, spinning=False)
         inputs = {i.name for i in session.get_inputs()}
-        for values in prefix:
+        for values in found[1]:
             yield dict(zip(wanted, session.run(wanted, {k: v for k, v in values.items() if k in inputs})))
 
     def _prefix(self, names: list[str], before: int | None) -> list[dict[str, np.ndarray]] | None:
