@@ -575,16 +575,24 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     counter = CutCost(pruner, sizes, block, uncut=(base.parameters, base.macs, base_blocked))
     counting = {"on": counter.countable}
 
+    def counted(state: dict[int, int]) -> tuple[int, int, int] | None:
+        try:
+            return counter.counts(removal(state), dropped(state))
+        except (KeyError, IndexError, ValueError):  # a selection the counts cannot follow: rewrite
+            counting["on"] = False
+            return None
+
     def ratios(state: dict[int, int], kinds: list[str]) -> list[float]:
-        if counting["on"]:
-            counted = dict(zip(("params", "macs", "blocked"), counter.counts(removal(state), dropped(state))))
-            return [counted[k] / totals[k] for k in kinds]
+        found = counted(state) if counting["on"] else None
+        if found is not None:
+            values = dict(zip(("params", "macs", "blocked"), found))
+            return [values[k] / totals[k] for k in kinds]
         cut = rewrite(state)
         return [cost_ratio(cut, k) for k in kinds]
 
     def counted_right(state: dict[int, int]) -> bool:
         stats, blocked = _costs(rewrite(state), block, sizes)
-        return counter.counts(removal(state), dropped(state)) == (stats.parameters, stats.macs, blocked)
+        return counted(state) == (stats.parameters, stats.macs, blocked)
 
     def solve(kind: str, ratio: float, also: tuple[str, float] | None = None,
               blend: float | None = None) -> tuple[dict[int, int], float]:
