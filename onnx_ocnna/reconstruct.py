@@ -134,7 +134,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
         raise InputError("the calibration data gave no sample to reconstruct with")
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
-    report = ReconstructionReport(samples=sum(len(next(iter(f.values()))) for f in feeds), positions=positions,
+    report = ReconstructionReport(samples=_sample_count(feeds), positions=positions,
                                   ridge=ridge)
     originals = {n.name: n for n in original.graph.node if n.name}
     plan = _plan_layers(model, originals, original, propagate=not local)
@@ -143,7 +143,10 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
     to_fit = [(node, originals[node.name]) for node, reason in plan if not reason and node.name not in from_equations]
     bounds = {node.name: activation_bounds(original, twin, kept.get(node.name))
               for node, twin in to_fit} if activation_aware else {}
-    from_cut = prefix.cut(model) if prefix is not None and to_fit else None
+    # The prefix's tensors must be of these very batches (the caller's promise; the sizes are checked).
+    sizes = [_sample_count([f]) for f in feeds]
+    same_samples = prefix is not None and [_sample_count([f]) for f in prefix.feeds] == sizes
+    from_cut = prefix.cut(model) if same_samples and to_fit else None
     targets = _Targets(original, [(twin.output[0], kept.get(node.name)) for node, twin in to_fit], feeds,
                        positions, seed, budget=_TARGET_BUDGET,
                        addends={twin.output[0]: bounds[node.name].addend for node, twin in to_fit
@@ -931,6 +934,10 @@ def _up_to(model: onnx.ModelProto, *tensors: str) -> onnx.ModelProto:
         return onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(inputs, list(tensors))
     except Exception:  # noqa: BLE001 - shape inference gaps: run the whole model instead
         return with_outputs(model, list(tensors))
+
+
+def _sample_count(feeds: list[dict[str, np.ndarray]]) -> int:
+    return sum(len(next(iter(f.values()))) for f in feeds)
 
 
 def _take_samples(batches: Callable[[], Iterable[Batch]], samples: int) -> list[dict[str, np.ndarray]]:
