@@ -40,7 +40,7 @@ from onnx_ocnna.cut_cost import CutCost
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.metrics import count_macs, model_stats, static_shapes
 from onnx_ocnna.reconstruct import LayerEquations, kept_input_masks, kept_outputs, reconstruct
-from onnx_ocnna.segments import OriginalPrefix
+from onnx_ocnna.segments import OriginalPrefix, sample_count, take_feeds
 from onnx_ocnna.select import SelectionOptions, _respect_nonempty, _round_members, _order
 
 # Calibration images each candidate cut is measured on. 512 against 256, measured (no training,
@@ -279,21 +279,6 @@ def _as_batches(feeds):
     return [Batch(feeds=f, labels=None) for f in feeds]
 
 
-def _sample_count(feeds: list[dict[str, np.ndarray]]) -> int:
-    return sum(len(next(iter(f.values()))) for f in feeds)
-
-
-def take_feeds(batches: Iterable[Batch], samples: int) -> list[dict[str, np.ndarray]]:
-    feeds, count = [], 0
-    for batch in batches:
-        n = len(next(iter(batch.feeds.values())))
-        take = min(n, samples - count)
-        feeds.append({k: v[:take] for k, v in batch.feeds.items()})
-        count += take
-        if count >= samples:
-            break
-    return feeds
-
 
 def _costs(model: onnx.ModelProto, block: int, sizes: dict | None = None):
     """(model_stats, blocked MACs) of ``model`` from one shape inference; ``sizes`` (see
@@ -531,9 +516,9 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         found = removable_blocks(pruner) if blocks else []
         cuts = sum(len(candidate_widths(g.channels, step, max(1, min(g.channels, options.min_channels)))) - 1
                    for g in groups) + len(found)
-        given = _sample_count(feeds)
+        given = sample_count(feeds)
         feeds = take_feeds(_as_batches(feeds), auto_damage_samples(base.macs, cuts))
-        used = _sample_count(feeds)
+        used = sample_count(feeds)
         if used < given:
             damage_limit = {"cuts": cuts, "macs_per_sample": base.macs, "calibration_samples": given, "used": used}
     meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit)
@@ -583,9 +568,9 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             return None
 
     def ratios(state: dict[int, int], kinds: list[str]) -> list[float]:
-        found = counted(state) if counting["on"] else None
-        if found is not None:
-            values = dict(zip(("params", "macs", "blocked"), found))
+        counts = counted(state) if counting["on"] else None
+        if counts is not None:
+            values = dict(zip(("params", "macs", "blocked"), counts))
             return [values[k] / totals[k] for k in kinds]
         cut = rewrite(state)
         return [cost_ratio(cut, k) for k in kinds]

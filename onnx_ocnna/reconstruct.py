@@ -43,7 +43,7 @@ from onnx_ocnna.calibration import Batch
 from onnx_ocnna.collect import with_outputs
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.model_io import ort_session
-from onnx_ocnna.segments import OriginalPrefix, SegmentRunner, extract
+from onnx_ocnna.segments import OriginalPrefix, SegmentRunner, extract, sample_count, take_feeds
 
 
 # A layer whose relative output error is below this already matches the original (float32
@@ -129,12 +129,12 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
     if ridge <= 0:
         raise InputError(f"the reconstruction ridge must be positive, got {ridge:g}")
     start = time.perf_counter()
-    feeds = _take_samples(batches, samples)
+    feeds = take_feeds(batches(), samples)
     if not feeds:
         raise InputError("the calibration data gave no sample to reconstruct with")
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
-    report = ReconstructionReport(samples=_sample_count(feeds), positions=positions,
+    report = ReconstructionReport(samples=sample_count(feeds), positions=positions,
                                   ridge=ridge)
     originals = {n.name: n for n in original.graph.node if n.name}
     plan = _plan_layers(model, originals, original, propagate=not local)
@@ -144,8 +144,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
     bounds = {node.name: activation_bounds(original, twin, kept.get(node.name))
               for node, twin in to_fit} if activation_aware else {}
     # The prefix's tensors must be of these very batches (the caller's promise; the sizes are checked).
-    sizes = [_sample_count([f]) for f in feeds]
-    same_samples = prefix is not None and [_sample_count([f]) for f in prefix.feeds] == sizes
+    sizes = [sample_count([f]) for f in feeds]
+    same_samples = prefix is not None and [sample_count([f]) for f in prefix.feeds] == sizes
     from_cut = prefix.cut(model) if same_samples and to_fit else None
     targets = _Targets(original, [(twin.output[0], kept.get(node.name)) for node, twin in to_fit], feeds,
                        positions, seed, budget=_TARGET_BUDGET,
@@ -847,8 +847,7 @@ class _Targets:
         per_image = sum(outputs[n].nbytes for n in names + extra)
         kept_bytes = sum(self._sample(n, 0, outputs[n])[0].nbytes * (2 if n in self.addends else 1)
                          for n in names)  # one image's samples
-        images = sum(len(next(iter(f.values()))) for f in self.feeds)
-        if kept_bytes * images > budget:
+        if kept_bytes * sample_count(self.feeds) > budget:
             return
         step = max(1, transient // max(per_image, 1))
         cache: dict[str, list] = {n: [] for n in names}
@@ -934,22 +933,6 @@ def _up_to(model: onnx.ModelProto, *tensors: str) -> onnx.ModelProto:
         return onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(inputs, list(tensors))
     except Exception:  # noqa: BLE001 - shape inference gaps: run the whole model instead
         return with_outputs(model, list(tensors))
-
-
-def _sample_count(feeds: list[dict[str, np.ndarray]]) -> int:
-    return sum(len(next(iter(f.values()))) for f in feeds)
-
-
-def _take_samples(batches: Callable[[], Iterable[Batch]], samples: int) -> list[dict[str, np.ndarray]]:
-    feeds, count = [], 0
-    for batch in batches():
-        n = len(next(iter(batch.feeds.values())))
-        take = min(n, samples - count)
-        feeds.append({k: v[:take] for k, v in batch.feeds.items()})
-        count += take
-        if count >= samples:
-            break
-    return feeds
 
 
 def _inputs(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ as exact, only slower.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -126,13 +126,30 @@ def _run_from_inputs(model: onnx.ModelProto, wanted: list[str],
         yield dict(zip(wanted, session.run(wanted, {k: v for k, v in feed.items() if k in names})))
 
 
+def sample_count(feeds: list[dict[str, np.ndarray]]) -> int:
+    """Samples in ``feeds`` (one dict, input name -> [B, ...], per batch)."""
+    return sum(len(next(iter(f.values()))) for f in feeds)
+
+
+def take_feeds(batches: Iterable, samples: int) -> list[dict[str, np.ndarray]]:
+    """The feeds of the first ``samples`` samples of ``batches`` (calibration ``Batch`` objects),
+    batch by batch, the last one cut short; read once, kept in memory."""
+    feeds, count = [], 0
+    for batch in batches:
+        take = min(sample_count([batch.feeds]), samples - count)
+        feeds.append({k: v[:take] for k, v in batch.feeds.items()})
+        count += take
+        if count >= samples:
+            break
+    return feeds
+
+
 def _fits(first: dict[str, np.ndarray], names: list[str], feeds: list[dict[str, np.ndarray]], budget: int) -> bool:
     """Whether ``names`` (``first``: their values for the first feed) fit ``budget`` bytes over
     all feeds; the model's inputs are held anyway and not counted."""
     per_feed = sum(first[n].nbytes for n in names if n not in feeds[0])
     rows = max(len(next(iter(first.values()))), 1) if first else 1
-    images = sum(len(next(iter(f.values()))) for f in feeds)
-    return per_feed / rows * images <= budget
+    return per_feed / rows * sample_count(feeds) <= budget
 
 
 def _crossing(nodes: list, before: int, initializers: set[str]) -> list[str]:
