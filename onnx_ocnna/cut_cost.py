@@ -18,10 +18,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 
 from onnx_ocnna.channels.context import SliceInput
-from onnx_ocnna.metrics import static_shapes
+from onnx_ocnna.metrics import constant_parameters, conv_macs, is_float, static_shapes
 
 
 class CutCost:
@@ -48,8 +47,7 @@ class CutCost:
         self.outputs = [o.name for o in model.graph.output]
         self.made_by = {out: index for index, node in enumerate(self.nodes) for out in node.output}
         self.by_name = {node.name: index for index, node in enumerate(self.nodes) if node.name}
-        floats = {i.name: list(i.dims) for i in model.graph.initializer
-                  if onnx.helper.tensor_dtype_to_np_dtype(i.data_type).kind == "f"}
+        floats = {i.name: list(i.dims) for i in model.graph.initializer if is_float(i.data_type)}
         self.floats = floats
         self.slices: dict[str, dict[int, np.ndarray]] = {}
         self.countable = True
@@ -76,7 +74,7 @@ class CutCost:
         used = {name for index in live for name in self.nodes[index].input}
         kept_dims = {name: self._kept_dims(name, keep) for name in used if name in self.floats}
         parameters = (sum(math.prod(kept_dims[name]) for name in used if name in kept_dims)
-                      + sum(_constant_size(self.nodes[index]) for index in live if self.nodes[index].op_type == "Constant"))
+                      + sum(constant_parameters(self.nodes[index]) for index in live if self.nodes[index].op_type == "Constant"))
         macs = blocked = 0
         for index in live:
             layer = self.layers[index]
@@ -85,11 +83,9 @@ class CutCost:
             weight, rows, kind = layer
             dims = kept_dims[weight]
             if kind == "conv":
-                cout, cin = dims[0], dims[1]
                 kernel = math.prod(dims[2:])
-                macs += cout * cin * kernel * rows
-                up_in = cin if cin == 1 else _up(cin, self.block)
-                blocked += _up(cout, self.block) * up_in * kernel * rows
+                macs += conv_macs(dims[0], dims[1], kernel, rows)
+                blocked += conv_macs(dims[0], dims[1], kernel, rows, self.block)
             else:
                 product = rows * dims[0] * dims[1]
                 macs += product
@@ -142,15 +138,3 @@ def _layer(node, shapes: dict, floats: dict):
     if node.op_type == "ConvTranspose":
         return False
     return None
-
-
-def _constant_size(node) -> int:
-    for attr in node.attribute:
-        if attr.name == "value" and onnx.helper.tensor_dtype_to_np_dtype(attr.t.data_type).kind == "f":
-            size = math.prod(attr.t.dims)
-            return size if size > 1 else 0
-    return 0
-
-
-def _up(value: int, block: int) -> int:
-    return -(-value // block) * block

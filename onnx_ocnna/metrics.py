@@ -26,17 +26,24 @@ class ModelStats:
 
 def count_parameters(model: onnx.ModelProto) -> int:
     used = {name for node in model.graph.node for name in node.input}
-    total = 0
-    for init in model.graph.initializer:
-        if init.name in used and onnx.helper.tensor_dtype_to_np_dtype(init.data_type).kind == "f":
-            total += math.prod(init.dims)
-    for node in model.graph.node:  # Constant nodes holding weights (some exporters)
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value" and onnx.helper.tensor_dtype_to_np_dtype(attr.t.data_type).kind == "f":
-                    size = math.prod(attr.t.dims)
-                    total += size if size > 1 else 0
-    return total
+    total = sum(math.prod(init.dims) for init in model.graph.initializer
+                if init.name in used and is_float(init.data_type))
+    # Constant nodes holding weights (some exporters)
+    return total + sum(constant_parameters(node) for node in model.graph.node if node.op_type == "Constant")
+
+
+def is_float(data_type: int) -> bool:
+    """Whether an ONNX tensor element type is a floating-point one (what parameters are)."""
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type).kind == "f"
+
+
+def constant_parameters(node: onnx.NodeProto) -> int:
+    """Float elements a Constant node holds, counted as parameters (a scalar is not one)."""
+    for attr in node.attribute:
+        if attr.name == "value" and is_float(attr.t.data_type):
+            size = math.prod(attr.t.dims)
+            return size if size > 1 else 0
+    return 0
 
 
 def static_shapes(model: onnx.ModelProto, sizes: dict[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
@@ -133,12 +140,7 @@ def count_macs(model: onnx.ModelProto, block: int = 1, shapes: dict[str, list[in
             if not _known(weight, out):
                 continue
             if node.op_type == "Conv":
-                # Cout*Hout*Wout*(Cin/g)*kh*kw
-                cout, cin = weight[0], weight[1]
-                if block > 1:
-                    cout = _up(cout, block)
-                    cin = cin if cin == 1 else _up(cin, block)  # depthwise kernels are not blocked in Cin
-                total += cout * math.prod(out[2:]) * cin * math.prod(weight[2:])
+                total += conv_macs(weight[0], weight[1], math.prod(weight[2:]), math.prod(out[2:]), block)
             else:
                 source = shapes.get(node.input[0])
                 if not _known(source):
@@ -159,6 +161,16 @@ def count_macs(model: onnx.ModelProto, block: int = 1, shapes: dict[str, list[in
                     at.name == "transA" and at.i for at in node.attribute) else a[-1]
                 total += math.prod(out) * k
     return total
+
+
+def conv_macs(cout: int, cin: int, kernel: int, positions: int, block: int = 1) -> int:
+    """Cout * Hout*Wout * (Cin/g) * kh*kw of one Conv (``cin`` per group, ``kernel`` = kh*kw,
+    ``positions`` = Hout*Wout); with ``block`` > 1 the channels are rounded up to the block as
+    ONNX Runtime's NCHWc kernels pay for them (a depthwise kernel is not blocked in Cin)."""
+    if block > 1:
+        cout = _up(cout, block)
+        cin = cin if cin == 1 else _up(cin, block)
+    return cout * positions * cin * kernel
 
 
 def model_stats(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None,
