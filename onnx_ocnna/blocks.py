@@ -131,8 +131,13 @@ def drop_blocks(model: onnx.ModelProto, blocks: list[ResidualBlock], graph: gs.G
     graph = graph if graph is not None else prepare_graph(model)
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
+    # A block's shortcut can be the Add output of a block removed before it (consecutive blocks
+    # without an activation after the Add, as in MobileNetV2): follow it to what replaced it.
+    replaced: dict[str, gs.Tensor] = {}
     for block in blocks:
         add, shortcut = nodes[block.add], tensors[block.shortcut]
+        while shortcut.name in replaced:
+            shortcut = replaced[shortcut.name]
         out = add.outputs[0]
         if out in graph.outputs:
             raise InputError(f"block '{block.add}' produces a graph output; it cannot be removed")
@@ -140,6 +145,7 @@ def drop_blocks(model: onnx.ModelProto, blocks: list[ResidualBlock], graph: gs.G
             for index, tensor in enumerate(consumer.inputs):
                 if tensor is out:
                     consumer.inputs[index] = shortcut
+        replaced[out.name] = shortcut
         add.outputs.clear()
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     for tensor in graph.tensors().values():

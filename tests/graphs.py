@@ -85,10 +85,12 @@ class GraphBuilder:
         return model
 
 
-def residual_net(zero_blocks: set[int], channels: int = 8, blocks: int = 3) -> onnx.ModelProto:
+def residual_net(zero_blocks: set[int], channels: int = 8, blocks: int = 3,
+                 relu_after_add: bool = True) -> onnx.ModelProto:
     """Stem + ``blocks`` residual blocks (relu(x + conv(relu(conv(x))))) + a pad-free head, input
     [N, 3, 6, 6]; the blocks in ``zero_blocks`` have an all-zero last conv, so they compute
-    exactly relu(x) = x."""
+    exactly relu(x) = x. ``relu_after_add=False`` gives MobileNetV2's linear blocks (x +
+    conv(relu(conv(x)))): one block's Add output is the next block's shortcut."""
     g = GraphBuilder(seed=1)
     x = g.relu(g.conv("x", 3, channels, name="stem"))
     for i in range(blocks):
@@ -99,6 +101,7 @@ def residual_net(zero_blocks: set[int], channels: int = 8, blocks: int = 3) -> o
                 if init.name in (f"b{i}_c2.w", f"b{i}_c2.b"):
                     init.CopyFrom(numpy_helper.from_array(np.zeros(numpy_helper.to_array(init).shape, np.float32),
                                                           init.name))
-        x = g.relu(g.node("Add", [r, x], name=f"b{i}_add")[0])
+        x = g.node("Add", [r, x], name=f"b{i}_add")[0]
+        x = g.relu(x) if relu_after_add else x
     out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [x])[0]])[0], channels, 4)
     return g.model(["N", 3, 6, 6], out)

@@ -57,6 +57,22 @@ def test_zero_branch_block_is_dropped_and_outputs_unchanged():
     assert "b0_c1" in names
 
 
+@pytest.mark.parametrize("order", [(1, 2), (2, 1)])
+def test_consecutive_blocks_without_activation_are_dropped_together(order):
+    """MobileNetV2's blocks end at the Add, so the second block's shortcut is the first block's
+    Add output: removing both must rewire the second's readers to the first's shortcut."""
+    model = residual_net({1, 2}, relu_after_add=False)
+    blocks = {b.add: b for b in find_residual_blocks(prepare_graph(model))}
+    assert blocks["b2_add"].shortcut == blocks["b1_add"].output  # the chain this test is about
+    reduced = drop_blocks(model, [blocks[f"b{i}_add"] for i in order])
+    validate_model(reduced)
+    names = {n.name for n in reduced.graph.node}
+    assert not names & {"b1_add", "b2_add", "b1_c1", "b1_c2", "b2_c1", "b2_c2"}
+    feeds = {"x": np.random.default_rng(3).standard_normal((4, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(ort_session(reduced).run(None, feeds)[0], ort_session(model).run(None, feeds)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_compress_with_drop_blocks_reports_curve():
     model = _resnet({0, 2})
     pruned, report = api.compress(model, _data(), percentile=0, criterion="l1", drop_blocks=True,
