@@ -298,11 +298,13 @@ def dynamic_sizes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
 
 def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, meter: DamageMeter, block: int,
                        floor: int, progress: bool = True, cache: dict | None = None,
-                       step: int | None = None) -> dict[int, list[Candidate]]:
+                       step: int | None = None, counter: CutCost | None = None) -> dict[int, list[Candidate]]:
     """Every group alone at every candidate width: damage and savings, [groups][widths].
 
     ``cache`` (kept by the caller, e.g. on the Scores) holds the rows of groups measured before
-    with the same block, floor and damage feeds; those are not measured again."""
+    with the same block, floor and damage feeds; those are not measured again. ``counter``
+    (made with ``block`` and the meter's sizes) counts the savings without inferring the cut's
+    shapes; without it, or where it cannot count, the cut is counted."""
     from tqdm.auto import tqdm
 
     step = step or width_step(block)
@@ -328,25 +330,25 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
                 removed = np.sort(cut_alone[group.id])
                 if removed.size and not any(np.array_equal(removed, r.removed) for r in rows):
                     cut = pruner.rewrite({group.id: removed})
-                    stats, blocked = _costs(cut, block, meter.sizes)
+                    parameters, macs, blocked = _counts(cut, {group.id: removed}, [], counter, block, meter.sizes)
                     damage = meter.measure(cut, kept_outputs(pruner.analysis, {group.id: removed}),
                                            kept_input_masks(pruner.analysis, {group.id: removed}))
                     # A narrower cut removes a superset of the channels: never count it as less harmful.
                     damage = max(damage, max(r.damage for r in rows))
                     rows.append(Candidate(group.channels - int(removed.size), removed, damage,
-                                          base.parameters - stats.parameters, base.macs - stats.macs,
-                                          base_blocked - blocked))
+                                          base.parameters - parameters, base.macs - macs, base_blocked - blocked))
                 bar.update(1)
             table[group.id] = known[group.id] = rows
     return table
 
 
 def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True,
-                   cache: dict | None = None, found: list | None = None) -> list[tuple]:
+                   cache: dict | None = None, found: list | None = None,
+                   counter: CutCost | None = None) -> list[tuple]:
     """Every identity-shortcut residual block removed alone: [(block, Candidate)], the
     candidate's ``kept`` 0 (the block gone), its damage after refitting the layers that now read
     the shortcut, and its savings. ``found``: :func:`removable_blocks` of the model, when the
-    caller has it already."""
+    caller has it already; ``counter`` as for :func:`measure_candidates`."""
     from tqdm.auto import tqdm
 
     key = ("blocks", block, meter.refit, meter.fingerprint)
@@ -359,15 +361,28 @@ def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True
                          leave=False):
         try:
             cut = _rewrite(pruner, {}, [residual])
-            stats, blocked = _costs(cut, block, meter.sizes)
+            parameters, macs, blocked = _counts(cut, {}, [residual], counter, block, meter.sizes)
             damage = meter.measure(cut, {})
         except Exception:  # noqa: BLE001 - a removal that cannot be run is no candidate, not a failed run
             continue
-        rows.append((residual, Candidate(0, np.zeros(0, dtype=np.int64), damage, base.parameters - stats.parameters,
-                                         base.macs - stats.macs, base_blocked - blocked)))
+        rows.append((residual, Candidate(0, np.zeros(0, dtype=np.int64), damage, base.parameters - parameters,
+                                         base.macs - macs, base_blocked - blocked)))
     if cache is not None:
         cache[key] = rows
     return rows
+
+
+def _counts(cut: onnx.ModelProto, removed: dict[int, np.ndarray], dropped: list, counter: CutCost | None,
+            block: int, sizes: dict | None) -> tuple[int, int, int]:
+    """(parameters, MACs, blocked MACs) of ``cut``, the original with ``removed`` and ``dropped``:
+    from ``counter`` when it can count them, else from the cut's shapes."""
+    if counter is not None and counter.countable:
+        try:
+            return counter.counts(removed, dropped)
+        except (KeyError, IndexError, ValueError):  # a cut the counts cannot follow
+            pass
+    stats, blocked = _costs(cut, block, sizes)
+    return stats.parameters, stats.macs, blocked
 
 
 def removable_blocks(pruner) -> list:
@@ -522,10 +537,14 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         if used < given:
             damage_limit = {"cuts": cuts, "macs_per_sample": base.macs, "calibration_samples": given, "used": used}
     meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit)
+    # The joint cost of a selection, counted from the analysis (CutCost) instead of rewriting
+    # the model for each of the greedy's checks; checked against the rewrite of every
+    # selection a solve returns, and given up for the rewrite if they ever differ.
+    counter = CutCost(pruner, sizes, block, uncut=(base.parameters, base.macs, base_blocked))
     table = measure_candidates(pruner, scores, groups, meter, block, options.min_channels, progress, cache,
-                               step=step)
+                               step=step, counter=counter)
     # A block is a pseudo-group with two rows, kept and removed, under a negative id.
-    residuals = measure_blocks(pruner, meter, block, progress, cache, found) if blocks else []
+    residuals = measure_blocks(pruner, meter, block, progress, cache, found, counter) if blocks else []
     for index, (_, row) in enumerate(residuals):
         table[-1 - index] = [Candidate(1, np.zeros(0, dtype=np.int64), 0.0, 0, 0), row]
 
@@ -554,10 +573,6 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         stats = model_stats(cut, sizes=sizes)
         return (stats.parameters if kind == "params" else stats.macs) / totals[kind]
 
-    # The joint cost of a selection, counted from the analysis (CutCost) instead of rewriting
-    # the model for each of the greedy's checks; checked against the rewrite of every
-    # selection a solve returns, and given up for the rewrite if they ever differ.
-    counter = CutCost(pruner, sizes, block, uncut=(base.parameters, base.macs, base_blocked))
     counting = {"on": counter.countable}
 
     def counted(state: dict[int, int]) -> tuple[int, int, int] | None:

@@ -61,7 +61,7 @@ def static_shapes(model: onnx.ModelProto, sizes: dict[str, Sequence[int]] | None
             for inputs with a dynamic height and width: their MACs are counted at that size.
     """
     model = with_input_sizes(model, sizes) if sizes else model
-    shapes = _shapes_of(onnx_inference(model))
+    shapes = _shapes_of(onnx_inference(model, values=False))
     if _counted_layers_shaped(model, shapes):
         return shapes
     return _shapes_of(infer_model(model))

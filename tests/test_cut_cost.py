@@ -80,3 +80,37 @@ def test_the_allocation_rewrites_when_the_counts_cannot_follow(monkeypatch):
         _, report = onnx_ocnna.compress(model, data, round_to=4, target_params=0.6, progress=False,
                                         reconstruct=False)
         assert 0 < report.rpr <= 0.6 + 1e-9
+
+
+@pytest.mark.parametrize("model,sizes", [("residual", None), ("keras_resnet.onnx", None),
+                                         ("paddle_dynamic_hw_opset11.onnx", {"x": (3, 32, 64)})])
+def test_candidate_and_block_savings_counted_equal_the_rewrites(model, sizes):
+    """The damage table's savings, counted by CutCost, are those of each rewritten cut (a
+    dynamic height and width counted at the data's size)."""
+    from onnx_ocnna.allocate import DamageMeter, dynamic_sizes, measure_blocks, measure_candidates
+    from onnx_ocnna.model_io import sample_feeds
+
+    model = residual_net(set(), channels=16) if model == "residual" else onnx.load(FIXTURES / model)
+    pruner = api.Pruner(model)
+    feeds = [sample_feeds(model, batch=4, seed=0, sizes=sizes)]
+    sizes = dynamic_sizes(model, feeds)
+    meter = DamageMeter(model, feeds, pruner.prepared_model(), refit=False)
+    base, base_blocked = _costs(model, 8, sizes)
+    counter = CutCost(pruner, sizes, 8, uncut=(base.parameters, base.macs, base_blocked))
+    assert counter.countable
+    groups = [g for g in pruner.analysis.groups if g.prunable]
+    scores = {g.id: np.arange(g.channels, dtype=float) for g in groups}
+
+    def rows(table):
+        return {gid: [(c.kept, c.saved_params, c.saved_macs, c.saved_blocked) for c in cands]
+                for gid, cands in table.items()}
+
+    counted = measure_candidates(pruner, scores, groups, meter, 8, 1, progress=False, counter=counter)
+    rewritten = measure_candidates(pruner, scores, groups, meter, 8, 1, progress=False)
+    assert rows(counted) == rows(rewritten)
+    assert sum(len(c) for c in counted.values()) > len(groups)
+    blocks = removable_blocks(pruner)
+    with_counter = measure_blocks(pruner, meter, 8, progress=False, found=blocks, counter=counter)
+    without = measure_blocks(pruner, meter, 8, progress=False, found=blocks)
+    assert [(b.add, c.saved_params, c.saved_macs, c.saved_blocked) for b, c in with_counter] == \
+        [(b.add, c.saved_params, c.saved_macs, c.saved_blocked) for b, c in without]

@@ -289,3 +289,46 @@ def test_expand_as_ties_the_gate_to_the_map(tracked_gate):
     assert sorted(groups[0].members) == ["a", "gate"]
     result = check_lossless(model, fraction=0.5)
     assert result["max_rel_error"] < 1e-5 and result["removed"] > 0
+
+
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("*.onnx")))
+def test_inference_without_weight_values_is_onnx_inference(fixture):
+    """Large weights go to ONNX's inference as type and dims only: the result, weights put
+    back, is byte for byte what ONNX infers from the whole model."""
+    model = onnx.load(FIXTURES / fixture)
+    cleared = onnx.ModelProto()
+    cleared.CopyFrom(model)
+    del cleared.graph.value_info[:]
+    try:
+        expected = onnx.shape_inference.infer_shapes(cleared, data_prop=True)
+    except Exception:  # noqa: BLE001 - as onnx_inference falls back
+        expected = onnx.shape_inference.infer_shapes(cleared)
+    got = onnx_inference(model)
+    assert got.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+    light = onnx_inference(model, values=False)
+    assert list(light.graph.value_info) == list(expected.graph.value_info)
+    assert [(i.name, list(i.dims)) for i in light.graph.initializer] == \
+        [(i.name, list(i.dims)) for i in model.graph.initializer]
+
+
+def test_weights_without_values_include_a_large_one():
+    g = GraphBuilder()
+    model = g.model([1, 64, 6, 6], g.conv("x", 64, 128, name="wide"))  # 73,728 weights
+    assert max(int(np.prod(i.dims)) for i in model.graph.initializer) > shapes._VALUELESS_ELEMENTS
+    light = shapes._without_weight_values(model)
+    assert light.ByteSize() < model.ByteSize() / 10
+    assert onnx_inference(model).graph.initializer[0] == model.graph.initializer[0]
+
+
+def test_a_model_over_the_in_memory_limit_is_refused_by_its_serialised_size(monkeypatch):
+    from onnx_ocnna import model_io
+    from onnx_ocnna.errors import ValidationError
+
+    g = GraphBuilder()
+    model = g.model([1, 64, 6, 6], g.conv("x", 64, 128, name="wide"))
+    size = len(model.SerializeToString())
+    monkeypatch.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", size - 1)
+    with pytest.raises(ValidationError, match="too large"):
+        ort_session(model)
+    monkeypatch.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", size)
+    assert ort_session(model).get_outputs()
