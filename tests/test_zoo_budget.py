@@ -15,6 +15,7 @@ import onnx
 import pytest
 from conftest import zoo_model
 from export_zoo import input_shape
+from oracle import pick_channels
 
 from onnx_ocnna import api
 from onnx_ocnna.allocate import _costs, _rewrite, removable_blocks
@@ -34,25 +35,13 @@ CASES = [pytest.param(*case, id="-".join(case)) for case in DEFAULT] + \
     [pytest.param(*case, id="-".join(case), marks=pytest.mark.slow) for case in SLOW]
 
 
-def _joint_cut(pruner, fraction: float = 0.25, seed: int = 0) -> dict[int, np.ndarray]:
-    """A quarter of every prunable group's removable channels (at least one kept)."""
-    rng = np.random.default_rng(seed)
-    removed = {}
-    for group in pruner.analysis.groups:
-        free = group.removable()
-        count = min(int(fraction * group.channels), free.size - (free.size == group.channels))
-        if group.prunable and count > 0:
-            removed[group.id] = np.sort(rng.choice(free, count, replace=False))
-    return removed
-
-
 @pytest.mark.parametrize("name,exporter,bn", CASES)
 def test_joint_cut_with_every_block_removed_is_rewritten_counted_and_refitted(name, exporter, bn):
     model = onnx.load(zoo_model(name, exporter, bn))
     pruner = api.Pruner(model)
     blocks = removable_blocks(pruner)
     assert blocks
-    removed = _joint_cut(pruner)
+    removed = pick_channels(pruner.analysis, fraction=0.25, seed=0)
     assert removed
     cut = _rewrite(pruner, removed, blocks)
     validate_model(cut)
