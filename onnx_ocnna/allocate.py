@@ -376,11 +376,9 @@ def _counts(cut: onnx.ModelProto, removed: dict[int, np.ndarray], dropped: list,
             block: int, sizes: dict | None) -> tuple[int, int, int]:
     """(parameters, MACs, blocked MACs) of ``cut``, the original with ``removed`` and ``dropped``:
     from ``counter`` when it can count them, else from the cut's shapes."""
-    if counter is not None and counter.countable:
-        try:
-            return counter.counts(removed, dropped)
-        except (KeyError, IndexError, ValueError):  # a cut the counts cannot follow
-            pass
+    counts = counter.counts_or_none(removed, dropped) if counter is not None else None
+    if counts is not None:
+        return counts
     stats, blocked = _costs(cut, block, sizes)
     return stats.parameters, stats.macs, blocked
 
@@ -576,11 +574,10 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
     counting = {"on": counter.countable}
 
     def counted(state: dict[int, int]) -> tuple[int, int, int] | None:
-        try:
-            return counter.counts(removal(state), dropped(state))
-        except (KeyError, IndexError, ValueError):  # a selection the counts cannot follow: rewrite
+        counts = counter.counts_or_none(removal(state), dropped(state))
+        if counts is None:  # a selection the counts cannot follow: rewrite from now on
             counting["on"] = False
-            return None
+        return counts
 
     def ratios(state: dict[int, int], kinds: list[str]) -> list[float]:
         counts = counted(state) if counting["on"] else None

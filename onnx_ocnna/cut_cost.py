@@ -92,6 +92,17 @@ class CutCost:
                 blocked += product
         return parameters, macs, blocked
 
+    def counts_or_none(self, removed: dict[int, np.ndarray], dropped: list = ()) -> tuple[int, int, int] | None:
+        """:meth:`counts`, or None where these counts cannot follow the cut (the model is not
+        :attr:`countable`, or the selection names what the analysis does not); the caller then
+        counts the rewritten model."""
+        if not self.countable:
+            return None
+        try:
+            return self.counts(removed, dropped)
+        except (KeyError, IndexError, ValueError):
+            return None
+
     def _kept_dims(self, name: str, keep) -> list[int]:
         dims = list(self.floats[name])
         for axis, ids in self.slices.get(name, {}).items():
