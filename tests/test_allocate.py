@@ -201,6 +201,10 @@ def test_a_macs_target_that_buys_too_little_time_is_searched_for_time_too(monkey
     assert 0.3 + report.macs_ratio <= 0.97 * 0.75 + 1e-9
 
 
+def _widths(report) -> list[tuple[int, int, float]]:
+    return [(g["id"], g["kept"], g["damage"]) for g in report.extra["allocation"]["groups"]]
+
+
 def test_a_macs_target_fast_enough_is_left_alone_and_an_unreachable_floor_is_reported(monkeypatch):
     """A MACs-only allocation that meets the floor is written as it is (timed, not searched); a
     floor no allocation can meet leaves the MACs-only allocation, and the report says so."""
@@ -216,7 +220,8 @@ def test_a_macs_target_fast_enough_is_left_alone_and_an_unreachable_floor_is_rep
     monkeypatch.setattr(evaluate, "interleaved_latency", _fake_latency([], overhead=0.9))
     _, slow = onnx_ocnna.compress(model, _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False)
     assert not slow.extra["allocation"]["speed"]["met"]
-    assert slow.extra["allocation"]["groups"] == plain.extra["allocation"]["groups"]
+    # The same widths; the slow run's searches measured more of the table (lazily) on the way.
+    assert _widths(slow) == _widths(plain)
     assert any("NOT met" in note for note in slow.notes)
     with pytest.raises(InputError, match="speed-floor"):
         onnx_ocnna.compress(model, _data(), target_macs=0.6, speed_floor=-1, progress=False)
@@ -300,6 +305,80 @@ def test_greedy_steps_over_a_width_that_saves_nothing_of_the_objective():
     table = {0: [alloc.Candidate(0, np.zeros(0, np.int64), 0.0, 0, 0, 0), row(0.1, 0), row(0.2, 10)]}
     state = alloc.greedy(table, "blocked", 10, lambda s: table[0][s[0]].saved_blocked >= 10)
     assert state == {0: 2}
+
+
+def _lazy_copy(full: dict[int, list[alloc.Candidate]], depth: int):
+    """A DamageTable over ``full`` that "measures" a width by taking its row; (table, measured)."""
+    from types import SimpleNamespace
+
+    measured = []
+    groups = [SimpleNamespace(id=gid, members=[f"n{gid}"]) for gid in full]
+    entries = {gid: alloc._GroupRows([rows[0]], [r.kept for r in rows]) for gid, rows in full.items()}
+
+    def measure_width(group, entry, kept):
+        measured.append((group.id, kept))
+        entry.rows.append(next(r for r in full[group.id] if r.kept == kept))
+
+    table = alloc.DamageTable(measure_width, groups, entries, {f"n{gid}": gid for gid in full}, False, "")
+    table.measure_to(depth)
+    return table, measured
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_lazily_measured_table_gives_the_whole_tables_allocation(seed):
+    """The greedy on a table measured on demand (a few widths per group, more where a step
+    looks past them) chooses exactly what it chooses on the whole table, or fails alike, and
+    measures no more than the whole table."""
+    rng = np.random.default_rng(seed)
+    full = {}
+    for gid in range(int(rng.integers(2, 7))):
+        widths = int(rng.integers(2, 12))
+        damage = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0, widths - 1) * (rng.random(widths - 1) < 0.9))])
+        # Some steps save nothing of blocked MACs (a width inside one channel block).
+        blocked = np.concatenate([[0], np.cumsum(rng.integers(0, 3, widths - 1))])
+        macs = np.concatenate([[0], np.cumsum(rng.integers(1, 5, widths - 1))])
+        full[gid] = [alloc.Candidate(100 - j, np.arange(j), float(damage[j]), int(macs[j]), int(macs[j]),
+                                     int(blocked[j])) for j in range(widths)]
+    for objective in ("macs", "blocked"):
+        total = sum(alloc._saved(rows[-1], objective) for rows in full.values())
+        for need in (0.1 * total, 0.4 * total, 0.8 * total, total + 1):
+            def fits(state, table):
+                return sum(alloc._saved(table[g][j], objective) for g, j in state.items()) >= need
+
+            table, measured = _lazy_copy(full, int(rng.integers(1, 4)))
+            try:
+                expected = alloc.greedy(full, objective, need, lambda s: fits(s, full))
+            except InputError:
+                with pytest.raises(InputError):
+                    alloc.greedy(table, objective, need, lambda s: fits(s, table))
+                continue
+            assert alloc.greedy(table, objective, need, lambda s: fits(s, table)) == expected
+            assert len(measured) <= sum(len(rows) - 1 for rows in full.values())
+            assert len(set(measured)) == len(measured)  # no width measured twice
+
+
+def test_the_allocation_measures_its_table_on_demand_with_the_same_result(monkeypatch):
+    """A real allocation with one width per group measured up front (then more on demand)
+    writes what the whole table writes, and measures fewer cuts."""
+    model, data = _residual_16()
+    counts = []
+    real = alloc.DamageMeter.measure
+    monkeypatch.setattr(alloc.DamageMeter, "measure",
+                        lambda self, *a, **k: counts.__setitem__(-1, counts[-1] + 1) or real(self, *a, **k))
+
+    def run(depth):
+        monkeypatch.setattr(alloc, "LAZY_DEPTH", depth)
+        counts.append(0)
+        return onnx_ocnna.compress(model, data, round_to=4, target_macs=0.6, progress=False, reconstruct=False,
+                                   speed_floor=None)
+
+    whole_model, whole = run(10**6)
+    lazy_model, lazy = run(1)
+    assert _widths(lazy) == _widths(whole)
+    assert [b["removed"] for b in lazy.extra["allocation"]["blocks"]] == \
+        [b["removed"] for b in whole.extra["allocation"]["blocks"]]
+    assert lazy_model.SerializeToString() == whole_model.SerializeToString()
+    assert counts[1] < counts[0]
 
 
 def test_a_harmless_residual_block_is_removed_and_the_graph_stays_valid():
