@@ -201,6 +201,53 @@ def test_a_macs_target_that_buys_too_little_time_is_searched_for_time_too(monkey
     assert 0.3 + report.macs_ratio <= 0.97 * 0.75 + 1e-9
 
 
+def test_latency_search_steps_on_when_two_budgets_time_alike():
+    """Two budgets that time the same latency ratio give the search no slope; it must step
+    from the tighter one along the line to the original (1, 1), not halve the budget."""
+    class Judge:
+        target, batch, threads = 0.5, 1, 1
+
+        def __init__(self):
+            self.measured = {}
+
+        def __call__(self, state):
+            budget = state["budget"]
+            ratio = 0.508 if 0.49 <= budget <= 0.5 else 1.02 * budget  # a plateau, then affine
+            self.measured[budget] = ratio
+            return ratio
+
+    judge = Judge()
+    state, ratio = alloc._search_latency(lambda kind, budget: ({"budget": budget}, budget), judge, progress=False)
+    assert ratio <= 0.5
+    assert min(judge.measured) > 0.45, sorted(judge.measured)  # halving went to 0.247
+    assert len(judge.measured) <= 4
+
+
+def test_an_allocation_frees_its_damage_meter_when_it_returns(monkeypatch):
+    """The damage meter holds the normal equations of every layer it refitted (hundreds of MB
+    on a large model); the final check allocates again, so the first meter must be gone by
+    then without waiting for the cycle collector."""
+    import gc
+    import weakref
+
+    meters = []
+    real = alloc.DamageMeter.__init__
+
+    def init(self, *args, **kwargs):
+        meters.append(weakref.ref(self))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(alloc.DamageMeter, "__init__", init)
+    gc.collect()
+    gc.disable()
+    try:
+        onnx_ocnna.compress(_chain(), _data(), round_to=4, target_macs=0.6, progress=False, reconstruct=False,
+                            speed_floor=None)
+        assert meters and all(ref() is None for ref in meters)
+    finally:
+        gc.enable()
+
+
 def _widths(report) -> list[tuple[int, int, float]]:
     return [(g["id"], g["kept"], g["damage"]) for g in report.extra["allocation"]["groups"]]
 
