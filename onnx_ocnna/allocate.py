@@ -893,7 +893,7 @@ def _search_latency(solve, judge: LatencyJudge, progress: bool, strict: bool = T
                 break
         else:
             slow = min(slow, budget)
-        guess = _secant(points, target)
+        guess = _next_budget(points, target)
         low = max(fast, floor)
         budget = guess if low < guess < slow else (low + slow) / 2
         if slow - low < 0.005:
@@ -907,20 +907,22 @@ def _search_latency(solve, judge: LatencyJudge, progress: bool, strict: bool = T
     return best[0], best[1]
 
 
-def _secant(points: list[tuple[float, float]], target: float) -> float:
-    """The budget where the line through two measured (budget, latency ratio) points meets
-    ``target``: the point closest to it (the tighter budget on a tie) and the next closest of
-    another ratio. Two budgets that time alike (the same selection, or timing noise) would
-    otherwise give no slope: on torchvision's ResNet-50, 0.500 and 0.493 both timed 0.508, and
-    halving the budget instead sent the search to 0.247 (0.227), three timings and many
-    narrow cuts measured before it came back to 0.462."""
-    ordered = sorted(points, key=lambda p: (abs(p[1] - target), p[0]))
-    (b0, r0) = ordered[0]
-    other = next(((b, r) for b, r in ordered[1:] if r != r0), None)
-    if other is None:
-        return b0 / 2
-    b1, r1 = other
-    return b0 + (target - r0) * (b1 - b0) / (r1 - r0)
+def _next_budget(points: list[tuple[float, float]], target: float) -> float:
+    """The next blocked-MACs budget to try, from the measured (budget, latency ratio) points
+    (the original's (1, 1) among them): where the line through the loosest budget that met
+    ``target`` and the tightest that missed it crosses ``target``; before any met it, the line
+    through (1, 1) and the tightest miss (exact when latency is affine in the budget).
+    Neighbouring budgets can time alike or even inverted (timing noise): on torchvision's
+    ResNet-50, 0.500 and 0.493 both timed 0.508; the secant of the two closest points then has
+    no slope, and halving the budget instead sent the search to 0.247 (0.227), three more
+    timings and many narrow cuts measured before it came back to 0.462."""
+    missed = [p for p in points if p[1] > target]
+    met = [p for p in points if p[1] <= target]
+    slow_b, slow_r = min(missed, default=(1.0, 1.0))
+    fast_b, fast_r = max(met) if met else (1.0, 1.0)  # before any met the target: the original
+    if slow_r == fast_r or slow_b == fast_b:
+        return slow_b / 2
+    return slow_b + (target - slow_r) * (fast_b - slow_b) / (fast_r - slow_r)
 
 
 def round_block(value: int | str) -> int:

@@ -201,9 +201,11 @@ def test_a_macs_target_that_buys_too_little_time_is_searched_for_time_too(monkey
     assert 0.3 + report.macs_ratio <= 0.97 * 0.75 + 1e-9
 
 
-def test_latency_search_steps_on_when_two_budgets_time_alike():
-    """Two budgets that time the same latency ratio give the search no slope; it must step
-    from the tighter one along the line to the original (1, 1), not halve the budget."""
+@pytest.mark.parametrize("plateau", [lambda b: 0.508, lambda b: 0.505 + 0.4 * (0.5 - b)])
+def test_latency_search_steps_on_when_two_budgets_time_alike(plateau):
+    """Neighbouring budgets that time alike, or inverted (timing noise), give the two closest
+    points no usable slope; the search must step from the tightest miss along the line to the
+    original (1, 1), not halve the budget."""
     class Judge:
         target, batch, threads = 0.5, 1, 1
 
@@ -212,7 +214,7 @@ def test_latency_search_steps_on_when_two_budgets_time_alike():
 
         def __call__(self, state):
             budget = state["budget"]
-            ratio = 0.508 if 0.49 <= budget <= 0.5 else 1.02 * budget  # a plateau, then affine
+            ratio = plateau(budget) if 0.49 <= budget <= 0.5 else 1.02 * budget
             self.measured[budget] = ratio
             return ratio
 
