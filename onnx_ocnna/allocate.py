@@ -303,8 +303,9 @@ def dynamic_sizes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
 
 # The damage table is measured lazily: each group's widest LAZY_DEPTH candidate widths first,
 # then LAZY_DEPTH more for every group a search needs further (:func:`greedy`); a search never
-# looks more than one width past the width it chooses, so on torchvision's ResNet-50 at a
-# latency ratio of 0.5 about half the 522 candidate cuts were never needed.
+# looks more than one width past the width it chooses: torchvision's ResNet-50 at a latency
+# ratio of 0.5 measured 309 of its 522 candidate cuts over the whole run (the final check's
+# allocation included), and the run took 31 min instead of 48.
 LAZY_DEPTH = 4
 
 
