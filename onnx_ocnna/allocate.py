@@ -344,8 +344,10 @@ class DamageTable(dict):
         """Whether ``gid`` has candidate widths not measured yet."""
         return gid in self._entries and gid in self._groups and not self._entries[gid].complete
 
-    def more(self, gids: Iterable[int], count: int = LAZY_DEPTH) -> None:
-        """Measure the next ``count`` widths of each group of ``gids``."""
+    def more(self, gids: Iterable[int], count: int | None = None) -> None:
+        """Measure the next ``count`` widths (default :data:`LAZY_DEPTH`, read when called) of
+        each group of ``gids``."""
+        count = LAZY_DEPTH if count is None else count
         self._measure({gid: self._entries[gid].next + count for gid in set(gids) if self.pending(gid)})
 
     def measure_to(self, depth: int | None) -> None:
