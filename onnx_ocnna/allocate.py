@@ -342,7 +342,7 @@ class DamageTable(dict):
 
     def pending(self, gid: int) -> bool:
         """Whether ``gid`` has candidate widths not measured yet."""
-        return gid in self._entries and gid in self._groups and not self._entries[gid].complete
+        return gid in self._groups and not self._entries[gid].complete
 
     def more(self, gids: Iterable[int], count: int | None = None) -> None:
         """Measure the next ``count`` widths (default :data:`LAZY_DEPTH`, read when called) of
@@ -353,8 +353,7 @@ class DamageTable(dict):
     def measure_to(self, depth: int | None) -> None:
         """Measure every group's widest ``depth`` candidate cuts (None: all of them), where not
         measured yet."""
-        self._measure({gid: len(entry.widths) if depth is None else depth + 1
-                       for gid, entry in self._entries.items() if gid in self._groups})
+        self._measure({gid: len(self._entries[gid].widths) if depth is None else depth + 1 for gid in self._groups})
 
     def _measure(self, until: dict[int, int]) -> None:
         """Measure each group's widths up to index ``until[gid]`` (exclusive), in graph order:
@@ -922,7 +921,7 @@ def _next_budget(points: list[tuple[float, float]], target: float) -> float:
     missed = [p for p in points if p[1] > target]
     met = [p for p in points if p[1] <= target]
     slow_b, slow_r = min(missed, default=(1.0, 1.0))
-    fast_b, fast_r = max(met) if met else (1.0, 1.0)  # before any met the target: the original
+    fast_b, fast_r = max(met, default=(1.0, 1.0))  # before any met the target: the original
     if slow_r == fast_r or slow_b == fast_b:
         return slow_b / 2
     return slow_b + (target - slow_r) * (fast_b - slow_b) / (fast_r - slow_r)
