@@ -14,6 +14,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from onnx_ocnna.reductions import Reduction
+
 
 @dataclass
 class MemberInfo:
@@ -41,6 +43,21 @@ class Accumulator:
             activations: shape [N, C, H, W] or [N, C] (a 1x1 map), any float dtype.
             labels: shape [N] integer class labels, or None when the data has none.
         """
+        raise NotImplementedError
+
+    def reduction(self, shape: list) -> Reduction | None:
+        """What ONNX Runtime may compute from the measured tensor in the graph instead of
+        returning it, or None (the default) when :meth:`update` needs the tensor itself.
+
+        Args:
+            shape: the tensor's dims (ints static, str or None dynamic), e.g. [N, C, H, W].
+        """
+        return None
+
+    def update_reduced(self, reduction: Reduction, reduced: list[np.ndarray],
+                       labels: np.ndarray | None = None) -> None:
+        """Add one batch given as the outputs of ``reduction``'s nodes (what :meth:`reduction`
+        returned), in their order."""
         raise NotImplementedError
 
     def merge(self, other: "Accumulator") -> None:

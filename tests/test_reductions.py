@@ -1,0 +1,170 @@
+"""Statistics reduced inside the scoring graph (onnx_ocnna.reductions, collect.with_reductions):
+the same OCNNA scores as from the returned maps, exact zeros for constant maps, packing of the
+outputs, and slicing of large batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from graphs import GraphBuilder
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_ocnna import api, collect
+from onnx_ocnna.criteria.ocnna import OCNNAAccumulator, energy_from_column_moments, ocnna_frobenius
+from onnx_ocnna.reductions import ColumnMoments
+
+
+def _net(batch="N", constant_filter: bool = True, height: int = 12, width: int = 10) -> onnx.ModelProto:
+    """conv-relu-conv-relu-pool-gemm on [batch, 3, height, width]. With ``constant_filter``
+    the first conv's filter 0 has zero weights and a positive bias, so its ReLU map is the
+    constant 0.7 on every image (F = 0: a dead filter for OCNNA)."""
+    g = GraphBuilder(seed=3)
+    h = g.relu(g.conv("x", 3, 16, name="c1"))
+    h = g.relu(g.conv(h, 16, 16, name="c2"))
+    out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [h])[0]])[0], 16, 4)
+    model = g.model([batch, 3, height, width], out)
+    if constant_filter:
+        for init in model.graph.initializer:
+            values = numpy_helper.to_array(init).copy()
+            if init.name == "c1.w":
+                values[0] = 0.0
+            elif init.name == "c1.b":
+                values[0] = 0.7
+            else:
+                continue
+            init.CopyFrom(numpy_helper.from_array(values, init.name))
+    return model
+
+
+def _data(samples: int = 96, height: int = 12, width: int = 10, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((samples, 3, height, width), dtype=np.float32)
+
+
+def test_in_graph_scores_match_the_maps_and_a_constant_map_stays_dead() -> None:
+    model, data = _net(), _data()
+    in_graph = api.score(model, data, progress=False).groups
+    maps = api.score(model, data, progress=False, criterion_options={"in_graph": False}).groups
+    assert in_graph.keys() == maps.keys()
+    for gid in maps:
+        np.testing.assert_allclose(in_graph[gid], maps[gid], rtol=1e-5)
+    conv1 = next(gid for gid, s in maps.items() if s[0] == 0.0)
+    # Rounding noise in the constant map would give a steady F > 0, the score of the most
+    # important filter (+inf); the column test keeps it at exactly 0.
+    assert in_graph[conv1][0] == 0.0
+
+
+def test_in_graph_reduction_is_used_where_it_applies() -> None:
+    acc = OCNNAAccumulator(16)
+    assert acc.reduction(["N", 16, 12, 10]) == ColumnMoments(16, 12, 10)
+    assert acc.reduction(["N", 16, 2, 1]) == ColumnMoments(16, 2, 1)
+    for shape in (["N", 16, "H", 10], ["N", 16, 12, None], ["N", 16, 1, 10], ["N", 16], ["N", 16, 5],
+                  ["N", 8, 12, 10]):
+        assert acc.reduction(shape) is None, shape
+    assert OCNNAAccumulator(16, pca_variance=0.95).reduction(["N", 16, 12, 10]) is None
+    assert OCNNAAccumulator(16, in_graph=False).reduction(["N", 16, 12, 10]) is None
+
+
+@pytest.mark.parametrize("height", [2, 7, 32, 224])
+def test_column_moments_from_onnx_runtime_give_exact_zero_for_constant_columns(height: int) -> None:
+    """The float32 pools of a constant column differ by rounding only; that must read as 0,
+    while a column with a real spread keeps its float64 energy."""
+    width, channels = 6, 16
+    g = GraphBuilder()
+    out = g.node("Relu", ["x"])[0]
+    model = g.model(["N", channels, height, width], out)
+    reduction = ColumnMoments(channels, height, width)
+    names = reduction.add_to(model.graph, out, "r")
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(height)
+    x = np.broadcast_to(rng.uniform(0.01, 300.0, (8, channels, 1, width)), (8, channels, height, width))
+    x = x.astype(np.float32).copy()
+    x[:, 1::2] += rng.normal(0.0, 1.0, (8, channels // 2, height, width)).astype(np.float32) * x[:, 1::2]
+    x = np.maximum(x, 0.0)
+    mean, mean_square = session.run(names, {"x": x})
+    energy = energy_from_column_moments(mean, mean_square, height)
+    assert np.all(energy[:, 0::2] == 0.0)
+    exact = ocnna_frobenius(x.astype(np.float64), 1.0, dtype=np.float64) ** 2
+    np.testing.assert_allclose(energy[:, 1::2], exact[:, 1::2], rtol=1e-4)
+
+
+def test_reduction_outputs_are_packed_by_their_trailing_dims() -> None:
+    """Tensors of two widths: two graph outputs in all, and every slice is where it is said to be."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[2, 2],
+                                                                 strides=[2, 2]),
+         helper.make_node("Relu", ["p"], ["b"]), helper.make_node("Identity", ["b"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    reductions = {"a": ColumnMoments(16, 6, 6), "b": ColumnMoments(16, 3, 3)}
+    extended, located = collect.with_reductions(model, reductions)
+    added = [o.name for o in extended.graph.output][1:]
+    assert len(added) == 2
+    session = ort.InferenceSession(extended.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((5, 16, 6, 6), dtype=np.float32)
+    outputs = dict(zip(added, session.run(added, {"x": x})))
+    tensors = {"a": x, "b": x.reshape(5, 16, 3, 2, 3, 2).mean(axis=(3, 5))}
+    for tensor, places in located.items():
+        (m_out, m0, m1), (q_out, q0, q1) = places
+        np.testing.assert_allclose(outputs[m_out][:, m0:m1, 0], tensors[tensor].mean(axis=2), rtol=1e-5)
+        np.testing.assert_allclose(outputs[q_out][:, q0:q1, 0], (tensors[tensor] ** 2).mean(axis=2), rtol=1e-5)
+
+
+def test_a_graph_naming_the_reduction_prefix_keeps_its_tensors() -> None:
+    taken = "onnx_ocnna_reduce/0/column_mean"
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], [taken]), helper.make_node("Identity", [taken], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    extended, located = collect.with_reductions(model, {taken: ColumnMoments(16, 4, 4)})
+    produced = [o for n in extended.graph.node for o in n.output]
+    assert len(produced) == len(set(produced))
+    session = ort.InferenceSession(extended.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((3, 16, 4, 4)).astype(np.float32)
+    (packed, start, end), _ = located[taken]
+    y, mean = session.run(["y", packed], {"x": x})
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    np.testing.assert_allclose(mean[:, start:end, 0], np.maximum(x, 0).mean(axis=2), rtol=1e-6)
+
+
+def test_large_batches_run_in_slices_with_the_same_scores(monkeypatch) -> None:
+    model, data = _net(), _data(samples=100)
+    calls = []
+    real = collect.ort_session
+
+    def counting_session(*args, **kwargs):
+        session = real(*args, **kwargs)
+
+        class Counting:
+            def __getattr__(self, name):
+                return getattr(session, name)
+
+            def run(self, names, feeds):
+                calls.append(len(next(iter(feeds.values()))))
+                return session.run(names, feeds)
+
+        return Counting()
+
+    monkeypatch.setattr(collect, "ort_session", counting_session)
+    whole = api.score(model, data, progress=False, calibration_options={"batch_size": 100}).groups
+    assert calls == [collect.RUN_ROWS] * 3 + [100 - 3 * collect.RUN_ROWS]
+    calls.clear()
+    small = api.score(model, data, progress=False, calibration_options={"batch_size": 10}).groups
+    assert calls == [10] * 10
+    for gid in whole:
+        np.testing.assert_allclose(whole[gid], small[gid], rtol=1e-9)
+    # Returned maps of more than a vector's size are not sliced: gluing them back would copy them.
+    calls.clear()
+    api.score(_net(height=32, width=32), _data(samples=100, height=32, width=32), progress=False,
+              criterion_options={"in_graph": False}, calibration_options={"batch_size": 100})
+    assert calls == [100]
+
+
+def test_a_static_batch_is_not_sliced() -> None:
+    model, data = _net(batch=40), _data(samples=80)
+    scores = api.score(model, data, progress=False, calibration_options={"batch_size": 40})
+    assert scores.samples == 80
