@@ -23,11 +23,14 @@ from onnx_ocnna.reductions import Reduction
 # How often a waiting worker checks for a stop, and how long the consumer waits for it to end.
 _POLL_SECONDS = 0.05
 _JOIN_SECONDS = 10.0
-# Images per ONNX Runtime run when the batch axis is dynamic. Measured on ResNet-56 (4,096
-# images, 2 threads): with the in-graph reductions 1.29x a plain pass at 32 against 1.42x at
-# 64 (more of each map is still in cache when the pools read it); returning the maps, 1.21x
-# against 1.33x. The plain pass itself is level from 32 to 64.
-RUN_ROWS = 32
+# Images per ONNX Runtime run when a batch may run in slices: about RUN_BYTES of measured
+# tensors per run, at most MAX_RUN_ROWS images. Measured with the reductions in the graph (2
+# threads, scoring seconds at 2 / 4 / 8 / 32 images per run): torchvision ResNet-50 at 224,
+# 40 MB of measured maps per image, 8.7 / 9.5 / 10.1 / 12.7 (plain pass 6.2); MobileNetV2,
+# 16 MB, 2.0 / 2.0 / 2.1 / 2.7; ResNet-18, 7 MB, 3.4 / 3.3 / 3.3 / 3.5; ResNet-56 (CIFAR), 2 MB,
+# 1.29x a plain pass at 32 against 1.42x at 64. The plain pass itself is level from 32 to 64.
+RUN_BYTES = 64 << 20
+MAX_RUN_ROWS = 32
 # A returned tensor of at most this many values per sample counts as small (a [N, C] vector).
 _SMALL_ELEMENTS = 4096
 
@@ -130,11 +133,14 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     session = ort_session(scoring_model, threads=threads, spinning=not names)
     fetch = names + sorted({packed for places in reduced_outputs.values() for packed, _, _ in places})
     feeds_names = {i.name for i in session.get_inputs()}
-    # A batch runs in slices of RUN_ROWS when every input's batch axis is dynamic and what comes
+    # A batch runs in slices (run_rows) when every input's batch axis is dynamic and what comes
     # back is small (reductions, [N, C] vectors, 1 x 1 maps), so that gluing the slices is cheap.
     small = all(_elements_per_sample(analysis.context.shape(tensors.get(n))) <= _SMALL_ELEMENTS for n in names)
     sliceable = small and all(isinstance(i.shape[0], str) or i.shape[0] is None
                               for i in session.get_inputs() if i.shape)
+    measured_bytes = sum(_elements_per_sample(analysis.context.shape(tensors.get(n))) * 4
+                         for n in set(measured.values()))
+    step = run_rows(measured_bytes)
 
     results: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
@@ -159,9 +165,9 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
                     break
                 feeds = {k: v for k, v in batch.feeds.items() if k in feeds_names}
                 rows = len(next(iter(feeds.values()))) if feeds else 0
-                if sliceable and rows > RUN_ROWS:
-                    parts = [session.run(fetch, {k: v[start:start + RUN_ROWS] for k, v in feeds.items()})
-                             for start in range(0, rows, RUN_ROWS)]
+                if sliceable and rows > step:
+                    parts = [session.run(fetch, {k: v[start:start + step] for k, v in feeds.items()})
+                             for start in range(0, rows, step)]
                     outputs = [np.concatenate(pieces) for pieces in zip(*parts)]
                 else:
                     outputs = session.run(fetch, feeds)
@@ -213,6 +219,13 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     if seen == 0:
         raise InputError("the calibration data produced no batches")
     return seen
+
+
+def run_rows(measured_bytes: float) -> int:
+    """Images per ONNX Runtime run for ``measured_bytes`` of measured tensors per image."""
+    if not measured_bytes or measured_bytes == float("inf"):
+        return 1
+    return int(max(1, min(MAX_RUN_ROWS, round(RUN_BYTES / measured_bytes))))
 
 
 def _elements_per_sample(shape: list | None) -> float:

@@ -151,7 +151,7 @@ def test_large_batches_run_in_slices_with_the_same_scores(monkeypatch) -> None:
 
     monkeypatch.setattr(collect, "ort_session", counting_session)
     whole = api.score(model, data, progress=False, calibration_options={"batch_size": 100}).groups
-    assert calls == [collect.RUN_ROWS] * 3 + [100 - 3 * collect.RUN_ROWS]
+    assert calls == [collect.MAX_RUN_ROWS] * 3 + [100 - 3 * collect.MAX_RUN_ROWS]
     calls.clear()
     small = api.score(model, data, progress=False, calibration_options={"batch_size": 10}).groups
     assert calls == [10] * 10
@@ -162,6 +162,16 @@ def test_large_batches_run_in_slices_with_the_same_scores(monkeypatch) -> None:
     api.score(_net(height=32, width=32), _data(samples=100, height=32, width=32), progress=False,
               criterion_options={"in_graph": False}, calibration_options={"batch_size": 100})
     assert calls == [100]
+
+
+def test_runs_hold_fewer_images_as_the_measured_maps_grow() -> None:
+    assert collect.run_rows(2e6) == collect.MAX_RUN_ROWS  # ResNet-56: 2 MB of maps per image
+    assert collect.run_rows(16.5 * 2**20) == 4  # MobileNetV2 at 224
+    assert collect.run_rows(40 * 2**20) == 2  # ResNet-50 at 224
+    assert collect.run_rows(1e9) == 1
+    assert collect.run_rows(float("inf")) == 1
+    sizes = [collect.run_rows(b) for b in np.geomspace(1e5, 1e9, 30)]
+    assert sizes == sorted(sizes, reverse=True)
 
 
 def test_a_static_batch_is_not_sliced() -> None:

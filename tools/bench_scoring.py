@@ -4,7 +4,8 @@ For a model and N calibration images it prints, each measured in a fresh subproc
 peak resident memory (ru_maxrss) belongs to that step alone:
 
 * the wall time of one plain ONNX Runtime pass over the N images (decoding included),
-* the wall time of scoring (same reader, same batches) for each criterion setting,
+* the wall time of scoring (same reader, same batches) for each criterion setting (OCNNA at
+  tau = 1 with its statistic reduced inside the graph, or ``:maps`` for the maps returned),
 * the scoring / plain ratio and the peak memory of both,
 * ONNX Runtime latency of the model pruned at k (batch 1 and 32, 1 and 2 threads) against its
   MACs ratio.
@@ -44,10 +45,13 @@ def _child(args) -> None:
             count += len(next(iter(batch.feeds.values())))
         result = {"samples": count}
     else:
-        criterion, tau, threads = (args.step.split(":") + ["", ""])[:3]  # ocnna[:tau[:eigenvalue threads]]
+        # ocnna[:tau[:eigenvalue threads[:maps]]]; "maps" returns every map (in_graph=False)
+        criterion, tau, threads, path = (args.step.split(":") + ["", "", ""])[:4]
         opts = {"pca_variance": float(tau)} if tau else {}
         if threads:
             opts["threads"] = int(threads)
+        if path == "maps":
+            opts["in_graph"] = False
         scores = api.score(model, source, criterion=criterion, criterion_options=opts, progress=False)
         result = {"samples": scores.samples}
     result["seconds"] = time.perf_counter() - start
@@ -98,7 +102,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", nargs="+", default=["ocnna:0.95", "ocnna:1.0"],
-                        help="criterion[:pca_variance[:eigenvalue threads]], e.g. ocnna:0.95:1")
+                        help="criterion[:pca_variance[:eigenvalue threads[:maps]]], e.g. ocnna:0.95:1 or "
+                             "ocnna:1.0::maps (the maps returned instead of reduced in the graph)")
     parser.add_argument("--percentile", type=float, nargs="+", default=[40])
     parser.add_argument("--round-to", nargs="+", default=["1", "auto"], help="integers or 'auto'")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
