@@ -133,14 +133,15 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     session = ort_session(scoring_model, threads=threads, spinning=not names)
     fetch = names + sorted({packed for places in reduced_outputs.values() for packed, _, _ in places})
     feeds_names = {i.name for i in session.get_inputs()}
-    # A batch runs in slices (run_rows) when every input's batch axis is dynamic and what comes
-    # back is small (reductions, [N, C] vectors, 1 x 1 maps), so that gluing the slices is cheap.
-    small = all(_elements_per_sample(analysis.context.shape(tensors.get(n))) <= _SMALL_ELEMENTS for n in names)
-    sliceable = small and all(isinstance(i.shape[0], str) or i.shape[0] is None
-                              for i in session.get_inputs() if i.shape)
+    # A batch runs in slices of run_rows() images when every input's batch axis is dynamic and
+    # the measured tensors' sizes are known. Small outputs (reductions, [N, C] vectors, 1 x 1
+    # maps) are glued back into the batch; maps go to the statistics slice by slice, so no more
+    # than a few slices of them are ever held.
+    dynamic_batch = all(isinstance(i.shape[0], str) or i.shape[0] is None for i in session.get_inputs() if i.shape)
     measured_bytes = sum(_elements_per_sample(analysis.context.shape(tensors.get(n))) * 4
                          for n in set(measured.values()))
-    step = run_rows(measured_bytes)
+    step = run_rows(measured_bytes) if dynamic_batch and np.isfinite(measured_bytes) else None
+    glue = all(_elements_per_sample(analysis.context.shape(tensors.get(n))) <= _SMALL_ELEMENTS for n in names)
 
     results: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
@@ -165,13 +166,20 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
                     break
                 feeds = {k: v for k, v in batch.feeds.items() if k in feeds_names}
                 rows = len(next(iter(feeds.values()))) if feeds else 0
-                if sliceable and rows > step:
-                    parts = [session.run(fetch, {k: v[start:start + step] for k, v in feeds.items()})
-                             for start in range(0, rows, step)]
-                    outputs = [np.concatenate(pieces) for pieces in zip(*parts)]
-                else:
-                    outputs = session.run(fetch, feeds)
-                if not hand_over((batch.labels, dict(zip(fetch, outputs)))):
+                if step is None or rows <= step:
+                    if not hand_over((batch.labels, dict(zip(fetch, session.run(fetch, feeds))), True)):
+                        break
+                    continue
+                parts = []
+                for start in range(0, rows, step):
+                    outputs = session.run(fetch, {k: v[start:start + step] for k, v in feeds.items()})
+                    if glue:
+                        parts.append(outputs)
+                        continue
+                    labels = None if batch.labels is None else batch.labels[start:start + step]
+                    if not hand_over((labels, dict(zip(fetch, outputs)), start + step >= rows)):
+                        return
+                if parts and not hand_over((batch.labels, dict(zip(fetch, map(np.concatenate, zip(*parts)))), True)):
                     break
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
@@ -192,7 +200,7 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     bar = tqdm(total=total, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress, leave=False)
     try:
         while (item := results.get()) is not None:
-            labels, outputs = item
+            labels, outputs, batch_done = item
             for member, accumulator in accumulators.items():
                 tensor = measured[member]
                 if tensor in reductions:
@@ -201,7 +209,7 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
                 else:
                     accumulator.update(outputs[tensor], labels)
             seen += len(next(iter(outputs.values()))) if outputs else 0
-            bar.update(1)
+            bar.update(1 if batch_done else 0)
     except BaseException:
         stop.set()
         _drain(results)  # frees the activations at once; the worker sees the stop within a poll
@@ -222,9 +230,9 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
 
 
 def run_rows(measured_bytes: float) -> int:
-    """Images per ONNX Runtime run for ``measured_bytes`` of measured tensors per image."""
-    if not measured_bytes or measured_bytes == float("inf"):
-        return 1
+    """Images per ONNX Runtime run for ``measured_bytes`` (finite) of measured tensors per image."""
+    if not measured_bytes:
+        return MAX_RUN_ROWS
     return int(max(1, min(MAX_RUN_ROWS, round(RUN_BYTES / measured_bytes))))
 
 

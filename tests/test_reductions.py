@@ -157,11 +157,26 @@ def test_large_batches_run_in_slices_with_the_same_scores(monkeypatch) -> None:
     assert calls == [10] * 10
     for gid in whole:
         np.testing.assert_allclose(whole[gid], small[gid], rtol=1e-9)
-    # Returned maps of more than a vector's size are not sliced: gluing them back would copy them.
+    # Returned maps of more than a vector's size are sliced too, and each slice goes to the
+    # statistics on its own: gluing them back would copy them and hold the whole batch.
     calls.clear()
-    api.score(_net(height=32, width=32), _data(samples=100, height=32, width=32), progress=False,
-              criterion_options={"in_graph": False}, calibration_options={"batch_size": 100})
-    assert calls == [100]
+    seen = []
+    real_update = OCNNAAccumulator.update
+
+    def recording_update(self, activations, labels=None):
+        seen.append(len(activations))
+        return real_update(self, activations, labels)
+
+    monkeypatch.setattr(OCNNAAccumulator, "update", recording_update)
+    big_model, big_data = _net(height=32, width=32), _data(samples=100, height=32, width=32)
+    maps = api.score(big_model, big_data, progress=False, criterion_options={"in_graph": False},
+                     calibration_options={"batch_size": 100}).groups
+    assert calls == [collect.MAX_RUN_ROWS] * 3 + [4]
+    assert max(seen) == collect.MAX_RUN_ROWS
+    reference = api.score(big_model, big_data, progress=False, criterion_options={"in_graph": False},
+                          calibration_options={"batch_size": 10}).groups
+    for gid in maps:
+        np.testing.assert_allclose(maps[gid], reference[gid], rtol=1e-9)
 
 
 def test_runs_hold_fewer_images_as_the_measured_maps_grow() -> None:
@@ -169,7 +184,6 @@ def test_runs_hold_fewer_images_as_the_measured_maps_grow() -> None:
     assert collect.run_rows(16.5 * 2**20) == 4  # MobileNetV2 at 224
     assert collect.run_rows(40 * 2**20) == 2  # ResNet-50 at 224
     assert collect.run_rows(1e9) == 1
-    assert collect.run_rows(float("inf")) == 1
     sizes = [collect.run_rows(b) for b in np.geomspace(1e5, 1e9, 30)]
     assert sizes == sorted(sizes, reverse=True)
 
