@@ -175,13 +175,13 @@ def energy_from_column_moments(mean: np.ndarray, mean_square: np.ndarray, height
         height: H.
 
     Each column contributes H * (mean square - mean^2). The two float32 inputs carry their
-    own rounding: for a constant column they differ by less than H units
-    of 2^-24 relative (measured: at most 0.7 H, H = 8 to 224), so a column whose difference is
-    under twice that counts as constant and contributes exactly 0, as on the maps path; a
-    constant map still gives F = 0 and not rounding noise that looks like a steady filter.
-    Elsewhere the relative error of a column's term is about H * 2^-24 * mean square /
-    variance: on ResNet-56 (1,024 images) F agrees with the float64 maps within 3.4e-4 and the
-    scores within 1.1e-5.
+    own rounding: for a constant column they differ by less than H units of 2^-24 relative
+    (measured: at most 0.7 H, H = 8 to 224), so a column whose difference is under twice that
+    counts as constant and contributes exactly 0, as on the maps path; a constant map still
+    gives F = 0 and not rounding noise that looks like a steady filter. Elsewhere the relative
+    error of a column's term is about H * 2^-24 * mean square / variance. Measured on the four
+    CIFAR ResNets of ../shared/data (1,024 images, against float64 maps): F within 3.9e-4,
+    every member's scores within 1.9e-5, every ranking identical.
     """
     m = np.asarray(mean)
     q = np.asarray(mean_square)
