@@ -192,3 +192,28 @@ def test_a_static_batch_is_not_sliced() -> None:
     model, data = _net(batch=40), _data(samples=80)
     scores = api.score(model, data, progress=False, calibration_options={"batch_size": 40})
     assert scores.samples == 80
+
+
+def test_reduced_maps_and_returned_vectors_glue_back_into_one_batch(monkeypatch) -> None:
+    """A hidden fully connected layer's [N, C] output comes back whole while the first Conv's
+    map is reduced; both halves of a sliced batch are glued and scored like an unsliced run."""
+    g = GraphBuilder(seed=4)
+    h = g.relu(g.conv("x", 3, 16, name="c1"))
+    h = g.relu(g.conv(h, 16, 16, name="c2"))
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [h])[0]])[0]
+    hidden = g.relu(g.gemm(flat, 16, 32, name="fc1"))
+    model = g.model(["N", 3, 12, 10], g.gemm(hidden, 32, 4, name="fc2"))
+    data = _data(samples=100)
+    rows = {"reduced": [], "returned": []}
+    real_reduced, real_update = OCNNAAccumulator.update_reduced, OCNNAAccumulator.update
+    monkeypatch.setattr(OCNNAAccumulator, "update_reduced", lambda self, r, reduced, labels=None: (
+        rows["reduced"].append(len(reduced[0])), real_reduced(self, r, reduced, labels))[1])
+    monkeypatch.setattr(OCNNAAccumulator, "update", lambda self, a, labels=None: (
+        rows["returned"].append(np.ndim(a)), real_update(self, a, labels))[1])
+    sliced = api.score(model, data, progress=False, calibration_options={"batch_size": 100})
+    assert rows["reduced"] == [100] and sorted(rows["returned"]) == [2, 4]  # fc1 [N, 32]; c2's 1 x 1 map
+    whole = api.score(model, data, progress=False, calibration_options={"batch_size": 10},
+                      criterion_options={"in_graph": False})
+    assert len(sliced.groups) == 3 and sliced.samples == 100
+    for gid in whole.groups:
+        np.testing.assert_allclose(sliced.groups[gid], whole.groups[gid], rtol=1e-5)
