@@ -165,22 +165,9 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
                 if stop.is_set():
                     break
                 feeds = {k: v for k, v in batch.feeds.items() if k in feeds_names}
-                rows = len(next(iter(feeds.values()))) if feeds else 0
-                if step is None or rows <= step:
-                    if not hand_over((batch.labels, dict(zip(fetch, session.run(fetch, feeds))), True)):
-                        break
-                    continue
-                parts = []
-                for start in range(0, rows, step):
-                    outputs = session.run(fetch, {k: v[start:start + step] for k, v in feeds.items()})
-                    if glue:
-                        parts.append(outputs)
-                        continue
-                    labels = None if batch.labels is None else batch.labels[start:start + step]
-                    if not hand_over((labels, dict(zip(fetch, outputs)), start + step >= rows)):
+                for item in _runs(session, fetch, feeds, batch.labels, step, glue):
+                    if not hand_over(item):
                         return
-                if parts and not hand_over((batch.labels, dict(zip(fetch, map(np.concatenate, zip(*parts)))), True)):
-                    break
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
         finally:
@@ -227,6 +214,26 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     if seen == 0:
         raise InputError("the calibration data produced no batches")
     return seen
+
+
+def _runs(session, fetch: list[str], feeds: dict[str, np.ndarray], labels: np.ndarray | None,
+          step: int | None, glue: bool):
+    """Run one batch, in slices of ``step`` rows when given; yields (labels, outputs by name,
+    whether the batch is done): one item per slice, or one for the batch when ``glue``."""
+    rows = len(next(iter(feeds.values()))) if feeds else 0
+    if step is None or rows <= step:
+        yield labels, dict(zip(fetch, session.run(fetch, feeds))), True
+        return
+    parts = []
+    for start in range(0, rows, step):
+        outputs = session.run(fetch, {k: v[start:start + step] for k, v in feeds.items()})
+        if glue:
+            parts.append(outputs)
+        else:
+            yield (None if labels is None else labels[start:start + step]), dict(zip(fetch, outputs)), \
+                start + step >= rows
+    if parts:
+        yield labels, dict(zip(fetch, map(np.concatenate, zip(*parts)))), True
 
 
 def run_rows(measured_bytes: float) -> int:
