@@ -28,7 +28,7 @@ _JOIN_SECONDS = 10.0
 # threads, scoring seconds at 2 / 4 / 8 / 32 images per run): torchvision ResNet-50 at 224,
 # 40 MB of measured maps per image, 8.7 / 9.5 / 10.1 / 12.7 (plain pass 6.2); MobileNetV2,
 # 16 MB, 2.0 / 2.0 / 2.1 / 2.7; ResNet-18, 7 MB, 3.4 / 3.3 / 3.3 / 3.5; ResNet-56 (CIFAR), 2 MB,
-# 1.29x a plain pass at 32 against 1.42x at 64. The plain pass itself is level from 32 to 64.
+# ORT alone 1.29x a plain pass at 32 against 1.42x at 64. A plain pass is level from 32 to 64.
 RUN_BYTES = 64 << 20
 MAX_RUN_ROWS = 32
 # A returned tensor of at most this many values per sample counts as small (a [N, C] vector).
@@ -138,10 +138,10 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     # maps) are glued back into the batch; maps go to the statistics slice by slice, so no more
     # than a few slices of them are ever held.
     dynamic_batch = all(isinstance(i.shape[0], str) or i.shape[0] is None for i in session.get_inputs() if i.shape)
-    measured_bytes = sum(_elements_per_sample(analysis.context.shape(tensors.get(n))) * 4
-                         for n in set(measured.values()))
+    sizes = {n: _elements_per_sample(analysis.context.shape(tensors.get(n))) for n in set(measured.values())}
+    measured_bytes = 4 * sum(sizes.values())
     step = run_rows(measured_bytes) if dynamic_batch and np.isfinite(measured_bytes) else None
-    glue = all(_elements_per_sample(analysis.context.shape(tensors.get(n))) <= _SMALL_ELEMENTS for n in names)
+    glue = all(sizes[n] <= _SMALL_ELEMENTS for n in names)
 
     results: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
