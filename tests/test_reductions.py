@@ -4,6 +4,8 @@ outputs, and slicing of large batches."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -36,6 +38,15 @@ def _net(batch="N", constant_filter: bool = True, height: int = 12, width: int =
                 continue
             init.CopyFrom(numpy_helper.from_array(values, init.name))
     return model
+
+
+def _flat_net() -> onnx.ModelProto:
+    """conv-relu-conv-relu-flatten-gemm on [N, 3, 8, 8]: every measured map is 8 x 8, so with
+    OCNNA at tau = 1 every one is reduced and nothing comes back whole."""
+    g = GraphBuilder(seed=5)
+    h = g.relu(g.conv("x", 3, 16, name="c1"))
+    h = g.relu(g.conv(h, 16, 16, name="c2"))
+    return g.model(["N", 3, 8, 8], g.gemm(g.node("Flatten", [h])[0], 16 * 8 * 8, 4))
 
 
 def _data(samples: int = 96, height: int = 12, width: int = 10, seed: int = 0) -> np.ndarray:
@@ -217,3 +228,63 @@ def test_reduced_maps_and_returned_vectors_glue_back_into_one_batch(monkeypatch)
     assert len(sliced.groups) == 3 and sliced.samples == 100
     for gid in whole.groups:
         np.testing.assert_allclose(sliced.groups[gid], whole.groups[gid], rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_graph", [True, False])  # all reduced: one thread; maps: a worker
+def test_a_failing_calibration_source_is_reported_and_closed(in_graph: bool) -> None:
+    from onnx_ocnna.calibration import Batch
+    from onnx_ocnna.criteria import get_criterion
+    from onnx_ocnna.errors import InputError
+
+    pruner = api.Pruner(_flat_net())
+    crit = get_criterion("ocnna", in_graph=in_graph)
+    accumulators = {m: crit.new_accumulator(api.member_info(pruner.analysis, m))
+                    for g in pruner.analysis.groups if g.prunable for m in g.members}
+    closed = []
+
+    def batches():
+        try:
+            for i in range(3):
+                yield Batch({"x": np.zeros((4, 3, 8, 8), np.float32)}, None)
+            raise OSError("disk gone\nsecond line")
+        finally:
+            closed.append(True)
+
+    with pytest.raises(InputError, match="calibration run failed: disk gone$"):
+        collect.collect(pruner.prepared_model(), pruner.analysis, crit, accumulators, batches(), progress=False)
+    assert closed == [True]
+
+
+def test_an_interrupt_in_the_statistics_closes_the_source_at_once(monkeypatch) -> None:
+    """With the statistics in the calling thread (reductions), a Ctrl-C in them stops the run
+    and closes the calibration source before collect returns."""
+    from onnx_ocnna.calibration import Batch
+    from onnx_ocnna.criteria import get_criterion
+
+    pruner = api.Pruner(_flat_net())
+    crit = get_criterion("ocnna")
+    accumulators = {m: crit.new_accumulator(api.member_info(pruner.analysis, m))
+                    for g in pruner.analysis.groups if g.prunable for m in g.members}
+    calls = []
+
+    def interrupting(self, reduction, reduced, labels=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(OCNNAAccumulator, "update_reduced", interrupting)
+    produced, closed = [], []
+
+    def batches():
+        try:
+            for i in range(1000):
+                produced.append(i)
+                yield Batch({"x": np.zeros((4, 3, 8, 8), np.float32)}, None)
+        finally:
+            closed.append(True)
+
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        collect.collect(pruner.prepared_model(), pruner.analysis, crit, accumulators, batches(), progress=False)
+    assert closed == [True] and len(produced) == 1  # two members: the second update of batch 0
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive() and t.name != "tqdm_monitor"]
