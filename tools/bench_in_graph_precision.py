@@ -6,7 +6,7 @@ one returning every measured map, one with the column-moment reductions the scor
 (``onnx_ocnna.reductions``). Per measured tensor it compares F (per image and channel) and
 the per-layer scores mean(F) / std(F) from
 
-* the reductions (float32 pools, :func:`energy_from_column_moments`),
+* the reductions (float32 means of column moments, :func:`energy_from_column_moments`),
 * the maps in float32 (the ``in_graph=False`` path),
 
 with F from the maps in float64, and says whether each layer's ranking is the float64 one.
@@ -60,8 +60,9 @@ def measure(path: Path, images: Path, samples: int, preprocess: str) -> dict:
         for n in names:
             f["f64"][n].append(ocnna_frobenius(maps[n].astype(np.float64), 1.0, dtype=np.float64))
             f["maps32"][n].append(ocnna_frobenius(maps[n], 1.0))
-            mean, mean_square = (outputs[out][:, a:b] for out, a, b in located[n])
-            f["graph"][n].append(np.sqrt(energy_from_column_moments(mean, mean_square, reductions[n].height)))
+            mean_square, squared_mean = (outputs[out][:, a:b] for out, a, b in located[n])
+            f["graph"][n].append(np.sqrt(energy_from_column_moments(mean_square, squared_mean, reductions[n].height,
+                                                                    reductions[n].width)))
     result = {"model": path.name, "tensors": len(names)}
     for kind in ("maps32", "graph"):
         f_err = score_err = 0.0

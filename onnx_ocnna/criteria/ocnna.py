@@ -13,8 +13,8 @@ How F is computed, exactly and fast:
   (H-1) x W matrix whose constant columns are exact zeros (a constant map gives F = 0,
   not rounding noise). The eigenproblem is the smaller Gram matrix, Y Y^T or Y^T Y.
 * tau = 1 keeps every component, so F^2 = ||O - column means||_F^2 and no eigenvalues
-  are needed. By default ONNX Runtime reduces each map to its column means and mean
-  squares inside the scoring graph (:mod:`onnx_ocnna.reductions`,
+  are needed. By default ONNX Runtime reduces each map to two means of its column moments
+  inside the scoring graph (:mod:`onnx_ocnna.reductions`,
   :func:`energy_from_column_moments`), which spares returning the maps; with
   ``in_graph=False`` the maps come back and NumPy reads them twice (:func:`_centred_energy`).
 * tau < 1 needs the eigenvalues of every map's Gram matrix. They come from batched
@@ -46,8 +46,8 @@ _CONSTANT_RTOL = 1e-6
 _EIG_CHUNK = 4096
 # _centred_energy keeps its two-pass result only where variance >= this * raw energy.
 _FAST_MIN_RATIO = 0.1
-# energy_from_column_moments: a column whose variance is under this many H-ulps of its mean
-# square (float32) is constant up to rounding.
+# energy_from_column_moments: a map whose variance is under this many (H + W)-ulps of its mean
+# square (float32) has constant columns up to rounding.
 _COLUMN_CONSTANT_ULPS = 2
 # Maps per chunk of _centred_energy: about this many bytes, so a chunk stays in L2 cache.
 _CHUNK_BYTES = 1 << 18
@@ -166,31 +166,30 @@ def _centred_energy(o: np.ndarray) -> np.ndarray:
     return f2
 
 
-def energy_from_column_moments(mean: np.ndarray, mean_square: np.ndarray, height: int) -> np.ndarray:
+def energy_from_column_moments(mean_square: np.ndarray, mean_squared_column_mean: np.ndarray,
+                               height: int, width: int) -> np.ndarray:
     """||o - column means||_F^2 of each map from its column moments, shape [N, C] float64.
 
     Args:
-        mean, mean_square: each column's mean and mean square over the H rows, float32,
-            shape [N, C, 1, W] (:class:`onnx_ocnna.reductions.ColumnMoments`).
-        height: H.
+        mean_square: each map's mean square, float32, shape [N, C, 1, 1].
+        mean_squared_column_mean: the mean over its W columns of each column's squared mean
+            over the H rows, shape [N, C, 1, 1] (:class:`onnx_ocnna.reductions.ColumnMoments`).
+        height, width: H and W.
 
-    Each column contributes H * (mean square - mean^2). The two float32 inputs carry their
-    own rounding: for a constant column they differ by less than H units of 2^-24 relative
-    (measured: at most 0.7 H, H = 8 to 224), so a column whose difference is under twice that
-    counts as constant and contributes exactly 0, as on the maps path; a constant map still
-    gives F = 0 and not rounding noise that looks like a steady filter. Elsewhere the relative
-    error of a column's term is about H * 2^-24 * mean square / variance. Measured on the four
-    CIFAR ResNets of ../shared/data (1,024 images, against float64 maps,
-    tools/bench_in_graph_precision.py): F within 3.9e-4, every layer's scores within 1.9e-5,
-    every ranking the float64 one.
+    The energy is H * W * (mean square - mean squared column mean). The two float32 inputs
+    carry their own rounding: where every column is constant they differ by less than H + W
+    units of 2^-24 relative (measured: at most 0.7 (H + W), H and W from 1 to 224), so a map
+    whose difference is under twice that counts as column-constant and gives exactly F = 0, as
+    on the maps path, and not rounding noise that would look like a steady filter. Elsewhere
+    the relative error of the energy is about (H + W) * 2^-24 * mean square / energy per pixel.
+    Measured on the four CIFAR ResNets of ../shared/data (1,024 images, against float64 maps,
+    tools/bench_in_graph_precision.py): see the README.
     """
-    m = np.asarray(mean)
-    q = np.asarray(mean_square)
-    # In the inputs' float32: the subtraction of two close values is exact, and the rounding of
-    # m * m (half an ulp of the mean square) is below the threshold; the sum is taken in float64.
-    per_column = q - m * m
-    per_column *= per_column > _COLUMN_CONSTANT_ULPS * height * np.finfo(np.float32).epsneg * q
-    return height * per_column.sum(axis=(2, 3), dtype=np.float64)
+    q = np.asarray(mean_square, dtype=np.float64)[:, :, 0, 0]
+    m = np.asarray(mean_squared_column_mean, dtype=np.float64)[:, :, 0, 0]
+    difference = q - m
+    difference[difference <= _COLUMN_CONSTANT_ULPS * (height + width) * np.finfo(np.float32).epsneg * q] = 0.0
+    return height * width * difference
 
 
 def _top_energy(y: np.ndarray, tau: float, threads: int, backend: str) -> np.ndarray:
@@ -296,11 +295,11 @@ class OCNNAAccumulator(Accumulator):
 
     def update_reduced(self, reduction: ColumnMoments, reduced: list[np.ndarray],
                        labels: np.ndarray | None = None) -> None:
-        mean, mean_square = (np.asarray(r) for r in reduced)
-        if mean.ndim != 4 or mean.shape[1:3] != (self.channels, 1) or mean.shape != mean_square.shape:
-            raise InputError(f"expected column moments of shape [N, {self.channels}, 1, W], got "
-                             f"{list(mean.shape)} and {list(mean_square.shape)}")
-        self._add(np.sqrt(energy_from_column_moments(mean, mean_square, reduction.height)))
+        mean_square, squared_mean = (np.asarray(r) for r in reduced)
+        if mean_square.shape[1:] != (self.channels, 1, 1) or squared_mean.shape != mean_square.shape:
+            raise InputError(f"expected column moments of shape [N, {self.channels}, 1, 1], got "
+                             f"{list(mean_square.shape)} and {list(squared_mean.shape)}")
+        self._add(np.sqrt(energy_from_column_moments(mean_square, squared_mean, reduction.height, reduction.width)))
 
     def _add(self, f: np.ndarray) -> None:
         if not np.isfinite(f).all():
