@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Generator, Iterable, Iterator
+from typing import Callable, Generator, Iterable
 
 import numpy as np
 import onnx
@@ -144,7 +144,7 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     step = run_rows(measured_bytes) if dynamic_batch and np.isfinite(measured_bytes) else None
     glue = all(sizes[n] <= _SMALL_ELEMENTS for n in names)
 
-    def items() -> Iterator[tuple]:
+    def items() -> Generator[tuple, None, None]:
         """(labels, outputs by name, whether the batch is done) for every run over ``batches``."""
         iterator = iter(batches)
         try:
@@ -229,8 +229,9 @@ def _elements_per_sample(shape: list | None) -> float:
 _DONE = object()
 
 
-def _in_background(produce: Callable[[], Iterator]) -> Generator:
-    """The items of ``produce()``, computed one or two ahead in a worker thread; its exception,
+def _in_background(produce: Callable[[], Generator]) -> Generator:
+    """The items of the generator ``produce()``, computed one or two ahead in a worker thread
+    (which also closes it, so its clean-up runs there); its exception,
     if any, is raised here after the items before it. Closing this generator (or an exception
     in the consumer) stops the worker within a poll and waits for it, bounded."""
     results: queue.Queue = queue.Queue(maxsize=2)
