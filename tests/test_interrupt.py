@@ -18,7 +18,7 @@ from graphs import GraphBuilder
 from onnx import numpy_helper
 
 from onnx_ocnna.calibration import Batch
-from onnx_ocnna.collect import collect
+from onnx_ocnna.collect import GLUE_ROWS, collect
 from onnx_ocnna.criteria.base import Accumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,8 @@ def test_collect_interrupted_stops_its_worker():
     def batches():
         for i in range(1000):
             produced.append(i)
-            yield Batch({"x": np.zeros((2, 3, 8, 8), np.float32)}, None)
+            # A batch of GLUE_ROWS rows is one item: smaller outputs would be grouped first.
+            yield Batch({"x": np.zeros((GLUE_ROWS, 3, 8, 8), np.float32)}, None)
 
     before = set(threading.enumerate())
     raised: list[BaseException] = []

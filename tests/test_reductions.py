@@ -286,7 +286,7 @@ def test_an_interrupt_in_the_statistics_closes_the_source_at_once(monkeypatch) -
         try:
             for i in range(1000):
                 produced.append(i)
-                yield Batch({"x": np.zeros((4, 3, 8, 8), np.float32)}, None)
+                yield Batch({"x": np.zeros((collect.GLUE_ROWS, 3, 8, 8), np.float32)}, None)
         finally:
             closed.append(True)
 
@@ -295,3 +295,23 @@ def test_an_interrupt_in_the_statistics_closes_the_source_at_once(monkeypatch) -
         collect.collect(pruner.prepared_model(), pruner.analysis, crit, accumulators, batches(), progress=False)
     assert closed == [True] and len(produced) == 1  # two members: the second update of batch 0
     assert not [t for t in set(threading.enumerate()) - before if t.is_alive() and t.name != "tqdm_monitor"]
+
+
+def test_small_outputs_of_small_batches_reach_the_statistics_in_groups(monkeypatch) -> None:
+    """A static batch of 1 runs one image at a time; the statistics get GLUE_ROWS rows at once,
+    and the scores and sample count are those of large batches."""
+    model, data = _net(batch=1, height=8, width=8), _data(samples=150, height=8, width=8)
+    seen = []
+    real = OCNNAAccumulator.update_reduced
+
+    def recording(self, reduction, reduced, labels=None):
+        seen.append(len(reduced[0]))
+        return real(self, reduction, reduced, labels)
+
+    monkeypatch.setattr(OCNNAAccumulator, "update_reduced", recording)
+    one = api.score(model, data, progress=False, calibration_options={"batch_size": 1})
+    assert seen == [collect.GLUE_ROWS, collect.GLUE_ROWS, 150 - 2 * collect.GLUE_ROWS]
+    assert one.samples == 150
+    whole = api.score(_net(height=8, width=8), data, progress=False, calibration_options={"batch_size": 150})
+    for gid in whole.groups:
+        np.testing.assert_allclose(one.groups[gid], whole.groups[gid], rtol=1e-9)
