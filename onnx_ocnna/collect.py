@@ -140,8 +140,8 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     feeds_names = {i.name for i in session.get_inputs()}
     # A batch runs in slices of run_rows() images when every input's batch axis is dynamic and
     # the measured tensors' sizes are known. Small outputs (reductions, [N, C] vectors, 1 x 1
-    # maps) are glued back into the batch; maps go to the statistics slice by slice, so no more
-    # than a few slices of them are ever held.
+    # maps) are gathered into groups of GLUE_ROWS rows; maps go to the statistics run by run,
+    # so no more than a few runs of them are ever held.
     dynamic_batch = all(isinstance(i.shape[0], str) or i.shape[0] is None for i in session.get_inputs() if i.shape)
     sizes = {n: _elements_per_sample(analysis.context.shape(tensors.get(n))) for n in set(measured.values())}
     measured_bytes = 4 * sum(sizes.values())
@@ -156,7 +156,7 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
         try:
             for batch in iterator:
                 feeds = {k: v for k, v in batch.feeds.items() if k in feeds_names}
-                for labels, outputs, finished in _runs(session, fetch, feeds, batch.labels, step, glue):
+                for labels, outputs, finished in _runs(session, fetch, feeds, batch.labels, step):
                     if not glue:
                         yield labels, outputs, int(finished)
                         continue
@@ -208,23 +208,17 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
 
 
 def _runs(session, fetch: list[str], feeds: dict[str, np.ndarray], labels: np.ndarray | None,
-          step: int | None, glue: bool):
+          step: int | None):
     """Run one batch, in slices of ``step`` rows when given; yields (labels, outputs by name,
-    whether the batch is done): one item per slice, or one for the batch when ``glue``."""
+    whether the batch is done) per run."""
     rows = len(next(iter(feeds.values()))) if feeds else 0
     if step is None or rows <= step:
         yield labels, dict(zip(fetch, session.run(fetch, feeds))), True
         return
-    parts = []
     for start in range(0, rows, step):
         outputs = session.run(fetch, {k: v[start:start + step] for k, v in feeds.items()})
-        if glue:
-            parts.append(outputs)
-        else:
-            yield (None if labels is None else labels[start:start + step]), dict(zip(fetch, outputs)), \
-                start + step >= rows
-    if parts:
-        yield labels, dict(zip(fetch, map(np.concatenate, zip(*parts)))), True
+        yield (None if labels is None else labels[start:start + step]), dict(zip(fetch, outputs)), \
+            start + step >= rows
 
 
 def _rows(outputs: dict[str, np.ndarray]) -> int:

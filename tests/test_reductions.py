@@ -212,9 +212,10 @@ def test_a_static_batch_is_not_sliced() -> None:
     assert scores.samples == 80
 
 
-def test_reduced_maps_and_returned_vectors_glue_back_into_one_batch(monkeypatch) -> None:
+def test_reduced_maps_and_returned_vectors_are_gathered_together(monkeypatch) -> None:
     """A hidden fully connected layer's [N, C] output comes back whole while the first Conv's
-    map is reduced; both halves of a sliced batch are glued and scored like an unsliced run."""
+    map is reduced; the runs of a sliced batch are gathered into groups of GLUE_ROWS rows and
+    scored like the maps path."""
     g = GraphBuilder(seed=4)
     h = g.relu(g.conv("x", 3, 16, name="c1"))
     h = g.relu(g.conv(h, 16, 16, name="c2"))
@@ -229,7 +230,8 @@ def test_reduced_maps_and_returned_vectors_glue_back_into_one_batch(monkeypatch)
     monkeypatch.setattr(OCNNAAccumulator, "update", lambda self, a, labels=None: (
         rows["returned"].append(np.ndim(a)), real_update(self, a, labels))[1])
     sliced = api.score(model, data, progress=False, calibration_options={"batch_size": 100})
-    assert rows["reduced"] == [100] and sorted(rows["returned"]) == [2, 4]  # fc1 [N, 32]; c2's 1 x 1 map
+    assert rows["reduced"] == [collect.GLUE_ROWS, 100 - collect.GLUE_ROWS]
+    assert sorted(rows["returned"]) == [2, 2, 4, 4]  # fc1 [N, 32] and c2's 1 x 1 map, per group
     whole = api.score(model, data, progress=False, calibration_options={"batch_size": 10},
                       criterion_options={"in_graph": False})
     assert len(sliced.groups) == 3 and sliced.samples == 100
