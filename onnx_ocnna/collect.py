@@ -153,6 +153,7 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
         outputs are handed on in groups of at least GLUE_ROWS rows."""
         iterator = iter(batches)
         pending: list[tuple] = []
+        pending_rows = 0
         try:
             for batch in iterator:
                 feeds = {k: v for k, v in batch.feeds.items() if k in feeds_names}
@@ -161,9 +162,10 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
                         yield labels, outputs, int(finished)
                         continue
                     pending.append((labels, outputs, int(finished)))
-                    if sum(_rows(o) for _, o, _ in pending) >= GLUE_ROWS:
+                    pending_rows += _rows(outputs)
+                    if pending_rows >= GLUE_ROWS:
                         yield _merged(pending)
-                        pending = []
+                        pending, pending_rows = [], 0
             if pending:
                 yield _merged(pending)
         finally:
@@ -211,7 +213,7 @@ def _runs(session, fetch: list[str], feeds: dict[str, np.ndarray], labels: np.nd
           step: int | None):
     """Run one batch, in slices of ``step`` rows when given; yields (labels, outputs by name,
     whether the batch is done) per run."""
-    rows = len(next(iter(feeds.values()))) if feeds else 0
+    rows = _rows(feeds)
     if step is None or rows <= step:
         yield labels, dict(zip(fetch, session.run(fetch, feeds))), True
         return
@@ -221,8 +223,9 @@ def _runs(session, fetch: list[str], feeds: dict[str, np.ndarray], labels: np.nd
             start + step >= rows
 
 
-def _rows(outputs: dict[str, np.ndarray]) -> int:
-    return len(next(iter(outputs.values()))) if outputs else 0
+def _rows(arrays: dict[str, np.ndarray]) -> int:
+    """Rows (samples) of a dict of batch-first arrays, 0 when empty."""
+    return len(next(iter(arrays.values()))) if arrays else 0
 
 
 def _merged(pending: list[tuple]) -> tuple:

@@ -24,8 +24,9 @@ import numpy as np
 import onnx
 
 from onnx_ocnna import api
-from onnx_ocnna.collect import with_outputs, with_reductions
-from onnx_ocnna.criteria.ocnna import OCNNAAccumulator, energy_from_column_moments, ocnna_frobenius, snr_scores
+from onnx_ocnna.collect import _reductions, with_outputs, with_reductions
+from onnx_ocnna.criteria import get_criterion
+from onnx_ocnna.criteria.ocnna import energy_from_column_moments, ocnna_frobenius, snr_scores
 from onnx_ocnna.model_io import ort_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +39,13 @@ def measure(path: Path, images: Path, samples: int, preprocess: str) -> dict:
     model = onnx.load(path)
     source = api.as_source(str(images), model, preprocess=preprocess, max_samples=samples, batch_size=64)
     pruner = api.pruner_for(model, source)
-    analysis, tensors = pruner.analysis, pruner.analysis.graph.tensors()
-    reductions = {}
-    for group in analysis.groups:
-        for member in group.members if group.prunable else ():
-            name = group.measured[member]
-            reduction = OCNNAAccumulator(group.member_channels[member].size).reduction(
-                list(analysis.context.shape(tensors[name]) or []))
-            if reduction is not None:
-                reductions[name] = reduction
+    analysis = pruner.analysis
+    # The tensors and reductions scoring itself would choose.
+    criterion = get_criterion("ocnna", pca_variance=1.0)
+    accumulators = {m: criterion.new_accumulator(api.member_info(analysis, m))
+                    for g in analysis.groups if g.prunable for m in g.members}
+    measured = {m: analysis.group_of(m).measured[m] for m in accumulators}
+    reductions = _reductions(analysis, analysis.graph.tensors(), accumulators, measured)
     names = sorted(reductions)
     maps_session = ort_session(with_outputs(pruner.prepared_model(), names))
     reduced_model, located = with_reductions(pruner.prepared_model(), reductions)
