@@ -759,7 +759,7 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
             temperature: float = 4.0, alpha: float = 0.5, augment: bool = True, hflip: bool = True,
             eval_data: Any = None, calibration_options: dict | None = None, eval_options: dict | None = None,
             progress: bool = True, seed: int = 0, checkpoint_dir: str | os.PathLike | None = None,
-            resume: bool = False, optimizer: str = "sgd", bn: str = "train"):
+            resume: bool = False, optimizer: str = "sgd", bn: str = "train", threads: int | None = None):
     """Knowledge distillation (SPEC section 7): the pruned ``student`` learns from ``teacher``.
 
     Args:
@@ -770,6 +770,10 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
             BatchNorms are restored around their Convs meanwhile); see :mod:`onnx_ocnna.distill.batchnorm`.
         eval_data: held-out data for per-epoch accuracy (or agreement without labels).
         checkpoint_dir: save a checkpoint after every epoch; ``resume`` continues from it.
+        threads: CPU threads for training and the teacher. None: the first steps are timed with
+            each candidate count and the fastest is kept, so the count follows the machine's load;
+            PyTorch's sums differ in their last bits between thread counts and training amplifies
+            that, so only a fixed count makes a run repeatable bit for bit.
     Returns:
         (the student with trained initializers, same graph structure; a DistillReport).
     """
@@ -784,4 +788,4 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
     return run_distill(student, teacher, source.batches, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
                        augment=augment, hflip=hflip, eval_batches=held_out.batches if held_out else None,
                        progress=progress, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
-                       optimizer=optimizer, bn=bn)
+                       optimizer=optimizer, bn=bn, threads=threads)

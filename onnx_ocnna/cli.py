@@ -80,6 +80,9 @@ def _add_distill_options(group, flag: bool = True) -> None:
     group.add_argument("--no-flip", action="store_true", help="random crop only (for digits, text, ...)")
     group.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="save a checkpoint after every epoch")
     group.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    group.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="CPU threads for distillation (default: the fastest count on the first steps, which "
+                            "follows the machine's load; a fixed N makes a run repeatable bit for bit)")
 
 
 def _add_selection_options(group) -> None:
@@ -733,7 +736,8 @@ def _distill_options(args) -> dict:
     return dict(train=train, epochs=args.epochs, lr=args.lr, temperature=args.temperature, alpha=args.alpha,
                 augment=not args.no_augment, hflip=not args.no_flip, eval_data=args.eval,
                 calibration_options=options, eval_options=eval_options, progress=not args.quiet, seed=args.seed,
-                checkpoint_dir=args.checkpoint_dir, resume=args.resume, optimizer=args.optimizer, bn=args.bn)
+                checkpoint_dir=args.checkpoint_dir, resume=args.resume, optimizer=args.optimizer, bn=args.bn,
+                threads=args.threads)
 
 
 def _run_distill(args) -> int:

@@ -94,7 +94,8 @@ def test_existing_output_needs_overwrite(model_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["--criterion", "nonsense"], ["--scope", "everything"], ["--percentile", "abc"],
                                   ["--percentile", "150", "--criterion", "l1"], ["--percentile", "100"],
-                                  ["--batch-size", "0"], ["--speed-floor", "-1"], ["--speed-floor", "fast"]])
+                                  ["--batch-size", "0"], ["--speed-floor", "-1"], ["--speed-floor", "fast"],
+                                  ["--distill", "--threads", "0"]])
 def test_bad_option_values(argv, model_path, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([str(model_path), str(tmp_path / "out.onnx"), *argv])

@@ -121,7 +121,7 @@ def test_table_shows_top1_after_every_stage_and_their_times(digits_files, tmp_pa
     code = main([str(digits_files / "digits.onnx"), str(out), "--calib", str(digits_files / "calibration.npz"),
                  "--percentile", "50", "--distill", "--train", str(digits_files / "train.npz"),
                  "--train-samples", "300", "--epochs", "1", "--no-flip", "--eval", str(digits_files / "test.npz"),
-                 "--quiet", "--report", str(report)])
+                 "--threads", "1", "--quiet", "--report", str(report)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     stdout = captured.out
@@ -144,6 +144,8 @@ def test_table_shows_top1_after_every_stage_and_their_times(digits_files, tmp_pa
     top1 = float((ort_session(out).run(None, {"input": x})[0].argmax(1) == y).mean())
     assert stages[-1]["top1"] == pytest.approx(top1) == pytest.approx(data["accuracy"]["top1_after"])
     assert data["timings"]["distill_s"] >= data["extra"]["distillation"]["seconds"] > 0
+    settings = data["extra"]["distillation"]["settings"]
+    assert (settings["threads"], settings["threads_from"]) == (1, "given")  # --threads reached the distiller
 
 
 def test_table_without_labels_shows_agreement_per_stage(digits_files, tmp_path, capsys):

@@ -232,6 +232,9 @@ class _Distiller:
                 epoch_callback(rec)
         distilled = self._write_back(report, train_batches)
         report.settings["threads"] = self.threads.current()
+        # A run repeats bit for bit only at a fixed count (sums differ between counts).
+        report.settings["threads_from"] = ("given" if self.settings.threads else
+                                           "rank share" if self.world.distributed else "timed")
         report.seconds = time.perf_counter() - started
         return distilled, distributed.broadcast_object(report)
 
