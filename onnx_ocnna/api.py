@@ -440,6 +440,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         # allocation's images and find its damage table (a new order per pass measured it again).
         source.shuffle, source.reshuffle = True, False
         source.seed = (reconstruct_options or {}).get("seed", 0)
+        reconstruct_options = _with_sample_count(reconstruct_options, model, source, sizes)
         pruned, reconstruction = refit(pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed),
                                        source.batches, progress=progress, **(reconstruct_options or {}))
         if allocated is not None:
@@ -555,6 +556,20 @@ def _calibration_record(data: Any, model: onnx.ModelProto, options: dict | None,
         # No preset: --mean/--std were given on 0-1 pixels.
         record["preprocessing"] = {"preset": options.get("preprocess"), **record["preprocessing"]}
     return record
+
+
+def _with_sample_count(options: dict | None, model: onnx.ModelProto, source: CalibrationSource,
+                       sizes: dict | None) -> dict:
+    """``reconstruct_options`` with the number of images to refit on: the caller's, else as
+    many as the data has within :func:`onnx_ocnna.reconstruct.auto_samples`'s limits."""
+    from onnx_ocnna.reconstruct import auto_samples
+
+    options = dict(options or {})
+    if options.get("samples") is None:
+        shapes = source.sample_shapes()
+        sample_bytes = 4 * sum(int(np.prod(shape)) for shape in shapes.values()) if shapes else None
+        options["samples"] = auto_samples(model_stats(model, sizes=sizes).macs, sample_bytes, source.num_samples)
+    return options
 
 
 def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated, measured, budget: dict,

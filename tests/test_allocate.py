@@ -573,3 +573,14 @@ def test_the_coupled_competitor_reuses_the_allocations_table(monkeypatch):
     _, report = onnx_ocnna.compress(model, data, round_to=4, target_params=0.6, progress=False)
     assert "measured, coupled groups kept" in report.extra["allocation"]["final_check"]["damage_after_reconstruction"]
     assert len(calls) == 2 and calls[0] > 0 and calls[1] == 0, calls
+
+
+def test_the_reconstruction_reads_more_than_512_images_when_the_data_has_them():
+    """Unset, the refit reads every calibration image up to reconstruct.MAX_AUTO_SAMPLES (a small
+    model); a count given is kept."""
+    model, data = _chain(), _data(600)
+    _, report = onnx_ocnna.compress(model, data, percentile=30, progress=False)
+    assert report.extra["reconstruction"]["samples"] == 600
+    assert any("on 600 samples" in note for note in report.notes)
+    _, report = onnx_ocnna.compress(model, data, percentile=30, progress=False, reconstruct_options={"samples": 100})
+    assert report.extra["reconstruction"]["samples"] == 100

@@ -303,3 +303,15 @@ def test_fit_behind_a_residual_add_compensates_the_pruned_shortcut(monkeypatch):
     streamed, _ = refit(True, budget=0)
     for a, b in zip(compensated.graph.initializer, streamed.graph.initializer):
         np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-3, atol=1e-5)  # float32 products
+
+
+def test_auto_samples_reads_more_images_only_where_the_work_is_small():
+    from onnx_ocnna.reconstruct import MAX_AUTO_SAMPLES, MIN_AUTO_SAMPLES, auto_samples
+
+    cifar = 3 * 32 * 32 * 4
+    assert auto_samples(125_747_200, cifar, 50_000) == MAX_AUTO_SAMPLES == 2048  # ResNet-56 at 32 x 32
+    assert auto_samples(125_747_200, cifar, 700) == 700  # all the data there is
+    assert auto_samples(125_747_200, cifar, 100) == 100
+    assert auto_samples(4_089_184_256, 3 * 224 * 224 * 4, 50_000) == MIN_AUTO_SAMPLES == 512  # ResNet-50
+    assert auto_samples(60_000_000, 3 * 224 * 224 * 4, None) == 891  # small but 224 x 224: the inputs kept limit it
+    assert 512 < auto_samples(300_000_000, cifar, None) < 2048
