@@ -300,7 +300,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     are removed first (labelled calibration data needed); filters are then selected on the
     remaining network. With ``reconstruct``, the layers after every cut are refitted by least
     squares on the calibration data (:mod:`onnx_ocnna.reconstruct`; ``reconstruct_options``:
-    samples, positions, ridge, seed); by default (None) it is on whenever calibration data is given.
+    samples (unset: :func:`~onnx_ocnna.reconstruct.auto_samples`), positions, ridge, seed); by default (None) it is on whenever calibration data is given.
     With ``eval_data`` (held-out data read like calibration data with ``eval_options``, or an
     :class:`~onnx_ocnna.evaluate.HeldOut` of the original), ``report.accuracy`` holds the
     held-out top-1 (agreement without labels) after pruning and after reconstruction; this
