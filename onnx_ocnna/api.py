@@ -442,7 +442,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         source.seed = (reconstruct_options or {}).get("seed", 0)
         reconstruct_options = _with_sample_count(reconstruct_options, model, source, sizes)
         pruned, reconstruction = refit(pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed),
-                                       source.batches, progress=progress, **(reconstruct_options or {}))
+                                       source.batches, progress=progress, **reconstruct_options)
         if allocated is not None:
             budget = {"target_params": target_params, "target_macs": target_macs, "target_latency": target_latency,
                       "latency_batch": latency_batch, "latency_threads": latency_threads, "speed_floor": speed_floor}

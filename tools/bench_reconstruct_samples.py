@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,23 +27,22 @@ import onnx_ocnna
 from onnx_ocnna import api
 from onnx_ocnna.evaluate import compare_accuracy
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared/data"
-MODELS = {"resnet20-bn": "resnet20_ts_opset13_bn.onnx", "resnet20": "resnet20_ts_opset13.onnx",
-          "resnet56": "resnet56_ts_opset13.onnx", "resnet56-bn": "resnet56_ts_opset13_bn.onnx"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.common import REPO, SHARED, model_path, write_json  # noqa: E402
+
 TARGETS = {"macs": "target_macs", "params": "target_params"}
 
 
 def measure(name: str, target: tuple[str, float], samples: list[int], criterion: str, test_samples: int) -> list[dict]:
-    model = api.as_model(str(DATA / "models" / MODELS[name]))
+    model = api.as_model(str(model_path(name)))
     calibration = dict(preprocess="imagenet-32", max_samples=4096, seed=0)
-    test = api.as_source(str(DATA / "cifar10/test"), model, preprocess="imagenet-32", max_samples=test_samples, seed=0)
-    scores = api.score(model, str(DATA / "cifar10/train"), criterion=criterion, calibration_options=calibration,
+    test = api.as_source(str(SHARED / "cifar10/test"), model, preprocess="imagenet-32", max_samples=test_samples, seed=0)
+    scores = api.score(model, str(SHARED / "cifar10/train"), criterion=criterion, calibration_options=calibration,
                        progress=False)
     rows = []
     for count in samples:
         start = time.perf_counter()
-        pruned, report = onnx_ocnna.compress(model, str(DATA / "cifar10/train"), calibration_options=calibration,
+        pruned, report = onnx_ocnna.compress(model, str(SHARED / "cifar10/train"), calibration_options=calibration,
                                              scores=scores, progress=False, speed_floor=None,
                                              reconstruct_options={"samples": count}, **{TARGETS[target[0]]: target[1]})
         accuracy = compare_accuracy(model, pruned, test.batches).as_dict()
@@ -66,18 +66,17 @@ def main() -> None:
     ap.add_argument("--test-samples", type=int, default=5000)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    if not (DATA / "cifar10/train").is_dir():
-        raise SystemExit(f"needs the shared CIFAR-10 data in {DATA}")
+    if not (SHARED / "cifar10/train").is_dir():
+        raise SystemExit(f"needs the shared CIFAR-10 data in {SHARED} (set OCNNA_SHARED_DATA)")
     kind, ratio = args.target.split(":")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = [row for name in args.models.split(",")
             for row in measure(name, (kind, float(ratio)), [int(n) for n in args.samples.split(",")],
                                args.criterion, args.test_samples)]
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     if args.json:
-        args.json.write_text(json.dumps({"started": started, "commit": commit, "load_average": os.getloadavg(),
-                                         "rows": rows}, indent=1) + "\n")
+        write_json(args.json, {"started": started, "commit": commit, "load_average": os.getloadavg(), "rows": rows})
 
 
 if __name__ == "__main__":
