@@ -305,6 +305,47 @@ def test_fit_behind_a_residual_add_compensates_the_pruned_shortcut(monkeypatch):
         np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-3, atol=1e-5)  # float32 products
 
 
+def test_targets_in_chunks_cost_one_original_pass_per_chunk_and_fit_the_same(monkeypatch):
+    """When all the layers' sampled targets do not fit the budget together, they are computed
+    a chunk of layers per pass of the original (not one pass per layer) and fit the same."""
+    import onnx_ocnna.reconstruct as module
+    from graphs import residual_net
+
+    model = residual_net(set(), channels=8, blocks=3)
+    pruner = api.Pruner(model)
+    removed = {pruner.analysis.group_of("b0_c1").id: np.array([0, 3, 5]),
+               pruner.analysis.group_of("b1_c1").id: np.array([1, 2])}
+    pruned = pruner.rewrite(removed)
+    kept = kept_outputs(pruner.analysis, removed)
+    x = np.random.default_rng(4).standard_normal((96, 3, 6, 6)).astype(np.float32)
+    batches = lambda: iter([Batch({"x": x[i:i + 32]}, None) for i in range(0, 96, 32)])  # noqa: E731
+    made = []
+
+    class Recorded(module._Targets):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(module, "_Targets", Recorded)
+
+    def refit(budget: int):
+        monkeypatch.setattr(module, "_TARGET_BUDGET", budget)
+        refitted, _ = reconstruct(pruner.prepared_model(), pruned, kept, batches, samples=96, positions=36,
+                                  progress=False)
+        return refitted, made[-1]
+
+    whole, one = refit(1 << 30)
+    chunked, several = refit(250_000)  # about two layers' samples (96 x 36 rows x 8 channels x 4 bytes each)
+    streamed, per_layer = refit(0)
+    layers = len(one.kept)
+    assert len(one.chunks) == 1 and one.passes == 1
+    assert 2 < len(several.chunks) < layers and several.passes == len(several.chunks)
+    assert not per_layer.chunks and per_layer.passes == layers
+    for other in (chunked, streamed):  # ONNX Runtime rounds a part of the graph a little differently
+        for a, b in zip(whole.graph.initializer, other.graph.initializer):
+            np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-3, atol=2e-4)
+
+
 def test_auto_samples_reads_more_images_only_where_the_work_is_small():
     from onnx_ocnna.reconstruct import MAX_AUTO_SAMPLES, MIN_AUTO_SAMPLES, auto_samples
 
