@@ -842,6 +842,7 @@ class _Targets:
         self._sessions: dict[str, object] = {}
         self._last: tuple | None = None  # (layer, batch, its addend's samples) of the last uncached get
         self._image_bytes: dict[str, int] = {}
+        self._whole: tuple | None = None
         if layers and feeds:
             self._plan_chunks(budget)
 
@@ -877,11 +878,11 @@ class _Targets:
         """Split the layers into consecutive chunks whose samples over all feeds fit ``budget``,
         from their sizes on the first image."""
         names = list(self.kept)
-        extra = sorted(set(self.addends.values()) - set(names))
-        session = ort_session(with_outputs(self.original, names + extra), spinning=False)
-        first = {k: v[:1] for k, v in self.feeds[0].items()}
+        wanted = list(dict.fromkeys(names + sorted(self.addends.values())))
+        session, feeds = self._session(wanted)
+        first = {k: v[:1] for k, v in feeds[0].items()}
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, _inputs(session, first))))
-        self._image_bytes = {n: outputs[n].nbytes for n in names + extra}  # whole outputs of one image
+        self._image_bytes = {n: v.nbytes for n, v in outputs.items()}  # whole outputs of one image
         samples = sample_count(self.feeds)
         chunk: list[str] = []
         used = 0
@@ -897,6 +898,20 @@ class _Targets:
             self.chunk_of[name] = len(self.chunks)
         if chunk:
             self.chunks.append(chunk)
+        if self.chunks == [names]:  # one chunk of everything (the usual case): its pass reuses the session
+            self._whole = (session, feeds)
+
+    def _session(self, wanted: list[str]) -> tuple[object, list[dict[str, np.ndarray]]]:
+        """(a session of the part of the original that computes ``wanted``, the feeds it reads):
+        from the cut's tensors when there are some, else from the model's inputs."""
+        if self.start is not None and all(len(v) == len(next(iter(f.values())))
+                                          for s, f in zip(self.start, self.feeds) for v in s.values()):
+            try:
+                model = extract(self.original, list(self.original.graph.node), self.start[0], wanted)
+                return ort_session(model, spinning=False), self.start
+            except KeyError:  # a target not reachable from the cut: run from the inputs
+                pass
+        return ort_session(_up_to(self.original, *wanted), spinning=False), self.feeds
 
     def _fill(self, names: list[str]) -> None:
         """One pass of the original computing the samples of ``names`` (one chunk), kept in
@@ -904,20 +919,12 @@ class _Targets:
         self.cache, self.added_cache = {}, {}  # the chunk before is not asked for again
         addends = {n: self.addends[n] for n in names if n in self.addends}
         wanted = list(dict.fromkeys(names + sorted(set(addends.values()))))
-        feeds, model = self.feeds, None
-        if self.start is not None and all(len(v) == len(next(iter(f.values())))
-                                          for s, f in zip(self.start, self.feeds) for v in s.values()):
-            try:
-                model = extract(self.original, list(self.original.graph.node), self.start[0], wanted)
-                feeds = self.start
-            except KeyError:  # a target not reachable from the cut: run from the inputs
-                feeds = self.feeds
-        session = ort_session(model if model is not None else _up_to(self.original, *wanted), spinning=False)
+        session, feeds = self._whole if self._whole is not None else self._session(wanted)
         out_names = [o.name for o in session.get_outputs()]
         self.passes += 1
         cache: dict[str, list] = {n: [] for n in names}
         added: dict[str, list] = {n: [] for n in addends}
-        step = max(1, self.transient // max(sum(self._image_bytes[n] for n in wanted), 1))
+        step = max(1, self.transient // max(sum(self._image_bytes.get(n, 0) for n in out_names), 1))
         for batch, feed in enumerate(feeds):
             size = len(next(iter(feed.values())))
             # Sampled piece by piece: concatenating whole outputs costs more than the sampling.
