@@ -920,6 +920,7 @@ class _Targets:
         addends = {n: self.addends[n] for n in names if n in self.addends}
         wanted = list(dict.fromkeys(names + sorted(set(addends.values()))))
         session, feeds = self._whole if self._whole is not None else self._session(wanted)
+        self._whole = None  # its memory arena is not held through the refit
         out_names = [o.name for o in session.get_outputs()]
         self.passes += 1
         cache: dict[str, list] = {n: [] for n in names}
