@@ -4,8 +4,8 @@ way) or one pass per layer (``--target-budget 0``, the way before chunks).
 
 The model is cut uniformly (``api.compress(percentile=P)``, no allocation) and refitted on N
 calibration images; each setting runs in a fresh process, so its peak memory is its own. A
-model of 224 x 224 inputs is what the chunks are for: ResNet-50 on 512 images keeps about
-2 GiB of sampled targets, past the 1 GiB budget, so before chunks every layer ran the original
+model of 224 x 224 inputs is what the chunks are for: ResNet-50 on 512 images samples more
+targets than the 1 GiB budget holds (3 chunks of it), so before chunks every layer ran the original
 up to itself. Random-weight torchvision models are enough (time and memory depend on shapes):
 
     python -c "import torch, torchvision; m = torchvision.models.resnet50().eval(); \\
