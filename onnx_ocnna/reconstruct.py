@@ -848,9 +848,7 @@ class _Targets:
 
     def get(self, name: str, batch: int) -> tuple[np.ndarray, tuple | None]:
         """(targets [rows, C_kept], (oy, ox) [N, P] each or None for 2-D outputs)."""
-        if name in self.chunk_of:
-            if name not in self.cache:
-                self._fill(self.chunks[self.chunk_of[name]])
+        if self._in_chunk(name):
             return self.cache[name][batch]
         if name not in self._sessions:
             wanted = [name] + ([self.addends[name]] if name in self.addends else [])
@@ -868,11 +866,17 @@ class _Targets:
         (call after ``get(name, batch)``); None without one."""
         if name not in self.addends:
             return None
-        if name in self.chunk_of:
-            if name not in self.cache:
-                self._fill(self.chunks[self.chunk_of[name]])
+        if self._in_chunk(name):
             return self.added_cache[name][batch]
         return self._last[2] if self._last is not None and self._last[:2] == (name, batch) else None
+
+    def _in_chunk(self, name: str) -> bool:
+        """Whether ``name``'s samples come from a chunk; that chunk is then in memory."""
+        if name not in self.chunk_of:
+            return False
+        if name not in self.cache:
+            self._fill(self.chunks[self.chunk_of[name]])
+        return True
 
     def _plan_chunks(self, budget: int) -> None:
         """Split the layers into consecutive chunks whose samples over all feeds fit ``budget``,
