@@ -26,14 +26,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import SHARED, model_path, write_json
+from bench.common import SHARED, commit_id, model_path, write_json
 from onnx_ocnna import api
 from onnx_ocnna.evaluate import HeldOut
 from onnx_ocnna.search import Candidate, SearchResult, most_compressed, plot_pareto
@@ -99,8 +98,7 @@ def run_model(key: str, args, rows: list, out: Path | None) -> None:
                "at_least_as_compressed": best_k is None or chosen.objective_value <= best_k["objective"] + 1e-9,
                "candidates": [c.as_dict() for c in result.candidates], "search_seconds": time.perf_counter() - begin,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg(),
-               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True).stdout.strip(), "machine": platform.processor() or platform.machine()}
+               "commit": commit_id(), "machine": platform.processor() or platform.machine()}
         rows.append(row)
         if out is not None:
             write_json(out, rows)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,7 +27,7 @@ from onnx_ocnna import api
 from onnx_ocnna.evaluate import compare_accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench.common import REPO, SHARED, model_path, write_json  # noqa: E402
+from bench.common import SHARED, commit_id, model_path, write_json  # noqa: E402
 
 TARGETS = {"macs": "target_macs", "params": "target_params"}
 
@@ -73,8 +72,7 @@ def main() -> None:
     rows = [row for name in args.models.split(",")
             for row in measure(name, (kind, float(ratio)), [int(n) for n in args.samples.split(",")],
                                args.criterion, args.test_samples)]
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = commit_id()
     if args.json:
         write_json(args.json, {"started": started, "commit": commit, "load_average": os.getloadavg(), "rows": rows})
 

@@ -1,6 +1,6 @@
 """Benchmark (prints measured numbers): wall time and peak memory of one least-squares
 reconstruction, with the original's targets computed a chunk of layers per pass (the library's
-way) or one pass per layer (``--target-budget 0``, the way before chunks).
+way) or one pass per layer (``--budgets 0``, the way before chunks).
 
 The model is cut uniformly (``api.compress(percentile=P)``, no allocation) and refitted on N
 calibration images; each setting runs in a fresh process, so its peak memory is its own. A
@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench.common import REPO, SHARED, peak_rss_mib, write_json  # noqa: E402
+from bench.common import SHARED, commit_id, peak_rss_mib, write_json  # noqa: E402
 
 
 def one(model_file: str, calib: str, preprocess: str, samples: int, percentile: float, budget_mib: int) -> dict:
@@ -71,8 +71,7 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(one(args.model, args.calib, args.preprocess, args.samples, args.percentile, args.one)))
         return
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = commit_id()
     runs = []
     for budget in (int(b) for b in args.budgets.split(",")):
         start = time.perf_counter()

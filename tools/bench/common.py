@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,15 @@ MODELS = {
     "resnet56": "resnet56_ts_opset13.onnx",
     "resnet56-bn": "resnet56_ts_opset13_bn.onnx",
 }
+
+
+def commit_id() -> str:
+    """The repository's short HEAD commit, or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def model_path(key: str) -> Path:

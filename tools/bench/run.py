@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx  # noqa: E402
 
-from bench.common import (REPO, SHARED, cifar_subset, error_text, interleaved_latency, load_arrays,  # noqa: E402
+from bench.common import (REPO, SHARED, cifar_subset, commit_id, error_text, interleaved_latency, load_arrays,  # noqa: E402
                           model_path, top1, write_json)
 
 FORMAT = "onnx-ocnna-bench"
@@ -114,9 +114,8 @@ def versions() -> dict:
         out["torch_pruning.__version__"] = torch_pruning.__version__  # the module's own, which can differ
     except ImportError:
         pass
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "onnx_ocnna"], capture_output=True, text=True)
-    out["onnx-ocnna commit"] = git.stdout.strip() + (" (library files modified)" if dirty.stdout.strip() else "")
+    out["onnx-ocnna commit"] = commit_id() + (" (library files modified)" if dirty.stdout.strip() else "")
     return out
 
 
