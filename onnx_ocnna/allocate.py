@@ -581,7 +581,7 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
              target_latency: float | None = None, latency_batch: int = 1, latency_threads: int = 1,
              damage_samples: int | None = None, refit: bool = True, progress: bool = True,
              cache: dict | None = None, blocks: bool = True, fixed: dict[int, np.ndarray] | None = None,
-             speed_floor: float | None = None) -> Allocation:
+             speed_floor: float | None = None, keep_blocks: Iterable[str] = ()) -> Allocation:
     """Choose each group's width for the budget from measured damage.
 
     Args:
@@ -604,6 +604,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
             times as fast as the original, measured like ``target_latency``; when the MACs-only
             allocation is slower, the greedy ranks its steps towards blocked MACs, still within
             the MACs target (:func:`meet_speed_floor`). None or 0: MACs only.
+        keep_blocks: the output Add names of residual blocks that stay whatever their measured
+            damage (the final check's competitors that keep blocks the allocation removed).
     Returns:
         the allocation (its ``removed`` is ready for the rewrite).
     """
@@ -643,8 +645,10 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
                                step=step, counter=counter, depth=LAZY_DEPTH)
     # A block is a pseudo-group with two rows, kept and removed, under a negative id.
     residuals = measure_blocks(pruner, meter, block, progress, cache, found, counter) if blocks else []
-    for index, (_, row) in enumerate(residuals):
-        table[-1 - index] = [Candidate(1, np.zeros(0, dtype=np.int64), 0.0, 0, 0), row]
+    keep_blocks = set(keep_blocks)
+    for index, (residual, row) in enumerate(residuals):
+        kept_row = Candidate(1, np.zeros(0, dtype=np.int64), 0.0, 0, 0)
+        table[-1 - index] = [kept_row] if residual.add in keep_blocks else [kept_row, row]
 
     def removal(state: dict[int, int]) -> dict[int, np.ndarray]:
         removed = {gid: np.asarray(channels).copy() for gid, channels in (fixed or {}).items()}
@@ -742,7 +746,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
                                    [(c.kept, c.damage, c.saved_params, c.saved_macs) for c in table[group.id]]))
     block_rows = [{"add": residual.add, "damage": row.damage, "saved_params": row.saved_params,
                    "saved_macs": row.saved_macs, "removed": bool(state[-1 - i]),
-                   "why": ("removed: less damage per unit saved than the next width step of any group"
+                   "why": ("kept: asked (a competitor of the final check)" if residual.add in keep_blocks else
+                           "removed: less damage per unit saved than the next width step of any group"
                            if state[-1 - i] else "kept: narrowing groups costs less damage per unit saved")}
                   for i, (residual, row) in enumerate(residuals)]
     return Allocation(removal(state), choices, objective, target, achieved, meter.samples,
