@@ -301,6 +301,9 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     remaining network. With ``reconstruct``, the layers after every cut are refitted by least
     squares on the calibration data (:mod:`onnx_ocnna.reconstruct`; ``reconstruct_options``:
     samples (unset: :func:`~onnx_ocnna.reconstruct.auto_samples`), positions, ridge, seed); by default (None) it is on whenever calibration data is given.
+    An allocated budget that is reconstructed then has a final check (:func:`_best_of_recipes`):
+    competitors of the same budget are reconstructed too, and the one closest to the original
+    (output KL on the calibration images) is written.
     With ``eval_data`` (held-out data read like calibration data with ``eval_options``, or an
     :class:`~onnx_ocnna.evaluate.HeldOut` of the original), ``report.accuracy`` holds the
     held-out top-1 (agreement without labels) after pruning and after reconstruction; this
@@ -704,13 +707,13 @@ def _compete_keeping_blocks(pruner, scores, options, source, base, base_name: st
     blocks and kept 71.70 % (RPR 0.699), 80.68 % against 79.96 % after 4 epochs of
     distillation (5,000 test images). So the blocks are kept by saving, the largest first (the
     blocks of a stage save alike and go together), while each step measures closer to the
-    original after reconstruction than the best so far.
+    original after reconstruction than the step before (the first: than ``base``).
     """
     from onnx_ocnna.allocate import allocate
 
     kept: dict[str, set] = {}
     levels = sorted({row["saved_params"] for row in base.blocks if row["removed"]}, reverse=True)
-    best = min(damage.values())
+    best = damage[base_name]
     for level in levels[:MAX_BLOCK_COMPETITORS]:
         # Every block that saves as much, not only the removed ones: with the last stage's
         # removed block kept, the allocation removed its neighbour instead (66.18 %).
