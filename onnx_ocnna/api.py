@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -661,7 +662,8 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     if inner is not None and damage[_COUPLED_KEPT] < damage["measured"]:
         base, base_options = _COUPLED_KEPT, replace(options, exclude=set(options.exclude) | coupled)
     kept_blocks = _compete_keeping_blocks(pruner, scores, base_options, source, allocations.get(base, allocated),
-                                          base, budget, damage_samples, fixed, compete, damage, allocations)
+                                          base, budget, damage_samples, fixed, block_removal, compete, damage,
+                                          allocations)
     chosen = min(damage, key=lambda k: (damage[k], k != "measured"))
     allocated.final_check = {"damage_after_reconstruction": damage, "chosen": chosen}
     if not uniform:
@@ -693,7 +695,7 @@ MAX_BLOCK_COMPETITORS = 3
 
 
 def _compete_keeping_blocks(pruner, scores, options, source, base, base_name: str, budget: dict, damage_samples,
-                            fixed, compete, damage: dict, allocations: dict) -> dict[str, set]:
+                            fixed, block_removal, compete, damage: dict, allocations: dict) -> dict[str, set]:
     """Competitors that keep some of the residual blocks the allocation ``base`` (made with
     ``options``, named ``base_name`` in ``damage``) removed, the same budget spent elsewhere; each
     is reconstructed and measured by ``compete`` (which fills ``damage``) and added to
@@ -709,8 +711,6 @@ def _compete_keeping_blocks(pruner, scores, options, source, base, base_name: st
     blocks of a stage save alike and go together), while each step measures closer to the
     original after reconstruction than the step before (the first: than ``base``).
     """
-    from onnx_ocnna.allocate import allocate
-
     kept: dict[str, set] = {}
     levels = sorted({row["saved_params"] for row in base.blocks if row["removed"]}, reverse=True)
     best = damage[base_name]
@@ -718,10 +718,8 @@ def _compete_keeping_blocks(pruner, scores, options, source, base, base_name: st
         # Every block that saves as much, not only the removed ones: with the last stage's
         # removed block kept, the allocation removed its neighbour instead (66.18 %).
         keep = {row["add"] for row in base.blocks if row["saved_params"] >= level}
-        try:
-            inner = allocate(pruner, scores.groups, options, source.batches(), **budget, damage_samples=damage_samples,
-                             progress=False, cache=scores.damage_tables, fixed=fixed, keep_blocks=keep)
-        except InputError:  # the budget cannot be met with these blocks kept
+        inner = _allocate_again(pruner, scores, options, source, budget, damage_samples, fixed, block_removal, keep)
+        if inner is None:  # the budget cannot be met with these blocks kept
             break
         if base.speed.get("met") and not inner.speed.get("met"):
             break  # slower than the speed floor: not a competitor
@@ -762,20 +760,28 @@ def _allocation_without_coupled(pruner, scores, options, source, allocated, budg
     """The allocation of the same budget with every coupled group the allocation cut kept whole
     (from the same damage table, so nothing is measured again) and those groups' ids; (None,
     set()) when it cut none or the budget cannot be met without them."""
-    from onnx_ocnna.allocate import allocate
-
     coupled = {g.id for g in pruner.analysis.groups
                if len(g.members) > 1 and len(allocated.removed.get(g.id, ())) > 0}
     if not coupled:
         return None, set()
-    inner_options = replace(options, exclude=set(options.exclude) | coupled)
+    inner = _allocate_again(pruner, scores, replace(options, exclude=set(options.exclude) | coupled), source, budget,
+                            damage_samples, fixed, block_removal)
+    return (inner, coupled) if inner is not None else (None, set())
+
+
+def _allocate_again(pruner, scores, options, source, budget: dict, damage_samples, fixed, block_removal,
+                    keep_blocks: Iterable[str] = ()):
+    """The allocation of the same ``budget`` under other ``options`` or with ``keep_blocks`` kept,
+    from the run's cached damage table (nothing is measured again); None when the budget cannot
+    be met so."""
+    from onnx_ocnna.allocate import allocate
+
     try:
-        inner = allocate(pruner, scores.groups, inner_options, source.batches(), **budget,
-                         damage_samples=damage_samples, progress=False, cache=scores.damage_tables,
-                         blocks=block_removal, fixed=fixed)
-    except InputError:  # the other groups cannot carry the budget alone
-        return None, set()
-    return inner, coupled
+        return allocate(pruner, scores.groups, options, source.batches(), **budget, damage_samples=damage_samples,
+                        progress=False, cache=scores.damage_tables, blocks=block_removal, fixed=fixed,
+                        keep_blocks=keep_blocks)
+    except InputError:
+        return None
 
 
 def layer_widths(analysis: ChannelAnalysis, removed: dict[int, np.ndarray]) -> list[dict]:

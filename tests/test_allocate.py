@@ -558,7 +558,8 @@ def test_a_latency_budget_has_the_coupled_competitor_too(monkeypatch):
 def test_the_coupled_competitor_reuses_the_allocations_table(monkeypatch):
     """The final check reads the allocation's images in the allocation's order, so the
     allocation with the coupled groups kept whole (and those that keep removed blocks) finds
-    every group's widths and every block measured already (a new sample order per pass measured the whole table again)."""
+    every group's widths and every block measured already (a new sample order per pass measured
+    the whole table again)."""
     model, data = _residual_16()
     calls = []  # per allocate() call: the cuts it measured
     real_allocate, real_measure = alloc.allocate, alloc.DamageMeter.measure

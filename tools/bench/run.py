@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx  # noqa: E402
 
-from bench.common import (REPO, SHARED, cifar_subset, commit_id, error_text, interleaved_latency, load_arrays,  # noqa: E402
-                          model_path, top1, write_json)
+from bench.common import (REPO, SHARED, cifar_subset, commit_id, error_text, interleaved_latency,  # noqa: E402
+                          load_arrays, model_path, top1, write_json)
 
 FORMAT = "onnx-ocnna-bench"
 
