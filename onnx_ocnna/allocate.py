@@ -744,11 +744,16 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         choices.append(GroupChoice(group.id, list(group.members), group.channels, row.kept, row.damage,
                                    row.saved_params, row.saved_macs,
                                    [(c.kept, c.damage, c.saved_params, c.saved_macs) for c in table[group.id]]))
+    if groups:
+        why_removed = "removed: less damage per unit saved than the next width step of any group"
+        why_kept = "kept: narrowing groups costs less damage per unit saved"
+    else:  # every group excluded: the budget is spent on blocks alone
+        why_removed = "removed: blocks alone spend the budget (every group kept whole), least damage per unit saved first"
+        why_kept = "kept: the budget is met without it (blocks alone, every group kept whole)"
     block_rows = [{"add": residual.add, "damage": row.damage, "saved_params": row.saved_params,
                    "saved_macs": row.saved_macs, "removed": bool(state[-1 - i]),
                    "why": ("kept: asked (a competitor of the final check)" if residual.add in keep_blocks else
-                           "removed: less damage per unit saved than the next width step of any group"
-                           if state[-1 - i] else "kept: narrowing groups costs less damage per unit saved")}
+                           why_removed if state[-1 - i] else why_kept)}
                   for i, (residual, row) in enumerate(residuals)]
     return Allocation(removal(state), choices, objective, target, achieved, meter.samples,
                       time.perf_counter() - start, latency_rows, dropped=dropped(state), blocks=block_rows,
