@@ -657,7 +657,7 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     if inner is not None:
         compete(_COUPLED_KEPT, inner.removed, inner.rewrite(pruner))
         allocations[_COUPLED_KEPT] = inner
-    if blocks_only is not None:
+    if blocks_only is not None and not any(_same_cut(blocks_only, a) for a in (allocated, inner) if a is not None):
         compete(_BLOCKS_ONLY, blocks_only.removed, blocks_only.rewrite(pruner))
         allocations[_BLOCKS_ONLY] = blocks_only
     for align, (percentile, removed_u, pruned_u) in uniform.items():
@@ -801,6 +801,12 @@ def _allocation_of_blocks_only(pruner, scores, options, source, allocated, budge
     if inner is None or (allocated.speed.get("met") and not inner.speed.get("met")):
         return None, set()
     return inner, every_group
+
+
+def _same_cut(a, b) -> bool:
+    """Whether two allocations remove the same channels and the same blocks (one model)."""
+    return (a.removed.keys() == b.removed.keys() and all(np.array_equal(a.removed[g], b.removed[g]) for g in a.removed)
+            and [block.add for block in a.dropped] == [block.add for block in b.dropped])
 
 
 def _allocate_again(pruner, scores, options, source, budget: dict, damage_samples, fixed, block_removal,

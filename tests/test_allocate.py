@@ -507,11 +507,16 @@ def _stem_width(model) -> int:
 
 
 def _final_check_prefers_a_whole_stem(monkeypatch) -> None:
-    """Only the final check's meter (no refit) is made to prefer a whole stem; the allocation's
+    """Only the final check's meter (no refit) is made to prefer a whole stem with a narrowed
+    block-internal layer (not the blocks-only competitor, which narrows none); the allocation's
     own measurements stay real, so it still cuts the coupled group."""
+    def preferred(m) -> bool:
+        narrowed = any(i.name.endswith("_c1.w") and list(i.dims)[0] < 16 for i in m.graph.initializer)
+        return _stem_width(m) == 16 and narrowed
+
     real = alloc.DamageMeter.__call__
     monkeypatch.setattr(alloc.DamageMeter, "__call__",
-                        lambda self, m: real(self, m) - (10.0 if not self.refit and _stem_width(m) == 16 else 0.0))
+                        lambda self, m: real(self, m) - (10.0 if not self.refit and preferred(m) else 0.0))
 
 
 def test_the_allocation_with_coupled_groups_kept_whole_competes_and_can_be_written(monkeypatch):
@@ -610,6 +615,53 @@ def test_an_allocation_keeping_the_removed_blocks_competes_and_can_be_written(mo
     assert any(g["kept"] < g["channels"] for g in report.extra["allocation"]["groups"])
     assert 0 < report.rpr <= target + 1e-9
     validate_model(pruned)
+
+
+def test_the_budget_spent_on_blocks_alone_competes_and_can_be_written(monkeypatch):
+    """One group at a time a width cut looks cheaper than a block's removal, so the same budget
+    spent on residual blocks alone (every group kept whole) competes after reconstruction and,
+    when closest to the original, is written; a model without removable blocks has no such
+    competitor."""
+    from onnx_ocnna.model_io import validate_model
+
+    import dataclasses
+
+    real_blocks = alloc.measure_blocks
+    # Removals measured as costly as the greedy sees them on a deep net: the allocation narrows
+    # the blocks' first layers instead (the spine is excluded, so there is no coupled competitor).
+    monkeypatch.setattr(alloc, "measure_blocks", lambda *a, **k: [
+        (residual, dataclasses.replace(row, damage=row.damage + 5.0)) for residual, row in real_blocks(*a, **k)])
+    model, spine = residual_net(set(), channels=16), ["stem"]
+    full = onnx_ocnna.inspect(model)["stats"]["parameters"]
+    target = (full - 2 * (16 * 16 * 9 + 16)) / full  # exactly what removing one block saves
+    data = {"x": np.random.default_rng(0).standard_normal((64, 3, 6, 6)).astype(np.float32)}
+    _, report = onnx_ocnna.compress(model, data, round_to=8, target_params=target, exclude=spine, progress=False)
+    check = report.extra["allocation"]["final_check"]
+    damage = check["damage_after_reconstruction"]
+    assert "measured, blocks only" in damage and check["chosen"] == min(damage, key=damage.get)
+    assert not any(b["removed"] for b in report.extra["allocation"]["blocks"]) or check["chosen"] != "measured"
+
+    def whole(m) -> bool:
+        return all(list(i.dims)[0] == 16 for i in m.graph.initializer if i.name.endswith(".w") and len(i.dims) == 4)
+
+    real = alloc.DamageMeter.__call__
+    monkeypatch.setattr(alloc.DamageMeter, "__call__",
+                        lambda self, m: real(self, m) - (10.0 if not self.refit and whole(m) else 0.0))
+    pruned, report = onnx_ocnna.compress(model, data, round_to=8, target_params=target, exclude=spine, progress=False)
+    allocation = report.extra["allocation"]
+    assert allocation["final_check"]["chosen"] == "measured, blocks only"
+    assert allocation["final_check"]["widths_kept"] is True
+    assert whole(pruned) and all(g["kept"] == g["channels"] for g in allocation["groups"])
+    removed = [b for b in allocation["blocks"] if b["removed"]]
+    assert len(removed) == 1 and removed[0]["why"].startswith("removed: blocks alone")
+    assert all(b["why"].startswith("kept: the budget is met without it") for b in allocation["blocks"] if not b["removed"])
+    assert any("residual block" in n for n in report.notes)
+    assert 0 < report.rpr <= target + 1e-9
+    validate_model(pruned)
+
+    _, report = onnx_ocnna.compress(_chain(), _data(), round_to=4, target_params=0.6, progress=False)
+    assert not any("blocks only" in name for name in
+                   report.extra["allocation"]["final_check"].get("damage_after_reconstruction", {}))
 
 
 def test_the_reconstruction_reads_more_than_512_images_when_the_data_has_them():
