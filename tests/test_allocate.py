@@ -673,3 +673,32 @@ def test_the_reconstruction_reads_more_than_512_images_when_the_data_has_them():
     assert any("on 600 samples" in note for note in report.notes)
     _, report = onnx_ocnna.compress(model, data, percentile=30, progress=False, reconstruct_options={"samples": 100})
     assert report.extra["reconstruction"]["samples"] == 100
+
+
+def test_the_latency_search_steps_past_a_coarse_selection_it_has_timed():
+    """Whole residual blocks step the blocked-MACs ratio coarsely (0.037 each here): a budget
+    between a timed selection and the next one gives the same selection again, so the search
+    must narrow below what the selection reached, not below the budget it asked for (it used to
+    spend its tries on one selection and find nothing; ratio = 0.1 + 0.9 x blocked MACs)."""
+    import math
+
+    step, timed = 0.037, []
+
+    def solve(kind, budget):
+        removed = math.ceil((1 - budget) / step - 1e-9)
+        if removed > 25:
+            raise InputError("tighter than every block removed")
+        return {-1: removed}, 1 - removed * step
+
+    class Judge:
+        target, batch, threads, measured = 0.5, 1, 1, {}
+
+        def __call__(self, state):
+            if state[-1] not in self.measured:
+                timed.append(state[-1])
+                self.measured[state[-1]] = 0.1 + 0.9 * (1 - state[-1] * step)
+            return self.measured[state[-1]]
+
+    state, ratio = alloc._search_latency(solve, Judge(), progress=False)
+    assert ratio <= 0.5 and state == {-1: 16}  # the fewest blocks that reach the target
+    assert len(timed) == len(set(timed))
