@@ -636,8 +636,8 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     damage_samples = allocated.damage_samples
     inner, coupled = _allocation_without_coupled(pruner, scores, options, source, allocated, budget,
                                                  damage_samples, fixed, block_removal)
-    blocks_only, every_group = _allocation_of_blocks_only(pruner, scores, options, source, allocated, budget,
-                                                          damage_samples, fixed, block_removal)
+    blocks_only, blocks_options = _allocation_of_blocks_only(pruner, scores, options, source, allocated, budget,
+                                                             damage_samples, fixed, block_removal)
     uniform_skipped = f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"
     removes_blocks = any(row["removed"] for a in (allocated, inner) if a is not None for row in a.blocks)
     if not uniform and inner is None and blocks_only is None and not removes_blocks:
@@ -675,9 +675,9 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
                                           base, budget, damage_samples, fixed, block_removal, compete, damage,
                                           allocations)
     if _BLOCKS_ONLY in allocations:
-        kept_blocks.update(_compete_keeping_blocks(
-            pruner, scores, replace(options, exclude=set(options.exclude) | every_group), source, blocks_only,
-            _BLOCKS_ONLY, budget, damage_samples, fixed, block_removal, compete, damage, allocations))
+        kept_blocks.update(_compete_keeping_blocks(pruner, scores, blocks_options, source, blocks_only, _BLOCKS_ONLY,
+                                                   budget, damage_samples, fixed, block_removal, compete, damage,
+                                                   allocations))
     chosen = min(damage, key=lambda k: (damage[k], k != "measured"))
     allocated.final_check = {"damage_after_reconstruction": damage, "chosen": chosen}
     if not uniform:
@@ -791,9 +791,9 @@ def _allocation_without_coupled(pruner, scores, options, source, allocated, budg
 def _allocation_of_blocks_only(pruner, scores, options, source, allocated, budget: dict, damage_samples, fixed,
                                block_removal):
     """The allocation of the same budget spent on removing residual blocks alone, every channel
-    group kept whole (from the same damage table), and the ids of those groups; (None, set())
-    when the model has no removable block, or blocks alone cannot meet the budget (or, for a
-    MACs target, its speed floor when the allocation met it).
+    group kept whole (from the same damage table), and the options it was allocated with (every
+    group excluded); (None, None) when the model has no removable block, or blocks alone cannot
+    meet the budget (or, for a MACs target, its speed floor when the allocation met it).
 
     One group at a time, a width cut measures less damage per unit saved than a block's
     removal, and the greedy spends the budget on widths; together the cuts do far more. Measured
@@ -805,13 +805,13 @@ def _allocation_of_blocks_only(pruner, scores, options, source, allocated, budge
     82.62 % after 3 epochs of distillation.
     """
     if not block_removal or not allocated.blocks:
-        return None, set()
+        return None, None
     every_group = {g.id for g in pruner.analysis.groups if g.prunable}
-    inner = _allocate_again(pruner, scores, replace(options, exclude=set(options.exclude) | every_group), source,
-                            budget, damage_samples, fixed, block_removal)
+    blocks_options = replace(options, exclude=set(options.exclude) | every_group)
+    inner = _allocate_again(pruner, scores, blocks_options, source, budget, damage_samples, fixed, block_removal)
     if inner is None or (allocated.speed.get("met") and not inner.speed.get("met")):
-        return None, set()
-    return inner, every_group
+        return None, None
+    return inner, blocks_options
 
 
 def _same_cut(a, b) -> bool:

@@ -622,9 +622,9 @@ def test_the_budget_spent_on_blocks_alone_competes_and_can_be_written(monkeypatc
     spent on residual blocks alone (every group kept whole) competes after reconstruction and,
     when closest to the original, is written; a model without removable blocks has no such
     competitor."""
-    from onnx_ocnna.model_io import validate_model
-
     import dataclasses
+
+    from onnx_ocnna.model_io import validate_model
 
     real_blocks = alloc.measure_blocks
     # Removals measured as costly as the greedy sees them on a deep net: the allocation narrows
