@@ -634,8 +634,8 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
                 break
     # The images the allocation measured on, not a new choice: the table is then reused.
     damage_samples = allocated.damage_samples
-    inner, coupled = _allocation_without_coupled(pruner, scores, options, source, allocated, budget,
-                                                 damage_samples, fixed, block_removal)
+    inner, coupled, coupled_options = _allocation_without_coupled(pruner, scores, options, source, allocated,
+                                                                  budget, damage_samples, fixed, block_removal)
     blocks_only, blocks_options = _allocation_of_blocks_only(pruner, scores, options, source, allocated, budget,
                                                              damage_samples, fixed, block_removal)
     uniform_skipped = f"no aligned uniform cut to compare: {failure or 'it removes nothing'}"
@@ -670,7 +670,7 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
     # blocks kept the measured one was closer still).
     base, base_options = "measured", options
     if inner is not None and damage[_COUPLED_KEPT] < damage["measured"]:
-        base, base_options = _COUPLED_KEPT, replace(options, exclude=set(options.exclude) | coupled)
+        base, base_options = _COUPLED_KEPT, coupled_options
     kept_blocks = _compete_keeping_blocks(pruner, scores, base_options, source, allocations.get(base, allocated),
                                           base, budget, damage_samples, fixed, block_removal, compete, damage,
                                           allocations)
@@ -777,15 +777,16 @@ def _speed_note(speed: dict) -> str:
 def _allocation_without_coupled(pruner, scores, options, source, allocated, budget: dict, damage_samples, fixed,
                                 block_removal):
     """The allocation of the same budget with every coupled group the allocation cut kept whole
-    (from the same damage table, so nothing is measured again) and those groups' ids; (None,
-    set()) when it cut none or the budget cannot be met without them."""
+    (from the same damage table, so nothing is measured again), those groups' ids and the options
+    it was allocated with; (None, set(), None) when it cut none or the budget cannot be met
+    without them."""
     coupled = {g.id for g in pruner.analysis.groups
                if len(g.members) > 1 and len(allocated.removed.get(g.id, ())) > 0}
     if not coupled:
-        return None, set()
-    inner = _allocate_again(pruner, scores, replace(options, exclude=set(options.exclude) | coupled), source, budget,
-                            damage_samples, fixed, block_removal)
-    return (inner, coupled) if inner is not None else (None, set())
+        return None, set(), None
+    coupled_options = replace(options, exclude=set(options.exclude) | coupled)
+    inner = _allocate_again(pruner, scores, coupled_options, source, budget, damage_samples, fixed, block_removal)
+    return (inner, coupled, coupled_options) if inner is not None else (None, set(), None)
 
 
 def _allocation_of_blocks_only(pruner, scores, options, source, allocated, budget: dict, damage_samples, fixed,
