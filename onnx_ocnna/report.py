@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from onnx_ocnna.channels.analysis import ChannelAnalysis
-from onnx_ocnna.evaluate import Accuracy
+from onnx_ocnna.evaluate import Accuracy, disturbed
 from onnx_ocnna.jsonio import write_json
 from onnx_ocnna.metrics import ModelStats
 from onnx_ocnna.model_io import atomic_output
@@ -103,9 +103,11 @@ class Report:
              _ratio(self.after.file_bytes, self.before.file_bytes)),
         ]
         for row in self.latency or []:
+            speedup = f"{row['speedup']:.2f}x speed-up"
+            if disturbed(row):  # the median is an interrupted run: say what the fastest runs give
+                speedup += f" (disturbed by other load; fastest runs {row['speedup_fastest']:.2f}x)"
             rows.append((f"latency b{row['batch']} t{row['threads']} (median)", f"{row['before_ms']:.2f} ms",
-                         f"{row['after_ms']:.2f} ms", f"{row['after_ms'] / row['before_ms']:.3f}",
-                         f"{row['speedup']:.2f}x speed-up"))
+                         f"{row['after_ms']:.2f} ms", f"{row['after_ms'] / row['before_ms']:.3f}", speedup))
         lines = _columns([("", "original", "compressed", "compressed/original")] + rows, right_from=1)
         pruned = sum(1 for g in self.groups if g.get("removed"))
         frozen = sum(1 for g in self.groups if g.get("frozen") and not g.get("prunable", True))

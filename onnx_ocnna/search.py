@@ -29,7 +29,7 @@ import onnx
 
 from onnx_ocnna import api
 from onnx_ocnna.errors import InputError
-from onnx_ocnna.evaluate import Accuracy, HeldOut, compare_latency
+from onnx_ocnna.evaluate import Accuracy, HeldOut, compare_latency, timed_ratio
 from onnx_ocnna.report import Report
 
 OBJECTIVES = ("latency", "macs", "params", "size")
@@ -151,7 +151,7 @@ def most_compressed(model: api.ModelLike, calibration: Any, held_out: HeldOut, m
         latency = None
         if objective == "latency":
             (row,) = compare_latency(model, loaded, batches=(latency_batch,), threads=(latency_threads,))
-            latency = row["after_ms"] / row["before_ms"]
+            latency = timed_ratio(row)
         rpr = report.rpr if report is not None else 1.0
         macs = report.macs_ratio if report is not None else 1.0
         value = {"latency": latency, "macs": macs, "params": rpr, "size": size / original_bytes}[objective]

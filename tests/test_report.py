@@ -159,3 +159,17 @@ def test_table_without_labels_shows_agreement_per_stage(digits_files, tmp_path, 
     refitted = re.search(r"^  after reconstruction +([0-9.]+) %$", captured.out, re.M)
     assert pruned and refitted and float(refitted.group(1)) > float(pruned.group(1))
     assert " pt" not in captured.out  # no drop without labels to drop from
+
+
+def test_table_says_when_other_load_disturbed_the_latency_medians():
+    from onnx_ocnna.metrics import ModelStats
+    from onnx_ocnna.report import Report
+
+    stats = ModelStats(parameters=100, macs=1000, nodes=5, file_bytes=4000)
+    quiet = {"batch": 1, "threads": 1, "before_ms": 2.0, "after_ms": 1.35, "speedup": 1.48, "runs": 30,
+             "before_min_ms": 1.8, "after_min_ms": 1.23, "speedup_fastest": 1.46}
+    loaded = {**quiet, "batch": 32, "before_ms": 6.2, "after_ms": 1.52, "speedup": 4.09}
+    table = Report(before=stats, after=stats, latency=[quiet, loaded]).table()
+    b1, b32 = (line for line in table.splitlines() if line.startswith("latency"))
+    assert b1.endswith("1.48x speed-up")
+    assert "4.09x speed-up (disturbed by other load; fastest runs 1.46x)" in b32
