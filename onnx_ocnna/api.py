@@ -465,6 +465,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
                      f"{reconstruction.samples} samples")
     if allocated is not None and allocated.speed:  # after the final check: it can change what is written
         notes.append(_speed_note(allocated.speed))
+    if allocated is not None and (note := _disturbed_timings_note(allocated.latency)):
+        notes.append(note)
     if blocks:
         by_si = [b.add for b in blocks if b.dropped]
         notes.append(f"removed {len(by_si)} of {len(blocks)} identity-shortcut blocks by SI: {', '.join(by_si) or 'none'}")
@@ -759,6 +761,20 @@ def _fast_enough(pruner: Pruner, cut: onnx.ModelProto, budget: dict, sizes: dict
     judge = floor_judge(pruner, lambda _: cut, budget["target_macs"], budget["speed_floor"], budget["latency_batch"],
                         budget["latency_threads"], sizes)
     return judge({}) <= judge.target
+
+
+def _disturbed_timings_note(rows: list[dict]) -> str | None:
+    """A warning when the timings behind the written allocation were disturbed by other load (their
+    medians and fastest runs disagree): the judge reads the fastest runs, which hold at batch 1
+    but can be off at large batches (tools/bench_latency_load.py)."""
+    from onnx_ocnna.evaluate import disturbed
+
+    shaky = [row for row in rows or [] if disturbed(row)]
+    if not shaky:
+        return None
+    return (f"{len(shaky)} of {len(rows)} latency timings were disturbed by other load (their medians and fastest "
+            "runs disagree by more than 10 %); the speed was judged by the fastest runs, so time the written model "
+            "on a quiet machine (--bench) before trusting it")
 
 
 def _speed_note(speed: dict) -> str:
