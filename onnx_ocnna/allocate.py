@@ -23,8 +23,8 @@ of the block, at most 8, plus half and a quarter of that), because unaligned wid
 (docs/benchmarks.md). A latency target is met by searching a budget of *blocked* MACs (channel
 counts rounded up to the block, as NCHWc kernels pay for them: a 4-channel layer costs what an
 8-channel one does) and measuring each result's ONNX Runtime latency against the original's,
-interleaved and judged by each model's fastest run (a preemption by another process only adds
-time); a result that meets the target is timed a second time and the slower timing counts,
+interleaved and judged by the running thread's CPU time at one thread, else by each model's
+fastest run (neither grows when another process preempts a run); a result that meets the target is timed a second time and the slower timing counts,
 and measured latencies are kept per selection, so no model is timed more than twice in one run.
 """
 
@@ -775,7 +775,7 @@ SPEED_MARGIN = 0.97
 
 class LatencyJudge:
     """Times selections (group id -> candidate index) against the original in ONNX Runtime,
-    interleaved, at ``batch`` with ``threads``, by the fastest runs (:func:`evaluate.timed_ratio`):
+    interleaved, at ``batch`` with ``threads``, by :func:`evaluate.timed_ratio` (CPU time or fastest runs):
     each selection at most twice, since one that meets ``target`` is timed again and the slower
     timing counts. ``rows`` keeps every timing."""
 
@@ -797,7 +797,7 @@ class LatencyJudge:
         if key not in self.measured:
             cut = self.rewrite(state)
             row = interleaved_latency(self.model, cut, self.batch, self.threads, runs=20, sizes=self.sizes)
-            # By the fastest runs, not the medians: with the cores oversubscribed the medians of
+            # Not by the medians: with the cores oversubscribed the medians of
             # a ResNet-56 cut that runs 1.46x faster said 3.07x, and the search wrote it for
             # a latency target of 0.5 (evaluate.interleaved_latency).
             ratio = timed_ratio(row)

@@ -765,15 +765,15 @@ def _fast_enough(pruner: Pruner, cut: onnx.ModelProto, budget: dict, sizes: dict
 
 def _disturbed_timings_note(rows: list[dict]) -> str | None:
     """A warning when the timings behind the written allocation were disturbed by other load (their
-    medians and fastest runs disagree): the judge reads the fastest runs, which hold at batch 1
-    but can be off at large batches (tools/bench_latency_load.py)."""
+    medians and :func:`evaluate.robust_speedup` disagree); the judge reads the latter, which held
+    at one thread (tools/bench_latency_load.py) but is a reading of a disturbed machine all the same."""
     from onnx_ocnna.evaluate import disturbed
 
     shaky = [row for row in rows or [] if disturbed(row)]
     if not shaky:
         return None
-    return (f"{len(shaky)} of {len(rows)} latency timings were disturbed by other load (their medians and fastest "
-            "runs disagree by more than 10 %); the speed was judged by the fastest runs, so time the written model "
+    return (f"{len(shaky)} of {len(rows)} latency timings were disturbed by other load (their medians and CPU times "
+            "or fastest runs disagree by more than 10 %); the speed was judged by the latter, so time the written model "
             "on a quiet machine (--bench) before trusting it")
 
 

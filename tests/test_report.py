@@ -169,7 +169,9 @@ def test_table_says_when_other_load_disturbed_the_latency_medians():
     quiet = {"batch": 1, "threads": 1, "before_ms": 2.0, "after_ms": 1.35, "speedup": 1.48, "runs": 30,
              "before_min_ms": 1.8, "after_min_ms": 1.23, "speedup_fastest": 1.46}
     loaded = {**quiet, "batch": 32, "before_ms": 6.2, "after_ms": 1.52, "speedup": 4.09}
-    table = Report(before=stats, after=stats, latency=[quiet, loaded]).table()
-    b1, b32 = (line for line in table.splitlines() if line.startswith("latency"))
+    by_cpu = {**loaded, "speedup_fastest": 3.9, "before_cpu_ms": 1.9, "after_cpu_ms": 1.3, "speedup_cpu": 1.46}
+    table = Report(before=stats, after=stats, latency=[quiet, loaded, by_cpu]).table()
+    b1, b32, cpu = (line for line in table.splitlines() if line.startswith("latency"))
     assert b1.endswith("1.48x speed-up")
     assert "4.09x speed-up (disturbed by other load; fastest runs 1.46x)" in b32
+    assert "4.09x speed-up (disturbed by other load; CPU time 1.46x)" in cpu

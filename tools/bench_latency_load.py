@@ -3,8 +3,9 @@
 Times an original against a pruned model as the allocation's latency judge does (interleaved,
 spinning off, ``evaluate.interleaved_latency``), first on the machine as it is, then with
 ``--busy N`` extra processes that spin on the CPU, and prints for each timing the speed-up by
-the medians (SPEC section 9's figure) and by each model's fastest run (what the judge reads).
-A preemption only adds time to a run, so the fastest runs stay put when the medians do not.
+the medians (SPEC section 9's figure), by each model's fastest run and, at one thread, by the
+running thread's CPU time (what the judge reads: ``evaluate.timed_ratio``). A preemption adds
+wall time to a run but no CPU time to its thread.
 
     python tools/bench_latency_load.py ORIGINAL.onnx PRUNED.onnx --busy 2 --out result.json
 """
@@ -37,9 +38,11 @@ def timings(original, pruned, batches: list[int], repeats: int, runs: int) -> li
         for _ in range(repeats):
             row = interleaved_latency(original, pruned, batch, 1, runs=runs)
             rows.append({**row, "load_average": os.getloadavg()[0]})
+            cpu = (f"; CPU time {row['before_cpu_ms']:.2f} -> {row['after_cpu_ms']:.2f} ms, {row['speedup_cpu']:.2f}x"
+                   if "speedup_cpu" in row else "; no CPU time (a thread pool)")
             print(f"  b{batch}: medians {row['before_ms']:.2f} -> {row['after_ms']:.2f} ms, {row['speedup']:.2f}x; "
                   f"fastest runs {row['before_min_ms']:.2f} -> {row['after_min_ms']:.2f} ms, "
-                  f"{row['speedup_fastest']:.2f}x  (load {rows[-1]['load_average']:.1f})", flush=True)
+                  f"{row['speedup_fastest']:.2f}x{cpu}  (load {rows[-1]['load_average']:.1f})", flush=True)
     return rows
 
 
