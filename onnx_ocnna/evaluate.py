@@ -140,9 +140,9 @@ def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: 
     processes than cores a run is often preempted, the longer model's more often, and the median
     is then an interrupted run. At one thread ONNX Runtime computes on the calling thread, whose
     CPU time a preemption does not add to. Measured on ResNet-56 against a cut that runs 1.46x
-    faster, five processes on the 2 cores: by medians 1.00-1.97x at batch 1, by the fastest runs
-    1.38-1.48x, by thread CPU time 1.40-1.43x (batch 32: 1.27-1.60x, 1.51-1.74x, 1.44-1.46x;
-    tools/bench_latency_load.py).
+    faster, five processes on the 2 cores: by medians 1.00-2.28x at batch 1, by the fastest runs
+    1.42-1.44x, by thread CPU time 1.39-1.44x (batch 32: 1.30-1.43x, 1.48-1.68x, 1.46-1.48x;
+    tools/bench_latency_load.py, docs/measurements.md).
     :func:`timed_ratio` reads the CPU time, else the fastest runs.
     ``sizes`` (input name -> one sample's shape, e.g. the calibration data's) sets a dynamic
     input height and width, which are otherwise 1.
