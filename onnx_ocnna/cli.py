@@ -250,6 +250,8 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     _add_calibration_options(distill)
     _add_distill_options(distill, flag=False)
     distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--report", type=Path, metavar="report.json",
+                         help="write the run as JSON: files with SHA-256, settings, per-epoch history")
     _add_eval_options(distill)
     _add_run_options(distill)
 
@@ -747,6 +749,9 @@ def _run_distill(args) -> int:
     from onnx_ocnna.model_io import save_model, uses_external_data
 
     _check_output(args, args.output)
+    if args.report is not None:
+        _check_output(args, args.report)
+    started = time.perf_counter()
     student, teacher = api.as_model(args.input), api.as_model(args.teacher)
     if model_stats(student).parameters > model_stats(teacher).parameters:
         print("onnx-ocnna: note: the student has more parameters than the teacher", file=sys.stderr)
@@ -754,6 +759,15 @@ def _run_distill(args) -> int:
     if not _primary():
         return 0
     save_model(distilled, args.output, external_data=uses_external_data(args.input) or None)
+    if args.report is not None:
+        from onnx_ocnna.jsonio import write_json
+        from onnx_ocnna.report import file_record, versions
+
+        write_json(args.report, {
+            "schema_version": 1, "kind": "distill", "command": ["onnx-ocnna", *args.argv],
+            "versions": versions(), "input": file_record(args.input), "teacher": file_record(args.teacher),
+            "output": file_record(args.output), "train_data": args.train or args.calib, "eval_data": args.eval,
+            "distillation": kd.to_dict(), "total_s": time.perf_counter() - started})
     for epoch in kd.epochs:
         acc = f", held-out top-1 {100 * epoch.eval_accuracy:.2f} %" if epoch.eval_accuracy is not None else ""
         agree = f", agreement {100 * epoch.eval_agreement:.2f} %" if epoch.eval_agreement is not None else ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 import numpy as np
@@ -54,9 +56,23 @@ def test_main_command_with_distill_and_distill_subcommand(tmp_path, capsys):
     command = ["distill", str(pruned), str(distilled), "--teacher", str(tmp_path / "digits.onnx"),
                "--train", str(tmp_path / "train.npz"), "--epochs", "2", "--no-flip", "--quiet",
                "--eval", str(tmp_path / "test.npz"), "--threads", "1"]
-    assert main(command) == 0
+    report = tmp_path / "distill.json"
+    assert main([*command, "--report", str(report)]) == 0
     out = capsys.readouterr().out
     assert "epoch 2" in out
+    # The report names the files by hash and keeps the history the console printed.
+    record = json.loads(report.read_text())
+    assert record["kind"] == "distill" and record["command"][:2] == ["onnx-ocnna", "distill"]
+    assert record["output"]["sha256"] == hashlib.sha256(distilled.read_bytes()).hexdigest()
+    assert record["input"]["path"] == str(pruned) and record["teacher"]["path"] == str(tmp_path / "digits.onnx")
+    epochs = record["distillation"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert f"held-out top-1 {100 * epochs[-1]['eval_accuracy']:.2f} %" in out
+    assert record["distillation"]["settings"]["threads"] == 1 and record["total_s"] > 0
+    # An existing report is kept unless --overwrite, and nothing is trained or written before that is known.
+    fresh = tmp_path / "fresh.onnx"
+    assert main([*command[:2], str(fresh), *command[3:], "--report", str(report)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and not fresh.exists()
     # A fixed thread count repeats the run bit for bit.
     again = tmp_path / "again.onnx"
     assert main([*command[:2], str(again), *command[3:]]) == 0
