@@ -24,8 +24,9 @@ of the block, at most 8, plus half and a quarter of that), because unaligned wid
 counts rounded up to the block, as NCHWc kernels pay for them: a 4-channel layer costs what an
 8-channel one does) and measuring each result's ONNX Runtime latency against the original's,
 interleaved and judged by the running thread's CPU time at one thread, else by each model's
-fastest run (neither grows when another process preempts a run); a result that meets the target is timed a second time and the slower timing counts,
-and measured latencies are kept per selection, so no model is timed more than twice in one run.
+fastest run (neither grows when another process preempts a run); a result that meets the target
+is timed a second time and the slower timing counts, and measured latencies are kept per
+selection, so no model is timed more than twice in one run.
 """
 
 from __future__ import annotations
@@ -797,9 +798,9 @@ class LatencyJudge:
         if key not in self.measured:
             cut = self.rewrite(state)
             row = interleaved_latency(self.model, cut, self.batch, self.threads, runs=20, sizes=self.sizes)
-            # Not by the medians: with the cores oversubscribed the medians of
-            # a ResNet-56 cut that runs 1.46x faster said 3.07x, and the search wrote it for
-            # a latency target of 0.5 (evaluate.interleaved_latency).
+            # Not by the medians: with the cores oversubscribed the medians of a ResNet-56 cut
+            # that runs 1.46x faster said 3.07x, and the search wrote it for a latency target of
+            # 0.5 (evaluate.interleaved_latency).
             ratio = timed_ratio(row)
             if ratio <= self.target:
                 # Timed again before it is trusted, and the slower of the two counts: on a

@@ -13,7 +13,6 @@ wall time to a run but no CPU time to its thread.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
