@@ -25,7 +25,10 @@ runs tiny budgets (1 epoch on 512 training images, 500 test images) into /tmp.
 ``--criterion C`` runs the two prune jobs with ``--criterion C`` into kd_budget_C.json; the
 self-distilled references do not depend on the criterion and are copied from kd_budget.json.
 ``--lr X`` passes ``--lr X`` to every job (the references are then run again) into
-kd_budget[_C]_lrX.json.
+kd_budget[_C]_lrX.json. ``--calib-samples N`` gives the prune jobs ``--max-samples N`` instead of 512
+(into kd_budget[_C]_calibN.json, the references copied as for ``--criterion``): the reconstruction
+refits on every calibration image up to 2,048, so this is how a student refitted on more images is
+measured.
 
     PYTHONPATH=. python tools/bench_kd_budget.py            # all four, about an hour on 2 cores
     PYTHONPATH=. python tools/bench_kd_budget.py --summarize
@@ -56,7 +59,8 @@ EVAL_SAMPLES = 5000
 COMMON = ["--preprocess", "imagenet-32", "--alpha", "0", "--quiet", "--overwrite"]
 
 
-def command(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: float | None = None) -> list[str]:
+def command(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: float | None = None,
+            calib_samples: int = 512) -> list[str]:
     model, kind = job.split("-")
     target, epochs = BUDGET[model]
     cli = [sys.executable, "-m", "onnx_ocnna.cli"]
@@ -65,7 +69,8 @@ def command(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: 
         ["--epochs", str(epochs), "--eval-samples", str(EVAL_SAMPLES)]
     if kind == "prune":
         pruning = [*(["--damage-samples", "64"] if smoke else []), *(["--criterion", criterion] if criterion else [])]
-        return [*cli, str(MODELS[model]), str(out / f"{job}.onnx"), "--calib", str(TRAIN), "--max-samples", "512",
+        return [*cli, str(MODELS[model]), str(out / f"{job}.onnx"), "--calib", str(TRAIN),
+                "--max-samples", str(calib_samples),
                 *target, "--distill", "--train", str(TRAIN), "--eval", str(TEST), "--bench",
                 "--report", str(out / f"{job}.report.json"), *size, *pruning, *common]
     return [*cli, "distill", str(MODELS[model]), str(out / f"{job}.onnx"), "--teacher", str(MODELS[model]),
@@ -82,8 +87,9 @@ def top1(model_path: Path, original: Path, samples: int) -> dict:
     return compare_accuracy(api.as_model(original), api.as_model(model_path), source.batches).as_dict()
 
 
-def run_job(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: float | None = None) -> dict:
-    cmd = command(job, out, smoke, criterion, lr)
+def run_job(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: float | None = None,
+            calib_samples: int = 512) -> dict:
+    cmd = command(job, out, smoke, criterion, lr, calib_samples)
     start, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     load_before = os.getloadavg()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -157,18 +163,21 @@ def main() -> None:
                     "references do not depend on it and are taken from docs/results/kd_budget.json")
     ap.add_argument("--lr", type=float, help="--lr of every job (default: the CLI's); the self-distilled "
                     "references are then run too")
+    ap.add_argument("--calib-samples", type=int, default=512, help="--max-samples of the prune jobs (default "
+                    "512); the calibration images also bound the reconstruction's (at most 2,048 by default)")
     ap.add_argument("--out", type=Path, help="results JSON (default docs/results/kd_budget.json; "
-                    "kd_budget_CRITERION_lrLR.json with --criterion / --lr)")
+                    "kd_budget_CRITERION_lrLR_calibN.json with --criterion / --lr / --calib-samples)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/kd_budget"), help="where models and reports go")
     args = ap.parse_args()
-    variant = "".join([f"_{args.criterion}" if args.criterion else "", f"_lr{args.lr:g}" if args.lr is not None else ""])
+    variant = "".join([f"_{args.criterion}" if args.criterion else "", f"_lr{args.lr:g}" if args.lr is not None else "",
+                       f"_calib{args.calib_samples}" if args.calib_samples != 512 else ""])
     path = args.out or (Path("/tmp/kd_budget_smoke.json") if args.smoke else
                         ROOT / "docs/results" / f"kd_budget{variant}.json")
     work = args.work / ("smoke" if args.smoke else "full") / (variant.lstrip("_") or "default")
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {}
     jobs = [args.only] if args.only else JOBS
-    if args.criterion and args.lr is None:
+    if (args.criterion or args.calib_samples != 512) and args.lr is None:
         jobs = [job for job in jobs if job.endswith("-prune")]
         if not args.smoke:
             reference = json.loads((ROOT / "docs/results/kd_budget.json").read_text())
@@ -179,7 +188,7 @@ def main() -> None:
                 print(f"{job}: done, skipped", flush=True)
                 continue
             print(f"{job}: running", flush=True)
-            results[job] = run_job(job, work, args.smoke, args.criterion, args.lr)
+            results[job] = run_job(job, work, args.smoke, args.criterion, args.lr, args.calib_samples)
             write_json(path, results)
             print(f"{job}: exit {results[job]['returncode']} in {results[job]['wall_s']:.0f} s", flush=True)
     print(summarize(results))
