@@ -56,11 +56,12 @@ MODELS = {"r20": DATA / "models/resnet20_ts_opset13_bn.onnx", "r56": DATA / "mod
 BUDGET = {"r20": (["--target-macs", "0.4"], 4), "r56": (["--target-latency", "0.5"], 3)}  # target, epochs
 JOBS = ["r20-prune", "r20-self", "r56-prune", "r56-self"]
 EVAL_SAMPLES = 5000
+CALIB_SAMPLES = 512  # the prune jobs' --max-samples unless --calib-samples says otherwise
 COMMON = ["--preprocess", "imagenet-32", "--alpha", "0", "--quiet", "--overwrite"]
 
 
 def command(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: float | None = None,
-            calib_samples: int = 512) -> list[str]:
+            calib_samples: int = CALIB_SAMPLES) -> list[str]:
     model, kind = job.split("-")
     target, epochs = BUDGET[model]
     cli = [sys.executable, "-m", "onnx_ocnna.cli"]
@@ -88,7 +89,7 @@ def top1(model_path: Path, original: Path, samples: int) -> dict:
 
 
 def run_job(job: str, out: Path, smoke: bool, criterion: str | None = None, lr: float | None = None,
-            calib_samples: int = 512) -> dict:
+            calib_samples: int = CALIB_SAMPLES) -> dict:
     cmd = command(job, out, smoke, criterion, lr, calib_samples)
     start, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     load_before = os.getloadavg()
@@ -163,21 +164,22 @@ def main() -> None:
                     "references do not depend on it and are taken from docs/results/kd_budget.json")
     ap.add_argument("--lr", type=float, help="--lr of every job (default: the CLI's); the self-distilled "
                     "references are then run too")
-    ap.add_argument("--calib-samples", type=int, default=512, help="--max-samples of the prune jobs (default "
-                    "512); the calibration images also bound the reconstruction's (at most 2,048 by default)")
+    ap.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES, help="--max-samples of the prune jobs "
+                    f"(default {CALIB_SAMPLES}); the calibration images also bound the reconstruction's (at most "
+                    "2,048 by default)")
     ap.add_argument("--out", type=Path, help="results JSON (default docs/results/kd_budget.json; "
                     "kd_budget_CRITERION_lrLR_calibN.json with --criterion / --lr / --calib-samples)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/kd_budget"), help="where models and reports go")
     args = ap.parse_args()
     variant = "".join([f"_{args.criterion}" if args.criterion else "", f"_lr{args.lr:g}" if args.lr is not None else "",
-                       f"_calib{args.calib_samples}" if args.calib_samples != 512 else ""])
+                       f"_calib{args.calib_samples}" if args.calib_samples != CALIB_SAMPLES else ""])
     path = args.out or (Path("/tmp/kd_budget_smoke.json") if args.smoke else
                         ROOT / "docs/results" / f"kd_budget{variant}.json")
     work = args.work / ("smoke" if args.smoke else "full") / (variant.lstrip("_") or "default")
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {}
     jobs = [args.only] if args.only else JOBS
-    if (args.criterion or args.calib_samples != 512) and args.lr is None:
+    if (args.criterion or args.calib_samples != CALIB_SAMPLES) and args.lr is None:
         jobs = [job for job in jobs if job.endswith("-prune")]
         if not args.smoke:
             reference = json.loads((ROOT / "docs/results/kd_budget.json").read_text())
