@@ -489,16 +489,33 @@ def _check_output(args, path: Path) -> None:
         raise InputError(f"{path} exists; pass --overwrite to replace it")
 
 
+def _check_outputs(args, named: list[tuple[str, Path | None]], read: tuple[tuple[str, Path], ...] = ()) -> None:
+    """Every output a command writes passes :func:`_check_output`, and no two name the same file: each is
+    written in turn, so ``--report out.onnx`` would replace the model just written with JSON.
+
+    ``named`` holds (what the user calls it, path) pairs; a path of None is not written. ``read`` names
+    files the command reads besides ``args.input`` (the teacher), which no output may replace."""
+    from onnx_ocnna.errors import InputError
+
+    seen: dict[Path, str] = {Path(path).resolve(): name for name, path in read}
+    for name, path in named:
+        if path is None:
+            continue
+        _check_output(args, path)
+        first = seen.setdefault(path.resolve(), name)
+        if first != name:
+            raise InputError(f"{name} {path} is the same file as {first}; give each output its own file name")
+
+
 def _run_main(args) -> int:
     from onnx_ocnna import api
     from onnx_ocnna.model_io import save_model, uses_external_data
     from onnx_ocnna.plan import load_plan, save_plan
 
-    _check_output(args, args.output)
     fp32_path = args.output.with_name(args.output.stem + ".fp32.onnx") if args.quantize else None
-    for extra in (args.report, args.save_plan, fp32_path, getattr(args, "plot", None), args.save_calib):
-        if extra is not None:
-            _check_output(args, extra)
+    _check_outputs(args, [("the output", args.output), ("--report", args.report), ("--save-plan", args.save_plan),
+                          ("the FP32 copy", fp32_path), ("--plot", getattr(args, "plot", None)),
+                          ("--save-calib", args.save_calib)])
     synthesizing = _check_synthesis_options(args)
     if args.quantize and not args.calib and not synthesizing:
         from onnx_ocnna.errors import InputError
@@ -748,9 +765,8 @@ def _run_distill(args) -> int:
     from onnx_ocnna.metrics import model_stats
     from onnx_ocnna.model_io import save_model, uses_external_data
 
-    _check_output(args, args.output)
-    if args.report is not None:
-        _check_output(args, args.report)
+    _check_outputs(args, [("the output", args.output), ("--report", args.report)],
+                   read=(("the teacher", args.teacher),))
     started = time.perf_counter()
     student, teacher = api.as_model(args.input), api.as_model(args.teacher)
     if model_stats(student).parameters > model_stats(teacher).parameters:
@@ -781,8 +797,7 @@ def _run_sweep(args) -> int:
     from onnx_ocnna.sweep import run_sweep
 
     csv_path = args.output.with_suffix(".csv")
-    for path in (args.output, csv_path):
-        _check_output(args, path)
+    _check_outputs(args, [("-o", args.output), ("the CSV", csv_path)])
     model = api.as_model(args.input)
     distill_options = {"lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
                        "augment": not args.no_augment, "hflip": not args.no_flip, "optimizer": args.optimizer,

@@ -74,6 +74,34 @@ def test_output_equal_to_input_is_refused(model_path, capsys):
     assert model_path.read_bytes() == before
 
 
+def test_two_outputs_naming_one_file_are_refused(model_path, tmp_path, capsys):
+    # Each output is written in turn, so --report out.onnx would replace the model with JSON.
+    out = tmp_path / "out.onnx"
+    code, _, err = _run([model_path, out, "--criterion", "l1", "--percentile", "50", "--report", out], capsys)
+    assert "--report" in _one_line_error(code, err) and "same file as the output" in err
+    code, _, err = _run([model_path, out, "--criterion", "l1", "--percentile", "50", "--report",
+                         tmp_path / "r.json", "--save-plan", tmp_path / "." / "r.json"], capsys)
+    assert "--save-plan" in _one_line_error(code, err) and "same file as --report" in err
+    # The same with --overwrite: permission to replace an old file is not permission to write one twice.
+    code, _, err = _run([model_path, out, "--criterion", "l1", "--percentile", "50", "--report", out,
+                         "--overwrite"], capsys)
+    assert "same file as the output" in _one_line_error(code, err)
+    assert not out.exists()
+
+
+def test_distill_refuses_to_write_over_its_teacher_or_twice_to_one_file(model_path, tmp_path, capsys):
+    teacher = tmp_path / "teacher.onnx"
+    teacher.write_bytes(model_path.read_bytes())
+    before = _snapshot(tmp_path)
+    common = ["--teacher", teacher, "--train", model_path, "--epochs", "1", "--quiet"]
+    code, _, err = _run(["distill", model_path, teacher, *common, "--overwrite"], capsys)
+    assert "same file as the teacher" in _one_line_error(code, err)
+    code, _, err = _run(["distill", model_path, tmp_path / "s.onnx", *common, "--report", tmp_path / "s.onnx"],
+                        capsys)
+    assert "same file as the output" in _one_line_error(code, err)
+    assert _snapshot(tmp_path) == before
+
+
 def test_a_speed_floor_without_a_macs_budget_is_refused(model_path, tmp_path, capsys):
     code, _, err = _run([model_path, tmp_path / "out.onnx", "--criterion", "l1", "--target-params", "0.5",
                          "--speed-floor", "0.9"], capsys)
