@@ -497,11 +497,15 @@ def _check_outputs(args, named: list[tuple[str, Path | None]], read: tuple[tuple
     files the command reads besides ``args.input`` (the teacher), which no output may replace."""
     from onnx_ocnna.errors import InputError
 
-    seen: dict[Path, str] = {Path(path).resolve(): name for name, path in read}
+    inputs = {Path(path).resolve(): name for name, path in read}
+    seen: dict[Path, str] = {}
     for name, path in named:
         if path is None:
             continue
         _check_output(args, path)
+        if path.resolve() in inputs:
+            raise InputError(f"{name} {path} is {inputs[path.resolve()]}, which this command reads; choose another "
+                             "file name")
         first = seen.setdefault(path.resolve(), name)
         if first != name:
             raise InputError(f"{name} {path} is the same file as {first}; give each output its own file name")
@@ -797,7 +801,7 @@ def _run_sweep(args) -> int:
     from onnx_ocnna.sweep import run_sweep
 
     csv_path = args.output.with_suffix(".csv")
-    _check_outputs(args, [("-o", args.output), ("the CSV", csv_path)])
+    _check_outputs(args, [("-o", args.output), ("the table written beside the plot", csv_path)])
     model = api.as_model(args.input)
     distill_options = {"lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
                        "augment": not args.no_augment, "hflip": not args.no_flip, "optimizer": args.optimizer,

@@ -95,11 +95,17 @@ def test_distill_refuses_to_write_over_its_teacher_or_twice_to_one_file(model_pa
     before = _snapshot(tmp_path)
     common = ["--teacher", teacher, "--train", model_path, "--epochs", "1", "--quiet"]
     code, _, err = _run(["distill", model_path, teacher, *common, "--overwrite"], capsys)
-    assert "same file as the teacher" in _one_line_error(code, err)
+    assert "is the teacher, which this command reads" in _one_line_error(code, err)
     code, _, err = _run(["distill", model_path, tmp_path / "s.onnx", *common, "--report", tmp_path / "s.onnx"],
                         capsys)
     assert "same file as the output" in _one_line_error(code, err)
     assert _snapshot(tmp_path) == before
+
+
+def test_sweep_refuses_a_plot_name_its_table_would_replace(model_path, tmp_path, capsys):
+    code, _, err = _run(["sweep", model_path, "--calib", model_path, "--eval", model_path, "-o", tmp_path / "s.csv",
+                         "--percentiles", "10"], capsys)
+    assert "the table written beside the plot" in _one_line_error(code, err) and "same file as -o" in err
 
 
 def test_a_speed_floor_without_a_macs_budget_is_refused(model_path, tmp_path, capsys):
