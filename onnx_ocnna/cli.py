@@ -489,12 +489,22 @@ def _check_output(args, path: Path) -> None:
         raise InputError(f"{path} exists; pass --overwrite to replace it")
 
 
+def _files_read(args) -> tuple[tuple[str, Path], ...]:
+    """(option, path) of the existing files a command reads besides its input model: data given
+    as one file (.npz, .npy), a plan, a teacher."""
+    options = (("--calib", "calib"), ("--train", "train"), ("--eval", "eval"), ("--plan", "plan"),
+               ("--teacher", "teacher"))
+    found = ((option, getattr(args, attr, None)) for option, attr in options)
+    return tuple((option, Path(value)) for option, value in found
+                 if isinstance(value, (str, Path)) and Path(value).is_file())
+
+
 def _check_outputs(args, named: list[tuple[str, Path | None]], read: tuple[tuple[str, Path], ...] = ()) -> None:
     """Every output a command writes passes :func:`_check_output`, and no two name the same file: each is
     written in turn, so ``--report out.onnx`` would replace the model just written with JSON.
 
     ``named`` holds (what the user calls it, path) pairs; a path of None is not written. ``read`` names
-    files the command reads besides ``args.input`` (the teacher), which no output may replace."""
+    files the command reads besides ``args.input`` (:func:`_files_read`), which no output may replace."""
     from onnx_ocnna.errors import InputError
 
     inputs = {Path(path).resolve(): name for name, path in read}
@@ -502,10 +512,10 @@ def _check_outputs(args, named: list[tuple[str, Path | None]], read: tuple[tuple
     for name, path in named:
         if path is None:
             continue
-        _check_output(args, path)
-        if path.resolve() in inputs:
+        if path.resolve() in inputs:  # before _check_output, whose "exists" would hide why
             raise InputError(f"{name} {path} is {inputs[path.resolve()]}, which this command reads; choose another "
                              "file name")
+        _check_output(args, path)
         first = seen.setdefault(path.resolve(), name)
         if first != name:
             raise InputError(f"{name} {path} is the same file as {first}; give each output its own file name")
@@ -519,7 +529,7 @@ def _run_main(args) -> int:
     fp32_path = args.output.with_name(args.output.stem + ".fp32.onnx") if args.quantize else None
     _check_outputs(args, [("the output", args.output), ("--report", args.report), ("--save-plan", args.save_plan),
                           ("the FP32 copy", fp32_path), ("--plot", getattr(args, "plot", None)),
-                          ("--save-calib", args.save_calib)])
+                          ("--save-calib", args.save_calib)], read=_files_read(args))
     synthesizing = _check_synthesis_options(args)
     if args.quantize and not args.calib and not synthesizing:
         from onnx_ocnna.errors import InputError
@@ -769,8 +779,7 @@ def _run_distill(args) -> int:
     from onnx_ocnna.metrics import model_stats
     from onnx_ocnna.model_io import save_model, uses_external_data
 
-    _check_outputs(args, [("the output", args.output), ("--report", args.report)],
-                   read=(("the teacher", args.teacher),))
+    _check_outputs(args, [("the output", args.output), ("--report", args.report)], read=_files_read(args))
     started = time.perf_counter()
     student, teacher = api.as_model(args.input), api.as_model(args.teacher)
     if model_stats(student).parameters > model_stats(teacher).parameters:
@@ -801,7 +810,8 @@ def _run_sweep(args) -> int:
     from onnx_ocnna.sweep import run_sweep
 
     csv_path = args.output.with_suffix(".csv")
-    _check_outputs(args, [("-o", args.output), ("the table written beside the plot", csv_path)])
+    _check_outputs(args, [("-o", args.output), ("the table written beside the plot", csv_path)],
+                   read=_files_read(args))
     model = api.as_model(args.input)
     distill_options = {"lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
                        "augment": not args.no_augment, "hflip": not args.no_flip, "optimizer": args.optimizer,
@@ -889,7 +899,7 @@ def _run_quantize(args) -> int:
     from onnx_ocnna.model_io import atomic_output, load_model
     from onnx_ocnna.quantize import quantize_int8
 
-    _check_output(args, args.output)
+    _check_outputs(args, [("the output", args.output)], read=_files_read(args))
     model = api.as_model(args.input)
     source = api.as_source(args.calib, model, **_calibration_options(args))
     lines = []
@@ -945,7 +955,7 @@ def _run_score(args) -> int:
     from onnx_ocnna.plan import build_plan, save_plan
     from onnx_ocnna.select import SelectionOptions, select
 
-    _check_output(args, args.output)
+    _check_outputs(args, [("the output", args.output)], read=_files_read(args))
     model = api.as_model(args.input)
     pruner = api.Pruner(model)
     scores = api.score(model, args.calib, criterion=args.criterion, criterion_options=_criterion_options(args),

@@ -82,6 +82,11 @@ def test_two_outputs_naming_one_file_are_refused(model_path, tmp_path, capsys):
     code, _, err = _run([model_path, out, "--criterion", "l1", "--percentile", "50", "--report",
                          tmp_path / "r.json", "--save-plan", tmp_path / "." / "r.json"], capsys)
     assert "--save-plan" in _one_line_error(code, err) and "same file as --report" in err
+    # Nor may an output replace a data file the run reads.
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.zeros((2, 3, 8, 8), np.float32))
+    code, _, err = _run([model_path, out, "--calib", calib, "--report", calib], capsys)
+    assert "is --calib, which this command reads" in _one_line_error(code, err)
     # The same with --overwrite: permission to replace an old file is not permission to write one twice.
     code, _, err = _run([model_path, out, "--criterion", "l1", "--percentile", "50", "--report", out,
                          "--overwrite"], capsys)
@@ -95,7 +100,7 @@ def test_distill_refuses_to_write_over_its_teacher_or_twice_to_one_file(model_pa
     before = _snapshot(tmp_path)
     common = ["--teacher", teacher, "--train", model_path, "--epochs", "1", "--quiet"]
     code, _, err = _run(["distill", model_path, teacher, *common, "--overwrite"], capsys)
-    assert "is the teacher, which this command reads" in _one_line_error(code, err)
+    assert "is --teacher, which this command reads" in _one_line_error(code, err)
     code, _, err = _run(["distill", model_path, tmp_path / "s.onnx", *common, "--report", tmp_path / "s.onnx"],
                         capsys)
     assert "same file as the output" in _one_line_error(code, err)
