@@ -16,6 +16,12 @@ noise; the allocation's own latency search is timed at run time all the same).
 
     python tools/bench_allocation.py --models resnet56 --targets macs:0.5 latency:0.5
     python tools/bench_allocation.py --models resnet56 --remeasure-latency
+    python tools/bench_allocation.py --models resnet56 --targets latency:0.5 --recipes default --latency-threads 2
+
+``--latency-threads T`` deploys at T threads: the allocation's latency is timed at T and so are
+the rows' speed-ups, each with the speed-up of the fastest runs beside the medians (at more than
+one thread ONNX Runtime computes on a thread pool, so the thread CPU time that judges a 1-thread
+run measures nothing); results go to ``allocation_<model>[_criterion]_threads<T>.json``.
 """
 
 from __future__ import annotations
@@ -35,10 +41,10 @@ RECIPES = ("uniform", "uniform + reconstruct", "default")
 
 
 def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, save_as: Path | None = None,
-            damage_samples: int | None = None) -> dict:
+            damage_samples: int | None = None, threads: int = 1) -> dict:
     from onnx_ocnna import api
 
-    target = {f"target_{kind}": ratio}
+    target = {f"target_{kind}": ratio, "latency_threads": threads}
     if damage_samples is not None:
         target["damage_samples"] = damage_samples
     start = time.perf_counter()
@@ -60,7 +66,7 @@ def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, sa
         save_as.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(pruned, str(save_as))
         row["model_path"] = str(save_as)
-    row.update(speedups(model, pruned))
+    row.update(speedups(model, pruned, threads))
     if "allocation" in report.extra:
         row["widths"] = {g["id"]: [g["channels"], g["kept"]] for g in report.extra["allocation"]["groups"]}
         row["latency_search"] = report.extra["allocation"]["latency"]
@@ -71,17 +77,23 @@ def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, sa
     return row
 
 
-def speedups(model, pruned) -> dict:
-    """ONNX Runtime speed-up of ``pruned`` over ``model``, 1 thread, batch 1 and 32 (median of
-    30 interleaved runs), with the load average when it was measured."""
+def speedups(model, pruned, threads: int = 1) -> dict:
+    """ONNX Runtime speed-up of ``pruned`` over ``model`` at ``threads``, batch 1 and 32 (median of
+    30 interleaved runs; at more than one thread also of the fastest runs), with the load average
+    when it was measured."""
     from onnx_ocnna.evaluate import interleaved_latency
 
-    out = {f"speedup_b{batch}": interleaved_latency(model, pruned, batch, 1, runs=30)["speedup"] for batch in (1, 32)}
+    out: dict = {}
+    for batch in (1, 32):
+        row = interleaved_latency(model, pruned, batch, threads, runs=30)
+        out[f"speedup_b{batch}"] = row["speedup"]
+        if threads > 1:
+            out[f"speedup_fastest_b{batch}"] = row["speedup_fastest"]
     out["latency_load_average"] = os.getloadavg()
     return out
 
 
-def remeasure(path: Path, model) -> None:
+def remeasure(path: Path, model, threads: int = 1) -> None:
     """Time every row whose pruned model was kept again, in place."""
     import onnx
 
@@ -90,7 +102,7 @@ def remeasure(path: Path, model) -> None:
         if not isinstance(row, dict) or not row.get("model_path") or not Path(row["model_path"]).exists():
             continue
         row.setdefault("speedups_before_remeasure", {k: row.get(k) for k in ("speedup_b1", "speedup_b32")})
-        row.update(speedups(model, onnx.load(row["model_path"])))
+        row.update(speedups(model, onnx.load(row["model_path"]), threads))
         write_json(path, results)
         print(path.stem, name, row["speedup_b1"], row["speedup_b32"], flush=True)
 
@@ -108,6 +120,9 @@ def main() -> int:
                         help="images the allocation measures damage on (unset: the library's choice); "
                              "given, the results file is allocation_<model>[_criterion]_damage<N>.json")
     parser.add_argument("--test", type=int, default=5000)
+    parser.add_argument("--latency-threads", type=int, default=1,
+                        help="threads the latency budget and the speed-ups are timed at (the deployment's); "
+                             "other than 1, the results file is allocation_<model>[_criterion]_threads<T>.json")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/ocnna_bench_models"),
@@ -127,15 +142,17 @@ def main() -> int:
     for key in args.models.split(","):
         suffix = "" if args.criterion == "ocnna" else f"_{args.criterion}"
         suffix += "" if args.damage_samples is None else f"_damage{args.damage_samples}"
+        suffix += "" if args.latency_threads == 1 else f"_threads{args.latency_threads}"
         path = args.out / f"allocation_{key}{suffix}.json"
         if args.remeasure_latency:
-            remeasure(path, onnx.load(model_path(key)))
+            remeasure(path, onnx.load(model_path(key)), args.latency_threads)
             continue
         results = json.loads(path.read_text()) if args.resume and path.exists() else {}
         model = onnx.load(model_path(key))
         base, _ = top1(model, test)
         results["meta"] = {"model": key, "top1": base, "calib": args.calib, "test": args.test, "criterion": args.criterion,
                            "damage_samples": args.damage_samples,
+                           "latency_threads": args.latency_threads,
                            "onnxruntime": onnxruntime.__version__, "load": os.getloadavg(),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         scores = api.score(model, calib, criterion=args.criterion, progress=False)
@@ -148,7 +165,8 @@ def main() -> int:
                 try:
                     slug = f"{key}{suffix}_{recipe}_{kind}{ratio}".replace(" ", "").replace("+", "_")
                     row = run_row(model, scores, recipe, kind, float(ratio), calib, test,
-                                  save_as=args.models_dir / f"{slug}.onnx", damage_samples=args.damage_samples)
+                                  save_as=args.models_dir / f"{slug}.onnx", damage_samples=args.damage_samples,
+                                  threads=args.latency_threads)
                 except Exception as exc:  # a failed row is a result too
                     row = {"error": f"{type(exc).__name__}: {exc}"}
                 results[name] = row
