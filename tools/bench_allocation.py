@@ -17,6 +17,8 @@ noise; the allocation's own latency search is timed at run time all the same).
     python tools/bench_allocation.py --models resnet56 --targets macs:0.5 latency:0.5
     python tools/bench_allocation.py --models resnet56 --remeasure-latency
     python tools/bench_allocation.py --models resnet56 --targets latency:0.5 --recipes default --latency-threads 2
+    python tools/bench_allocation.py --models resnet56 --targets latency:0.5 --recipes default --latency-threads 2 \
+        --latency-batch 32
 
 ``--latency-threads T`` deploys at T threads: the allocation's latency is timed at T and so are
 the rows' speed-ups, each with the speed-up of the fastest runs beside the medians (at more than
@@ -41,10 +43,10 @@ RECIPES = ("uniform", "uniform + reconstruct", "default")
 
 
 def run_row(model, scores, recipe: str, kind: str, ratio: float, calib, test, save_as: Path | None = None,
-            damage_samples: int | None = None, threads: int = 1) -> dict:
+            damage_samples: int | None = None, threads: int = 1, latency_batch: int = 1) -> dict:
     from onnx_ocnna import api
 
-    target = {f"target_{kind}": ratio, "latency_threads": threads}
+    target = {f"target_{kind}": ratio, "latency_threads": threads, "latency_batch": latency_batch}
     if damage_samples is not None:
         target["damage_samples"] = damage_samples
     start = time.perf_counter()
@@ -123,6 +125,9 @@ def main() -> int:
     parser.add_argument("--latency-threads", type=int, default=1,
                         help="threads the latency budget and the speed-ups are timed at (the deployment's); "
                              "other than 1, the results file is allocation_<model>[_criterion]_threads<T>.json")
+    parser.add_argument("--latency-batch", type=int, default=1,
+                        help="batch the latency budget is timed at; other than 1, the results file name ends "
+                             "in _batch<B> (the rows' speed-ups are timed at batch 1 and 32 either way)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/ocnna_bench_models"),
@@ -143,6 +148,7 @@ def main() -> int:
         suffix = "" if args.criterion == "ocnna" else f"_{args.criterion}"
         suffix += "" if args.damage_samples is None else f"_damage{args.damage_samples}"
         suffix += "" if args.latency_threads == 1 else f"_threads{args.latency_threads}"
+        suffix += "" if args.latency_batch == 1 else f"_batch{args.latency_batch}"
         path = args.out / f"allocation_{key}{suffix}.json"
         if args.remeasure_latency:
             remeasure(path, onnx.load(model_path(key)), args.latency_threads)
@@ -152,7 +158,7 @@ def main() -> int:
         base, _ = top1(model, test)
         results["meta"] = {"model": key, "top1": base, "calib": args.calib, "test": args.test, "criterion": args.criterion,
                            "damage_samples": args.damage_samples,
-                           "latency_threads": args.latency_threads,
+                           "latency_threads": args.latency_threads, "latency_batch": args.latency_batch,
                            "onnxruntime": onnxruntime.__version__, "load": os.getloadavg(),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         scores = api.score(model, calib, criterion=args.criterion, progress=False)
@@ -166,7 +172,7 @@ def main() -> int:
                     slug = f"{key}{suffix}_{recipe}_{kind}{ratio}".replace(" ", "").replace("+", "_")
                     row = run_row(model, scores, recipe, kind, float(ratio), calib, test,
                                   save_as=args.models_dir / f"{slug}.onnx", damage_samples=args.damage_samples,
-                                  threads=args.latency_threads)
+                                  threads=args.latency_threads, latency_batch=args.latency_batch)
                 except Exception as exc:  # a failed row is a result too
                     row = {"error": f"{type(exc).__name__}: {exc}"}
                 results[name] = row
