@@ -512,11 +512,11 @@ def _check_outputs(args, named: list[tuple[str, Path | None]], read: tuple[tuple
     for name, path in named:
         if path is None:
             continue
-        if path.resolve() in inputs:  # before _check_output, whose "exists" would hide why
-            raise InputError(f"{name} {path} is {inputs[path.resolve()]}, which this command reads; choose another "
-                             "file name")
+        key = path.resolve()
+        if key in inputs:  # before _check_output, whose "exists" would hide why
+            raise InputError(f"{name} {path} is {inputs[key]}, which this command reads; choose another file name")
         _check_output(args, path)
-        first = seen.setdefault(path.resolve(), name)
+        first = seen.setdefault(key, name)
         if first != name:
             raise InputError(f"{name} {path} is the same file as {first}; give each output its own file name")
 
