@@ -510,7 +510,7 @@ def paddle_se_graph():
     x = op("Reshape", [x, op("Concat", [batch, constant(np.array([-1], np.int64))], axis=0)])
     i = uid("linear")
     x = op("MatMul", [x, param(f"linear_{i}.w_0", rng.normal(0, 0.1, (64, 10)))])
-    out = op("Add", [x, param(f"linear_{i}.b_0", rng.normal(0, 0.1, 10))])
+    op("Add", [x, param(f"linear_{i}.b_0", rng.normal(0, 0.1, 10))])
     nodes[-1].output[0] = "save_infer_model/scale_0.tmp_0"
     graph = helper.make_graph(
         nodes, "paddle-infer",
