@@ -3,6 +3,8 @@ greedy's choices, latency measured once per selection."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from graphs import GraphBuilder, residual_net
@@ -272,6 +274,43 @@ def test_latency_search_steps_on_when_two_budgets_time_alike(plateau):
     assert ratio <= 0.5
     assert min(judge.measured) > 0.45, sorted(judge.measured)  # halving went to 0.247
     assert len(judge.measured) <= 4
+
+
+class _FixedCostJudge:
+    """Latency ratio = ``fixed`` + (1 - fixed) x the blocked-MACs budget: a per-run cost that
+    no cut removes (a small model at batch 1)."""
+
+    batch, threads = 1, 1
+
+    def __init__(self, target: float, fixed: float) -> None:
+        self.target, self.fixed, self.measured = target, fixed, {}
+
+    def __call__(self, state):
+        ratio = self.fixed + (1 - self.fixed) * state["budget"]
+        self.measured[state["budget"]] = ratio
+        return ratio
+
+
+def _search(judge):
+    return alloc._search_latency(lambda kind, budget: ({"budget": budget}, budget), judge, progress=False)
+
+
+def test_an_unreachable_latency_target_names_one_that_can_be_met():
+    """The refusal gives the fastest ratio measured and a target above it that a second run
+    meets; the suggestion is checked by asking for it."""
+    judge = _FixedCostJudge(0.5, fixed=0.6)
+    with pytest.raises(InputError, match=r"the fastest measured 0\.6\d\d\): ask for about --target-latency") as info:
+        _search(judge)
+    suggested = float(re.search(r"--target-latency (\d\.\d\d)", str(info.value)).group(1))
+    assert min(judge.measured.values()) < suggested <= 0.7
+    _, ratio = _search(_FixedCostJudge(suggested, fixed=0.6))
+    assert ratio <= suggested
+
+
+def test_a_latency_target_pruning_cannot_serve_says_so():
+    with pytest.raises(InputError, match="did not make this model faster at batch 1, 1 thread") as info:
+        _search(_FixedCostJudge(0.5, fixed=0.99))
+    assert "--target-params" in str(info.value) and "ask for about" not in str(info.value)
 
 
 def test_an_allocation_frees_its_damage_meter_when_it_returns(monkeypatch):
