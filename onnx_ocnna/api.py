@@ -301,7 +301,9 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     are removed first (labelled calibration data needed); filters are then selected on the
     remaining network. With ``reconstruct``, the layers after every cut are refitted by least
     squares on the calibration data (:mod:`onnx_ocnna.reconstruct`; ``reconstruct_options``:
-    samples (unset: :func:`~onnx_ocnna.reconstruct.auto_samples`), positions, ridge, seed); by default (None) it is on whenever calibration data is given.
+    samples (unset: :func:`~onnx_ocnna.reconstruct.auto_samples`), positions, ridge, seed,
+    new_biases (unset: False under ``target_params``, so no refit adds parameters; else True));
+    by default (None) it is on whenever calibration data is given.
     An allocated budget that is reconstructed then has a final check (:func:`_best_of_recipes`):
     competitors of the same budget are reconstructed too, and the one closest to the original
     (output KL on the calibration images) is written.
@@ -445,6 +447,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         source.shuffle, source.reshuffle = True, False
         source.seed = (reconstruct_options or {}).get("seed", 0)
         reconstruct_options = _with_sample_count(reconstruct_options, model, source, sizes)
+        if target_params is not None:  # a new bias would be parameters the budget did not count
+            reconstruct_options = {"new_biases": False, **reconstruct_options}
         pruned, reconstruction = refit(pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed),
                                        source.batches, progress=progress, **reconstruct_options)
         if allocated is not None:

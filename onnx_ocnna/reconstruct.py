@@ -8,8 +8,9 @@ patches, at a few sampled output positions per image (He et al. 2017, "Channel P
 Accelerating Very Deep Neural Networks"; Luo et al. 2017, ThiNet). Each layer is fitted on the
 inputs that the layers already refitted before it produce, so errors do not pile up, and the
 ridge pulls towards the current weights, so directions the data does not determine keep
-their values. Only initializer values change (plus a bias input for a Conv that had none):
-the graph keeps its structure and every layer its shape.
+their values. Only initializer values change (plus a bias input for a Conv that had none and
+has no BatchNormalization after it to take the shift, unless ``new_biases=False``): the graph
+keeps its structure and every layer its shape.
 
 What the next layer sees is what matters, so a layer followed by a Relu or Clip (directly,
 through a BatchNormalization, or after a residual Add) is fitted *through* it: where the
@@ -120,7 +121,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
                 batches: Callable[[], Iterable[Batch]], *, samples: int = 512, positions: int = 32,
                 ridge: float = 1e-3, seed: int = 0, progress: bool = True, local: bool = False,
                 equations: LayerEquations | None = None, kept_inputs: dict[str, np.ndarray] | None = None,
-                activation_aware: bool = True, prefix: OriginalPrefix | None = None
+                activation_aware: bool = True, prefix: OriginalPrefix | None = None, new_biases: bool = True
                 ) -> tuple[onnx.ModelProto, ReconstructionReport]:
     """Refit the pruned model's Conv, Gemm and MatMul layers to reproduce the original's outputs.
 
@@ -147,6 +148,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
         prefix: the original's tensors on the same samples (:class:`OriginalPrefix` of
             ``original``): the pruned model and the original's targets are then run from the
             original's tensors before the cut's first change instead of from the inputs.
+        new_biases: a Conv without a bias whose fitted intercept no BatchNormalization can take
+            gets a bias initializer for it (C_out more parameters); False fits such a Conv
+            without intercept, so the parameter count stays that of ``pruned`` (a parameter budget).
     Returns:
         (the reconstructed model, a report with each layer's relative error before/after).
     """
@@ -188,7 +192,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
                 given = (equations.restricted(twin, kept_inputs[node.name], kept.get(node.name))
                          if node.name in from_equations else None)
                 _FITTERS[node.op_type](model, node, twin.output[0], targets, runner, fit, ridge, given,
-                                       bounds.get(node.name))
+                                       bounds.get(node.name), new_biases=new_biases)
             bar.update(1)
             if fit.error_after is not None:
                 bar.set_postfix_str(f"{node.name}: {fit.error_before:.3f} -> {fit.error_after:.3f}")
@@ -354,48 +358,53 @@ def _gemm_rows(x: np.ndarray, where) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def _fit_conv(model, node, target, targets, runner, fit, ridge, given=None, bounds=None) -> None:
+def _fit_conv(model, node, target, targets, runner, fit, ridge, given=None, bounds=None, new_biases=True) -> None:
     inits = {i.name: i for i in model.graph.initializer}
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [Cout, Cin, kh, kw]
     cout, cin, kh, kw = w.shape
-    b = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-         if len(node.input) > 2 and node.input[2] else np.zeros(cout))
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if has_bias else np.zeros(cout)
+    mean = None if has_bias else _batchnorm_mean_taking_shift(model, node, cout)
+    intercept = has_bias or mean is not None or new_biases
     start = np.concatenate([w.reshape(cout, -1), b[:, None]], axis=1).T  # [D + 1, Cout]
     solution = _solve(model, node, target, targets, runner, fit, ridge, _conv_rows(node, (kh, kw)), start,
-                      given=given, bounds=bounds)
-    if solution is not None:
-        new_w = solution[:-1].T.reshape(w.shape).astype(np.float32)
-        new_b = solution[-1].astype(np.float32)
-        _set(model, node.input[1], new_w)
-        if len(node.input) > 2 and node.input[2]:
-            _set(model, node.input[2], new_b)
-        elif not _shift_batchnorm_mean(model, node, new_b):
-            name = _unique_name(model, f"{node.name or node.output[0]}.bias")
-            model.graph.initializer.append(numpy_helper.from_array(new_b, name))
-            while len(node.input) < 3:
-                node.input.append("")
-            node.input[2] = name
+                      intercept=intercept, given=given, bounds=bounds)
+    if solution is None:
+        return
+    _set(model, node.input[1], (solution[:-1] if intercept else solution).T.reshape(w.shape).astype(np.float32))
+    if not intercept:
+        return
+    new_b = solution[-1].astype(np.float32)
+    if has_bias:
+        _set(model, node.input[2], new_b)
+    elif mean is not None:
+        # BN(y + c) with mean m equals BN(y) with mean m - c: the count and the graph stay.
+        old = numpy_helper.to_array(inits[mean])
+        _set(model, mean, (old.astype(np.float64) - new_b).astype(old.dtype))
+    else:
+        name = _unique_name(model, f"{node.name or node.output[0]}.bias")
+        model.graph.initializer.append(numpy_helper.from_array(new_b, name))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
 
 
-def _shift_batchnorm_mean(model: onnx.ModelProto, node, bias: np.ndarray) -> bool:
-    """Put a bias-less Conv's fitted intercept c into the BatchNormalization that alone reads
-    its output: BN(y + c) with mean m equals BN(y) with mean m - c. Keeps the parameter count
-    and the graph as they were; False when there is no such BatchNormalization."""
+def _batchnorm_mean_taking_shift(model: onnx.ModelProto, node, channels: int) -> str | None:
+    """The mean initializer of the BatchNormalization that alone reads a bias-less Conv's
+    output and can take its fitted intercept (used by nothing else, [channels]); None if none."""
     consumers = [n for n in model.graph.node if node.output[0] in n.input]
     if len(consumers) != 1 or consumers[0].op_type != "BatchNormalization" or consumers[0].input[0] != node.output[0]:
-        return False
+        return None
     bn = consumers[0]
     inits = {i.name: i for i in model.graph.initializer}
     if len(bn.input) < 5 or bn.input[3] not in inits or _initializer_uses(model).get(bn.input[3], 0) != 1:
-        return False
-    mean = numpy_helper.to_array(inits[bn.input[3]]).astype(np.float64)
-    if mean.shape != bias.shape:
-        return False
-    _set(model, bn.input[3], (mean - bias).astype(numpy_helper.to_array(inits[bn.input[3]]).dtype))
-    return True
+        return None
+    return bn.input[3] if tuple(inits[bn.input[3]].dims) == (channels,) else None
 
 
-def _fit_gemm(model, node, target, targets, runner, fit, ridge, given=None, bounds=None) -> None:
+def _fit_gemm(model, node, target, targets, runner, fit, ridge, given=None, bounds=None, new_biases=True) -> None:
+    """A Gemm's weight, and its bias where it has one (``new_biases`` is not needed: a Gemm
+    without C is fitted without intercept)."""
     inits = {i.name: i for i in model.graph.initializer}
     trans_b = bool(_attr(node, "transB", 0))
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
@@ -416,9 +425,11 @@ def _fit_gemm(model, node, target, targets, runner, fit, ridge, given=None, boun
             _set(model, node.input[2], solution[-1].astype(np.float32))
 
 
-def _fit_matmul(model, node, target, targets, runner, fit, ridge, given=None, bounds=None) -> None:
+def _fit_matmul(model, node, target, targets, runner, fit, ridge, given=None, bounds=None,
+                new_biases=True) -> None:
     """A MatMul with a constant B [K, N], like a Gemm; its intercept goes into the bias Add that
-    alone reads its output (tf2onnx's Dense), and without one it is fitted without intercept."""
+    alone reads its output (tf2onnx's Dense), and without one it is fitted without intercept
+    (so ``new_biases`` changes nothing)."""
     inits = {i.name: i for i in model.graph.initializer}
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [K, N]
     bias = _bias_add(model, node, inits)

@@ -148,7 +148,9 @@ def _fits(first: dict[str, np.ndarray], names: list[str], feeds: list[dict[str, 
     """Whether ``names`` (``first``: their values for the first feed) fit ``budget`` bytes over
     all feeds; the model's inputs are held anyway and not counted."""
     per_feed = sum(first[n].nbytes for n in names if n not in feeds[0])
-    rows = max(len(next(iter(first.values()))), 1) if first else 1
+    # Rows from the feed, not from a crossing tensor: that can be a scalar (a batch size read by
+    # Shape -> Gather before a Reshape).
+    rows = max(sample_count(feeds[:1]), 1)
     return per_feed / rows * sample_count(feeds) <= budget
 
 

@@ -70,7 +70,8 @@ class ImagePlan:
 def image_plan(spec: InputSpec, preset: dict, mean: Any, std: Any, size: Any) -> ImagePlan:
     name = spec.name
     if len(spec.shape) != 4:
-        raise InputError(f"model input {name!r} has rank {len(spec.shape)}, but images need a rank-4 input.")
+        raise InputError(f"model input {name!r} has rank {len(spec.shape)}, but images need a rank-4 input; "
+                         "give the data as a .npy array or a .npz keyed by input name instead.")
     if spec.dtype.kind != "f":
         raise InputError(f"model input {name!r} has dtype {spec.dtype}; images need a float input (give a .npy).")
     layout = preset.get("layout") or spec.layout
@@ -89,7 +90,9 @@ def image_plan(spec: InputSpec, preset: dict, mean: Any, std: Any, size: Any) ->
         raise InputError(f"model input {name!r} has {channels} channels in {layout}; images give 1 or 3.")
     for what, values in (("mean", mean_v), ("std", std_v)):
         if len(values) not in (1, channels):
-            raise InputError(f"{what} has {len(values)} values but model input {name!r} has {channels} channels.")
+            raise InputError(f"{what} has {len(values)} values but model input {name!r} has {channels} channels; "
+                             f"give --mean and --std with 1{'' if channels == 1 else f' or {channels}'} value(s) "
+                             "(the normalisation the model was trained with).")
     if any(v == 0 for v in std_v):
         raise InputError("std must not contain zero.")
 
