@@ -216,6 +216,21 @@ def check_preprocessing(model: onnx.ModelProto, data: Any, options: dict | None,
     return message
 
 
+def check_training_labels(model: onnx.ModelProto, data: Any, options: dict | None) -> None:
+    """Refuse, before any pruning, labelled training ``data`` whose labels are not the classes
+    of ``model``'s first output [N, K] (distillation with a label term would stop at its first
+    batch, after the pruning and reconstruction). Unlabelled data and outputs of unknown width pass."""
+    from onnx_ocnna.evaluate import labels_outside
+
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    classes = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else 0
+    labels = getattr(as_source(data, model, **(options or {})), "labels", None)
+    if classes and labels is not None:
+        outside = labels_outside(labels, classes)
+        if outside:
+            raise InputError(outside)
+
+
 def _check_sample_count(crit, samples: int) -> None:
     """Refuse a spread-based criterion on fewer samples than it is defined for; warn when few."""
     import warnings

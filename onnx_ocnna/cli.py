@@ -555,6 +555,9 @@ def _run_main(args) -> int:
     with _timed(spent, "load_s"):
         model = api.as_model(args.input)
     synthetic = _synthesize_calibration(args, model) if synthesizing else None
+    if args.distill and args.alpha > 0:  # synthesized data has no labels and passes
+        kd_options = _distill_options(args)
+        api.check_training_labels(model, kd_options["train"], kd_options["calibration_options"])
     if args.eval and args.eval != args.calib:  # the calibration data is checked by compress
         eval_options = {**_calibration_options(args), "max_samples": args.eval_samples}
         api.check_preprocessing(model, args.eval, eval_options, "the --eval data")

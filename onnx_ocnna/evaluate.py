@@ -75,6 +75,18 @@ SANITY_SAMPLES = 256
 _SANITY_MIN = 20
 
 
+def labels_outside(labels: np.ndarray, classes: int) -> str | None:
+    """Why ``labels`` [N] cannot be the classes of a ``classes``-way output, or None if they can."""
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size == 0:
+        return None
+    low, high = int(labels.min()), int(labels.max())
+    if low >= 0 and high < classes:
+        return None
+    return (f"labels must lie in 0..{classes - 1} for a {classes}-class output, and the training data has label "
+            f"{high if high >= classes else low}: they are not the model's classes; distil without them with --alpha 0")
+
+
 def near_chance_warning(model: onnx.ModelProto, batches: Iterable[Batch], where: str) -> str | None:
     """A warning when the *original* model looks broken on the first labelled samples.
 

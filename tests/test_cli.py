@@ -107,6 +107,32 @@ def test_distill_refuses_to_write_over_its_teacher_or_twice_to_one_file(model_pa
     assert _snapshot(tmp_path) == before
 
 
+def test_training_labels_that_are_not_the_models_classes_are_refused_before_pruning(model_path, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """Distillation with a label term reads them only at its first batch, after the pruning and
+    reconstruction (minutes on a large model); the run must stop before any of that."""
+    from onnx_ocnna import api
+
+    data = tmp_path / "train.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32), labels=np.arange(16) % 10)
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("compress ran")
+
+    monkeypatch.setattr(api, "compress", no_pruning)
+    before = _snapshot(tmp_path)
+    code, _, err = _run([model_path, tmp_path / "out.onnx", "--calib", data, "--target-params", "0.6", "--distill",
+                         "--epochs", "1", "--quiet"], capsys)
+    line = _one_line_error(code, err)
+    assert "0..3 for a 4-class output, and the training data has label 9" in line and "--alpha 0" in line
+    assert _snapshot(tmp_path) == before
+    # Without the label term the labels are not read: the run goes on to the pruning.
+    code, _, err = _run([model_path, tmp_path / "out.onnx", "--calib", data, "--target-params", "0.6", "--distill",
+                         "--alpha", "0", "--epochs", "1", "--quiet"], capsys)
+    assert "compress ran" in _one_line_error(code, err)
+
+
 def test_sweep_refuses_a_plot_name_its_table_would_replace(model_path, tmp_path, capsys):
     code, _, err = _run(["sweep", model_path, "--calib", model_path, "--eval", model_path, "-o", tmp_path / "s.csv",
                          "--percentiles", "10"], capsys)

@@ -71,6 +71,7 @@ from onnx_ocnna.distill.runtime import TeacherRunner, ThreadChooser, available_c
 from onnx_ocnna.distill.torch_graph import OnnxModule, as_tensor
 from onnx_ocnna.distill.writeback import check_agreement, write_back
 from onnx_ocnna.errors import InputError
+from onnx_ocnna.evaluate import labels_outside
 
 __all__ = ["BN_MODES", "CHECKPOINT_NAME", "BatchLike", "DistillReport", "DistillSettings", "EpochRecord",
            "available_cpus", "distill"]
@@ -482,6 +483,7 @@ def _labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         raise InputError(f"labels need an output of shape [N, classes]; this one is {list(shape)}")
     if y.shape[0] != shape[0]:
         raise InputError(f"{y.shape[0]} labels for a batch of {shape[0]}")
-    if y.size and (int(y.min()) < 0 or int(y.max()) >= shape[1]):
-        raise InputError(f"labels must lie in 0..{shape[1] - 1} for a {shape[1]}-class output")
+    outside = labels_outside(y, shape[1])
+    if outside:
+        raise InputError(outside)
     return y
