@@ -16,6 +16,10 @@ Choices (each an argument of :func:`quantize_int8`):
 * **Pre-processing**: ORT's ``quant_pre_process`` (shape inference + basic graph optimisation,
   which folds BatchNormalization into Conv so the folded weights are quantized once) runs first.
   If it fails on a model, the model is quantized as given and a warning says so.
+* **Opset**: per-channel weights need QuantizeLinear/DequantizeLinear with an ``axis``, which
+  ONNX has from opset 13; ORT's quantizer writes them into a graph of opset 11 or 12 all the
+  same (an invalid model), so such a model is converted to opset 13 first (``onnx.version_converter``)
+  and a warning says so; if the conversion fails, weights get one scale per tensor instead.
 * **Fixed batch**: when the model fixes its batch dimension to B0, calibration batches are cut
   into slices of B0 samples (a remainder smaller than B0 is skipped).
 * The result is written to a temporary file next to ``out_path``, loaded and run in ONNX Runtime
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationMethod,
@@ -94,6 +99,8 @@ def quantize_int8(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     proto = onnx.load(os.fspath(model)) if not isinstance(model, onnx.ModelProto) else model
     fixed = _fixed_batch(proto)
+    if per_channel:
+        proto, per_channel = _with_per_axis_opset(proto)
 
     with tempfile.TemporaryDirectory(prefix="ocnna-quant-") as work:
         # ORT's tools are given files: with a ModelProto they move its initializers out of the
@@ -132,6 +139,29 @@ def quantize_int8(
                 raise ValidationError(f"ONNX Runtime could not quantize the model: {exc}") from exc
             _check_runs(str(tmp), reader.first)
     return out_path
+
+
+# The first opset whose QuantizeLinear / DequantizeLinear take an ``axis`` (per-channel scales).
+_PER_AXIS_OPSET = 13
+
+
+def _with_per_axis_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """(``model`` at an opset with per-axis QDQ, True), converted when older; (``model``, False)
+    with a warning when it cannot be converted, so weights are quantized per tensor."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), _PER_AXIS_OPSET)
+    if opset >= _PER_AXIS_OPSET:
+        return model, True
+    try:
+        converted = onnx.version_converter.convert_version(model, _PER_AXIS_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises assorted types for ops it has no adapter for
+        warnings.warn(f"the model's opset {opset} has no per-channel QuantizeLinear and converting it to opset "
+                      f"{_PER_AXIS_OPSET} failed ({exc}); weights are quantized with one scale per tensor",
+                      stacklevel=3)
+        return model, False
+    warnings.warn(f"the model's opset {opset} has no per-channel QuantizeLinear; the INT8 model is converted to "
+                  f"opset {_PER_AXIS_OPSET}", stacklevel=3)
+    return converted, True
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:

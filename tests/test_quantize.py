@@ -120,6 +120,32 @@ def test_quantized_model_is_per_channel_qdq_small_and_close(digits: dict) -> Non
     assert acc_q >= acc_f - 0.05
 
 
+@pytest.mark.parametrize("fixture, opset", [("paddle_se_opset11", 11), ("torch_opset8", 8)])
+def test_a_model_older_than_opset_13_is_converted_for_per_channel_weights(tmp_path: Path, fixture: str,
+                                                                          opset: int) -> None:
+    """ORT's quantizer writes per-axis DequantizeLinear (opset 13) into an opset-11 graph, which
+    then does not load; below opset 10 it converts to 11 itself, with the same result."""
+    path = Path(__file__).resolve().parent / "fixtures" / f"{fixture}.onnx"
+    model = onnx.load(str(path))
+    spec = model.graph.input[0]
+    shape = [d.dim_value or 1 for d in spec.type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal([8, *shape[1:]]).astype(np.float32)
+    batches = [x[i : i + shape[0]] for i in range(0, 8, shape[0] if shape[0] > 1 else 1)]
+    with pytest.warns(UserWarning, match=f"opset {opset} has no per-channel QuantizeLinear; the INT8 model is "
+                                         "converted to opset 13"):
+        out = quantize_int8(model, _ListSource(batches, spec.name), tmp_path / "old_int8.onnx")
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q, full_check=True)
+    assert next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    producers = {o: n for n in q.graph.node for o in n.output}
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    weight_dq = producers[conv.input[1]]
+    assert inits[weight_dq.input[1]].shape == (inits[weight_dq.input[0]].shape[0],)  # per channel
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert all(np.isfinite(session.run(None, {spec.name: b})[0]).all() for b in batches)
+
+
 def test_per_tensor_option_and_caller_model_untouched(digits: dict) -> None:
     import os
     import stat
