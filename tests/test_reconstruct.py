@@ -98,23 +98,11 @@ def test_cached_and_streamed_targets_give_the_same_fit(monkeypatch):
         np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-6, atol=1e-7)
 
 
-def test_conv_without_bias_gets_one():
-    g = GraphBuilder(seed=1)
-    a = g.relu(g.conv("x", 3, 6, name="a"))
-    b = g.relu(g.conv(a, 6, 4, name="b", bias=False))
-    out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [b])[0]])[0], 4, 2, name="fc")
-    model = g.model(["N", 3, 6, 6], out)
-    pruner, removed, pruned = _prune(model, [1, 2])
-    refitted, _ = reconstruct(pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed),
-                              _batches(), progress=False)
-    conv_b = next(n for n in refitted.graph.node if n.name == "b")
-    assert len(conv_b.input) == 3 and conv_b.input[2] in {i.name for i in refitted.graph.initializer}
-    onnx.checker.check_model(refitted, full_check=True)
-
-
-def test_conv_without_bias_is_refitted_without_one_when_new_biases_are_off():
-    """Under a parameter budget the refit must not add parameters: the bias-less Conv keeps no
-    bias, its weights still move and the outputs come closer to the original's."""
+@pytest.mark.parametrize("new_biases", [True, False])
+def test_conv_without_bias_gets_one_unless_new_biases_are_off(new_biases):
+    """A bias-less Conv with no BatchNorm after it gets a bias for its fitted intercept; under a
+    parameter budget (``new_biases=False``) the refit must not add parameters, and its weights
+    still move the outputs closer to the original's."""
     g = GraphBuilder(seed=1)
     a = g.relu(g.conv("x", 3, 6, name="a"))
     b = g.relu(g.conv(a, 6, 4, name="b", bias=False))
@@ -122,9 +110,13 @@ def test_conv_without_bias_is_refitted_without_one_when_new_biases_are_off():
     model = g.model(["N", 3, 6, 6], out)
     pruner, removed, pruned = _prune(model, [1, 2])
     refitted, report = reconstruct(pruner.prepared_model(), pruned, kept_outputs(pruner.analysis, removed),
-                                   _batches(), progress=False, new_biases=False)
+                                   _batches(), progress=False, new_biases=new_biases)
+    onnx.checker.check_model(refitted, full_check=True)
+    conv_b = next(n for n in refitted.graph.node if n.name == "b")
+    has_bias = len(conv_b.input) == 3 and conv_b.input[2] in {i.name for i in refitted.graph.initializer}
+    assert has_bias == new_biases
     shapes = lambda m: {i.name: tuple(i.dims) for i in m.graph.initializer}  # noqa: E731
-    assert shapes(refitted) == shapes(pruned)
+    assert (shapes(refitted) == shapes(pruned)) == (not new_biases)
     fit_b = next(f for f in report.layers if f.node == "b")
     assert not fit_b.skipped and fit_b.error_after < fit_b.error_before
     x = np.random.default_rng(4).standard_normal((64, 3, 6, 6)).astype(np.float32)
