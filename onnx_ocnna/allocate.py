@@ -940,8 +940,8 @@ def _unreachable_latency(target: float, fastest: float, batch: int, threads: int
     """Why a latency target failed, and what the user can ask for instead."""
     where = f"at batch {batch}, {threads} thread(s)"
     if fastest >= _NO_GAIN:
-        advice = (f"cutting channels and blocks did not make this model faster {where}: its time is in "
-                  "costs pruning does not remove (per-run and per-node overhead, layers that cannot be cut)")
+        advice = ("cutting channels and blocks did not make this model faster: its time is in costs pruning "
+                  "does not remove (per-run and per-node overhead, layers that cannot be cut)")
     else:
         # Margin: a second search times other cuts, and one timing moves by a few per cent.
         advice = f"ask for about --target-latency {math.ceil(fastest * _RETRY_MARGIN * 100) / 100:.2f}"
