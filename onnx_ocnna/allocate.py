@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -787,6 +788,10 @@ class LatencyJudge:
         fixed = fixed_batch(pruner.model)
         self.model, self.rewrite, self.target, self.threads, self.sizes = pruner.model, rewrite, target, threads, sizes
         self.batch = fixed if fixed is not None else batch  # a static batch: time what the model can run
+        self.batch_fixed = fixed is not None
+        if fixed is not None and fixed != batch:
+            warnings.warn(f"the model fixes its batch size at {fixed}: latency is timed at batch {fixed}, "
+                          f"not at the {batch} asked (--latency-batch)", stacklevel=2)
         self.measured: dict[tuple, float] = {}
         self.rows: list[dict] = []
 
@@ -925,7 +930,7 @@ def _search_latency(solve, judge: LatencyJudge, progress: bool, strict: bool = T
     if best is None and not strict:
         return None, fastest
     if best is None:
-        raise InputError(_unreachable_latency(target, fastest, judge.batch, judge.threads))
+        raise InputError(_unreachable_latency(target, fastest, judge.batch, judge.threads, judge.batch_fixed))
     return best[0], best[1]
 
 
@@ -936,7 +941,7 @@ _NO_GAIN = 0.97
 _RETRY_MARGIN = 1.05
 
 
-def _unreachable_latency(target: float, fastest: float, batch: int, threads: int) -> str:
+def _unreachable_latency(target: float, fastest: float, batch: int, threads: int, batch_fixed: bool) -> str:
     """Why a latency target failed, and what the user can ask for instead."""
     where = f"at batch {batch}, {threads} thread(s)"
     if fastest >= _NO_GAIN:
@@ -945,7 +950,7 @@ def _unreachable_latency(target: float, fastest: float, batch: int, threads: int
     else:
         # Margin: a second search times other cuts, and one timing moves by a few per cent.
         advice = f"ask for about --target-latency {math.ceil(fastest * _RETRY_MARGIN * 100) / 100:.2f}"
-    larger = "; if you deploy at a larger batch, time at it (--latency-batch)" if batch == 1 else ""
+    larger = "; if you deploy at a larger batch, time at it (--latency-batch)" if batch == 1 and not batch_fixed else ""
     return (f"no allocation measured a latency ratio of {target:g} or less {where} (the fastest measured "
             f"{fastest:.3f}): {advice}{larger}; a size budget (--target-params, --target-macs) still applies")
 

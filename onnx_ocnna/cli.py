@@ -603,7 +603,9 @@ def _run_main(args) -> int:
         with _timed(timings, "bench_s"):
             # A dynamic input height and width are timed at the calibration data's size, not 1 x 1.
             sizes = api._sample_shapes(args.calib, model, _calibration_options(args)) if args.calib else None
-            report.latency = compare_latency(model, pruned, sizes=sizes)
+            # Batch 1 and 32 at one thread, and the batch and threads a latency target is timed at.
+            report.latency = compare_latency(model, pruned, batches=sorted({1, 32, args.latency_batch}),
+                                             threads=sorted({1, args.latency_threads}), sizes=sizes)
     external = uses_external_data(args.input) or None
     if args.quantize:
         _quantize_into(args, model, pruned, fp32_path, report, external, held_out)

@@ -280,7 +280,7 @@ class _FixedCostJudge:
     """Latency ratio = ``fixed`` + (1 - fixed) x the blocked-MACs budget: a per-run cost that
     no cut removes (a small model at batch 1)."""
 
-    batch, threads = 1, 1
+    batch, threads, batch_fixed = 1, 1, False
 
     def __init__(self, target: float, fixed: float) -> None:
         self.target, self.fixed, self.measured = target, fixed, {}
@@ -305,6 +305,27 @@ def test_an_unreachable_latency_target_names_one_that_can_be_met():
     assert min(judge.measured.values()) < suggested <= 0.7
     _, ratio = _search(_FixedCostJudge(suggested, fixed=0.6))
     assert ratio <= suggested
+
+
+def test_a_model_with_a_fixed_batch_is_timed_at_it_and_says_so(monkeypatch):
+    """--latency-batch 8 on a model whose input fixes batch 1: timed at 1 (the only batch it
+    runs), with a warning, and a refusal then does not suggest a larger --latency-batch."""
+    from onnx_ocnna import evaluate
+
+    timed_batches = set()
+
+    def fake(before, after, batch, threads, runs=20, warmup=3, sizes=None):
+        timed_batches.add(batch)
+        return _fake_latency([], overhead=0.9)(before, after, batch, threads, runs, warmup, sizes)
+
+    monkeypatch.setattr(evaluate, "interleaved_latency", fake)
+    model = _chain()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    with pytest.warns(UserWarning, match="fixes its batch size at 1: latency is timed at batch 1, not at the 8"):
+        with pytest.raises(InputError, match="at batch 1, 1 thread") as info:
+            onnx_ocnna.compress(model, _data(32)["x"], round_to=4, target_latency=0.6, latency_batch=8,
+                                progress=False, reconstruct=False, calibration_options={"batch_size": 1})
+    assert timed_batches == {1} and "--latency-batch" not in str(info.value)
 
 
 def test_a_latency_target_pruning_cannot_serve_says_so():

@@ -310,6 +310,13 @@ def test_bench_and_round_to_auto_reach_the_report(model_path, tmp_path, capsys):
     for row in rows:
         assert row["before_ms"] > 0 and row["after_ms"] > 0
         assert row["speedup"] == pytest.approx(row["before_ms"] / row["after_ms"])
+    # Timed also as the user deploys: the batch and threads a latency target is measured at.
+    code, stdout, err = _run([model_path, out, "--criterion", "l1", "--percentile", "50", "--bench",
+                              "--latency-batch", "4", "--latency-threads", "2", "--report", report, "--overwrite"],
+                             capsys)
+    assert code == 0, err
+    rows = json.loads(report.read_text())["latency"]
+    assert {(r["batch"], r["threads"]) for r in rows} == {(b, t) for b in (1, 4, 32) for t in (1, 2)}
 
 
 def test_a_closed_stdout_ends_quietly(tmp_path):
