@@ -783,9 +783,7 @@ class LatencyJudge:
 
     def __init__(self, pruner, rewrite: Callable[[dict[int, int]], onnx.ModelProto], target: float, batch: int,
                  threads: int, sizes: dict | None = None) -> None:
-        from onnx_ocnna.evaluate import fixed_batch
-
-        fixed = fixed_batch(pruner.model)
+        fixed = pruner.deployed_batch
         self.model, self.rewrite, self.target, self.threads, self.sizes = pruner.model, rewrite, target, threads, sizes
         self.batch = fixed if fixed is not None else batch  # a static batch: time what the model can run
         self.batch_fixed = fixed is not None

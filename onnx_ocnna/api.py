@@ -24,11 +24,13 @@ import onnx_graphsurgeon as gs
 from onnx_ocnna import distributed
 from onnx_ocnna.calibration import CalibrationSource, open_calibration
 from onnx_ocnna.allocate import DEFAULT_SPEED_FLOOR
+from onnx_ocnna.batch_axis import RelaxedBatch, relax_batch
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
 from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
 from onnx_ocnna.criteria import MemberInfo, get_criterion
 from onnx_ocnna.errors import InputError, ValidationError
+from onnx_ocnna.evaluate import fixed_batch
 from onnx_ocnna.metrics import model_stats
 from onnx_ocnna.model_io import load_model, model_sha256, sample_feeds, validate_model
 from onnx_ocnna.plan import build_plan, resolve_plan
@@ -89,6 +91,8 @@ class Pruner:
         _restore_model_fields(self._prepared, model)
         self.analysis = analyse(model, gs.import_onnx(self._prepared))
         self.sha256 = model_sha256(model)
+        # The batch size the written model takes (its inputs' fixed one, or None): latency is timed at it.
+        self.deployed_batch = fixed_batch(model)
 
     def fresh_analysis(self) -> ChannelAnalysis:
         return analyse(self.model, gs.import_onnx(self._prepared))
@@ -245,6 +249,11 @@ def _check_sample_count(crit, samples: int) -> None:
                       f"{MIN_SAMPLES_ADVISED} (give more with --calib)", stacklevel=3)
 
 
+def _deployed(model: onnx.ModelProto, relaxed: RelaxedBatch | None) -> onnx.ModelProto:
+    """``model`` as the user's graph takes it: at batch 1 again when the passes used a copy."""
+    return model if relaxed is None else relaxed.restore(model)
+
+
 def inspect(model: ModelLike) -> dict:
     """Groups, prunability with reasons, and size figures of a model."""
     model = as_model(model)
@@ -332,7 +341,11 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     the other groups are then selected as usual, a budget counting the FC cut as spent.
     """
     model = original = as_model(model)
-    held_out = _held_out(original, eval_data, eval_options or calibration_options)
+    # A batch-1 model's passes run on whole batches through a copy; the file written is at batch 1.
+    relaxed = relax_batch(original)
+    if relaxed is not None:
+        model = relaxed.model
+    held_out = _held_out(model, eval_data, eval_options or calibration_options)
     if reconstruct is None:
         reconstruct = calibration is not None
     if allocation not in ("measured", "uniform"):
@@ -373,6 +386,8 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         model, blocks = select_blocks(model, source.batches(), si_epsilon=si_epsilon)
         timings["drop_blocks_s"] = time.perf_counter() - start
     pruner = pruner_for(model, calibration, calibration_options)
+    if relaxed is not None:  # plans name the user's model, which latency is timed as
+        pruner.sha256, pruner.deployed_batch = model_sha256(original), 1
     if scores is None:
         scores = score(model, calibration, criterion=criterion, criterion_options=criterion_options,
                        calibration_options=calibration_options, progress=progress, pruner=pruner)
@@ -395,14 +410,15 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
         why = "; ".join(reasons[:5]) if reasons else "the model has no Conv filters whose channels can be removed"
         if blocks and any(b.dropped for b in blocks):
             notes.append(f"no filter is prunable after block removal: {why}")
-            pruned, report = _finish(original, model, pruner, {}, settings, notes, _sample_shapes(calibration))
+            pruned, report = _finish(original, _deployed(model, relaxed), pruner, {}, settings, notes,
+                                     _sample_shapes(calibration))
             report.extra["blocks"] = block_rows
             report.calibration = calibration_record
             return pruned, report
         notes.append(f"nothing prunable, model written unchanged: {why}")
         report = Report(model_stats(model), model_stats(model), group_rows(pruner.analysis, {}), settings, notes,
                         calibration=calibration_record)
-        return model, report
+        return _deployed(model, relaxed), report
 
     # The FC widths the CSI design fixes (group id -> channels), spent before any other selection.
     fixed: dict[int, np.ndarray] = {}
@@ -504,7 +520,10 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
                             - timings.get("reconstruct_s", 0.0) - timings.get("allocate_s", 0.0)
                             - timings.get("evaluate_s", 0.0))
     settings.update(fc_width=fc_width, csi_tolerance=csi_tolerance if fc_width else None)
-    pruned, report = _finish(original, pruned, pruner, removed, settings, notes, sizes)
+    if relaxed is not None:
+        notes.append("the model fixes its batch size at 1: its passes ran on whole batches through a copy "
+                     "that takes any batch, checked to compute the same per image; the file written is at batch 1")
+    pruned, report = _finish(original, _deployed(pruned, relaxed), pruner, removed, settings, notes, sizes)
     report.timings = timings
     report.calibration = calibration_record
     for stage, accuracy in stages:

@@ -1,0 +1,96 @@
+"""Batch-1 models (the dynamo exporter's default) are pruned through a copy that takes whole
+batches, and written back at batch 1 with their own constants."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import GraphBuilder
+from onnx import helper, numpy_helper
+
+from onnx_ocnna import api
+from onnx_ocnna.batch_axis import relax_batch
+from onnx_ocnna.model_io import ort_session
+
+
+def _batch1_model(allowzero: int = 1, leading: int = 1) -> onnx.ModelProto:
+    """x [1, 3, 8, 8] -> conv -> relu -> conv -> relu -> GAP -> Reshape([leading, -1], allowzero) -> Gemm,
+    as torch.onnx's dynamo exporter writes a fixed-batch CNN."""
+    g = GraphBuilder(seed=4)
+    a = g.relu(g.conv("x", 3, 8, name="a"))
+    b = g.relu(g.conv(a, 8, 8, name="b"))
+    pooled = g.node("GlobalAveragePool", [b])[0]
+    model = g.model([1, 3, 8, 8], pooled)
+    for opset in model.opset_import:  # Reshape's allowzero is opset 14's
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 18
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array([leading, -1], np.int64), "flat_shape"))
+    graph.initializer.append(numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4))
+                                                     .astype(np.float32), "fc_w"))
+    graph.node.append(helper.make_node("Reshape", [pooled, "flat_shape"], ["flat"], name="view", allowzero=allowzero))
+    graph.node.append(helper.make_node("MatMul", ["flat", "fc_w"], ["logits"], name="fc"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("allowzero", [0, 1])
+def test_the_copy_runs_any_batch_and_restores_the_users_graph(allowzero):
+    model = _batch1_model(allowzero)
+    relaxed = relax_batch(model)
+    assert relaxed is not None and relaxed.reshapes == ["flat_shape"]
+    x = np.random.default_rng(1).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    together = ort_session(relaxed.model).run(None, {"x": x})[0]
+    one_by_one = np.concatenate([ort_session(model).run(None, {"x": x[i : i + 1]})[0] for i in range(5)])
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-5, atol=1e-6)
+    back = relaxed.restore(relaxed.model)
+    assert [n.SerializeToString() for n in back.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    assert ([i.SerializeToString() for i in back.graph.initializer]
+            == [i.SerializeToString() for i in model.graph.initializer])
+    assert [d.dim_value for d in back.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
+
+
+def _with_shape(model: onnx.ModelProto, shape: list[int]) -> onnx.ModelProto:
+    for init in model.graph.initializer:
+        if init.name == "flat_shape":
+            init.CopyFrom(numpy_helper.from_array(np.array(shape, np.int64), "flat_shape"))
+    return model
+
+
+def test_a_shape_without_minus_one_is_relaxed_too():
+    relaxed = relax_batch(_with_shape(_batch1_model(), [1, 8]))  # [0, 8] copies the batch axis
+    assert relaxed is not None
+    assert ort_session(relaxed.model).run(None, {"x": np.zeros((3, 3, 8, 8), np.float32)})[0].shape == (3, 4)
+
+
+def test_a_graph_only_batch_1_satisfies_is_left_alone():
+    """A shape constant something else reads too is not touched, so the copy cannot run two
+    images; the model is then pruned as it is."""
+    model = _batch1_model()
+    model.graph.node.append(helper.make_node("Identity", ["flat_shape"], ["shape_copy"], name="other_reader"))
+    model.graph.output.append(helper.make_tensor_value_info("shape_copy", onnx.TensorProto.INT64, [2]))
+    assert relax_batch(model) is None
+    assert relax_batch(onnx.load_from_string(_batch1_model().SerializeToString())) is not None
+    dynamic = _batch1_model()
+    dynamic.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    assert relax_batch(dynamic) is None  # nothing to relax
+
+
+def test_compress_of_a_batch_1_model_writes_it_at_batch_1_within_the_budget():
+    model = _batch1_model()
+    x = np.random.default_rng(2).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    pruned, report = api.compress(model, x, target_params=0.7, progress=False)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [d.dim_value for d in pruned.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
+    assert [d.dim_value for d in pruned.graph.output[0].type.tensor_type.shape.dim] == [1, 4]
+    view = next(n for n in pruned.graph.node if n.name == "view")
+    assert [(a.name, a.i) for a in view.attribute] == [("allowzero", 1)]
+    shape = next(numpy_helper.to_array(i) for i in pruned.graph.initializer if i.name == "flat_shape")
+    assert shape.tolist() == [1, -1]
+    assert report.rpr <= 0.7 and any("fixes its batch size at 1" in n for n in report.notes)
+    assert report.extra["plan"]["model_sha256"] == api.Pruner(model).sha256  # the user's model
+    out = ort_session(pruned).run(None, {"x": x[:1]})[0]
+    assert out.shape == (1, 4) and np.isfinite(out).all()
