@@ -66,6 +66,8 @@ class RelaxedBatch:
 def relax_batch(model: onnx.ModelProto) -> RelaxedBatch | None:
     """The copy of ``model`` that runs any batch size, or None when ``model`` does not fix its
     inputs' batch size at 1 or the copy does not compute the same per image."""
+    import onnxruntime as ort
+
     from onnx_ocnna.model_io import ort_session, sample_feeds
 
     graph = model.graph
@@ -102,7 +104,9 @@ def relax_batch(model: onnx.ModelProto) -> RelaxedBatch | None:
     try:
         one = [sample_feeds(model, batch=1, seed=seed) for seed in (0, 1)]
         each = [ort_session(model).run(None, feeds) for feeds in one]
-        both = ort_session(relaxed).run(None, {k: np.concatenate([f[k] for f in one]) for k in one[0]})
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a copy ORT refuses is expected, not an error to show
+        both = ort_session(relaxed).run(None, {k: np.concatenate([f[k] for f in one]) for k in one[0]}, quiet)
     except Exception:  # ORT refuses the copy (a shape only batch 1 satisfies): keep the original
         return None
     for index, value in enumerate(both):
