@@ -103,7 +103,8 @@ def relax_batch(model: onnx.ModelProto) -> RelaxedBatch | None:
             allowzero.append(node.output[0])
     try:
         one = [sample_feeds(model, batch=1, seed=seed) for seed in (0, 1)]
-        each = [ort_session(model).run(None, feeds) for feeds in one]
+        session = ort_session(model)
+        each = [session.run(None, feeds) for feeds in one]
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a copy ORT refuses is expected, not an error to show
         both = ort_session(relaxed).run(None, {k: np.concatenate([f[k] for f in one]) for k in one[0]}, quiet)
