@@ -8,7 +8,8 @@ the dynamo export took twice as long as the TorchScript export of the same netwo
 against 42 s for `--target-latency 0.5`).
 
 :func:`relax_batch` makes a copy whose batch size is free: the inputs' and outputs' first axis
-becomes symbolic and every Reshape shape constant that starts with 1 starts with 0 instead ("copy
+becomes symbolic and every Reshape shape constant (an initializer or a Constant node) that starts
+with 1 starts with 0 instead ("copy
 this axis from the input"; a Reshape with ``allowzero=1``, as the dynamo exporter writes them,
 gets ``allowzero=0``, which means the same for a shape with no other 0). The copy is kept only if it computes, on two images at once, what the
 original computes on each alone. :meth:`RelaxedBatch.restore` puts the fixed batch back into a
@@ -34,7 +35,8 @@ class RelaxedBatch:
 
     Attributes:
         model: the copy.
-        reshapes: the Reshape shape initializers whose leading 1 became 0.
+        reshapes: the Reshape shape constants (initializers or Constant nodes' outputs) whose
+            leading 1 became 0.
         allowzero: output names of the Reshapes whose ``allowzero`` went from 1 to 0.
     """
 
@@ -50,12 +52,12 @@ class RelaxedBatch:
         constants = {i.name for i in graph.initializer}
         for value in [*(i for i in graph.input if i.name not in constants), *graph.output]:
             _set_batch(value, 1)
-        for init in graph.initializer:
-            if init.name in self.reshapes:
-                shape = numpy_helper.to_array(init).copy()
+        for name, tensor in _shape_tensors(graph).items():
+            if name in self.reshapes:
+                shape = numpy_helper.to_array(tensor).copy()
                 if shape.size and shape[0] == 0:
                     shape[0] = 1
-                    init.CopyFrom(numpy_helper.from_array(shape, init.name))
+                    tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))
         for node in graph.node:
             if node.op_type == "Reshape" and node.output[0] in self.allowzero:
                 _set_allowzero(node, 1)
@@ -87,18 +89,19 @@ def relax_batch(model: onnx.ModelProto) -> RelaxedBatch | None:
         for position, name in enumerate(node.input):
             readers.setdefault(name, set()).add("shape" if node.op_type == "Reshape" and position == 1 else "other")
     reshapes, allowzero = [], []
+    tensors = _shape_tensors(rgraph)
     for node in rgraph.node:
-        if node.op_type != "Reshape" or node.input[1] not in constants or readers[node.input[1]] != {"shape"}:
+        name = node.input[1] if node.op_type == "Reshape" else None
+        if name not in tensors or readers[name] != {"shape"}:
             continue
-        init = next(i for i in rgraph.initializer if i.name == node.input[1])
-        shape = numpy_helper.to_array(init).copy()
+        shape = numpy_helper.to_array(tensors[name]).copy()
         if shape.ndim != 1 or not shape.size or shape[0] not in (0, 1) or (shape[1:] == 0).any():
             continue
-        if init.name not in reshapes and shape[0] == 1:
+        if name not in reshapes and shape[0] == 1:
             shape[0] = 0
-            init.CopyFrom(numpy_helper.from_array(shape, init.name))
-            reshapes.append(init.name)
-        if init.name in reshapes and next((a.i for a in node.attribute if a.name == "allowzero"), 0):
+            tensors[name].CopyFrom(numpy_helper.from_array(shape, tensors[name].name))
+            reshapes.append(name)
+        if name in reshapes and next((a.i for a in node.attribute if a.name == "allowzero"), 0):
             _set_allowzero(node, 0)
             allowzero.append(node.output[0])
     try:
@@ -115,6 +118,17 @@ def relax_batch(model: onnx.ModelProto) -> RelaxedBatch | None:
         if value.shape != expected.shape or not np.allclose(value, expected, rtol=_RTOL, atol=_ATOL):
             return None
     return RelaxedBatch(relaxed, reshapes, allowzero)
+
+
+def _shape_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Constant int64 tensors by the name nodes read them as: initializers, and the ``value`` of
+    Constant nodes (older TorchScript exports give a Reshape its shape so). Edited in place."""
+    tensors = {i.name: i for i in graph.initializer if i.data_type == onnx.TensorProto.INT64}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            if node.attribute[0].t.data_type == onnx.TensorProto.INT64:
+                tensors[node.output[0]] = node.attribute[0].t
+    return tensors
 
 
 def _set_allowzero(node: onnx.NodeProto, value: int) -> None:

@@ -53,6 +53,22 @@ def test_the_copy_runs_any_batch_and_restores_the_users_graph(allowzero):
     assert [d.dim_value for d in back.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
 
 
+def test_a_shape_given_by_a_constant_node_is_relaxed_and_restored():
+    """Older TorchScript exports feed the Reshape from a Constant node, not an initializer."""
+    model = _batch1_model(allowzero=0)
+    graph = model.graph
+    shape = next(i for i in graph.initializer if i.name == "flat_shape")
+    graph.node.insert(0, helper.make_node("Constant", [], ["flat_shape"], name="shape_const",
+                                          value=numpy_helper.from_array(numpy_helper.to_array(shape), "flat_shape")))
+    graph.initializer.remove(shape)
+    onnx.checker.check_model(model, full_check=True)
+    relaxed = relax_batch(model)
+    assert relaxed is not None and relaxed.reshapes == ["flat_shape"]
+    assert ort_session(relaxed.model).run(None, {"x": np.zeros((3, 3, 8, 8), np.float32)})[0].shape == (3, 4)
+    back = relaxed.restore(relaxed.model)
+    assert [n.SerializeToString() for n in back.graph.node] == [n.SerializeToString() for n in model.graph.node]
+
+
 def _with_shape(model: onnx.ModelProto, shape: list[int]) -> onnx.ModelProto:
     for init in model.graph.initializer:
         if init.name == "flat_shape":
