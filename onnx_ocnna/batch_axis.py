@@ -4,17 +4,16 @@ torch.onnx's dynamo exporter fixes every input's batch size unless told otherwis
 models usually take exactly one image: [1, 3, H, W] in, a Reshape to [1, -1] before the
 classifier. Every pass the compressor makes over the calibration data (scoring, the damage of
 each candidate cut, the reconstruction) then runs one image at a time; on the CIFAR-10 ResNet-20
-the dynamo export took twice as long as the TorchScript export of the same network (82 s
-against 42 s for `--target-latency 0.5`).
+the dynamo export took twice as long as the TorchScript export of the same network (84 s
+against 43 s for `--target-latency 0.5`, docs/measurements.md).
 
 :func:`relax_batch` makes a copy whose batch size is free: the inputs' and outputs' first axis
-becomes symbolic and every Reshape shape constant (an initializer or a Constant node) that starts
-with 1 starts with 0 instead ("copy
-this axis from the input"; a Reshape with ``allowzero=1``, as the dynamo exporter writes them,
-gets ``allowzero=0``, which means the same for a shape with no other 0). The copy is kept only if it computes, on two images at once, what the
-original computes on each alone. :meth:`RelaxedBatch.restore` puts the fixed batch back into a
-model derived from the copy, so the file written is the user's graph, at batch 1, with its
-constants as they were.
+becomes symbolic, and every Reshape shape constant (an initializer or a Constant node) that starts
+with 1 starts with 0 instead ("copy this axis from the input"; a Reshape with ``allowzero=1``, as
+the dynamo exporter writes them, gets ``allowzero=0``, which means the same for a shape with no
+other 0). The copy is kept only if it computes, on two images at once, what the original computes
+on each alone. :meth:`RelaxedBatch.restore` puts the fixed batch back into a model derived from
+the copy, so the file written is the user's graph, at batch 1, with its constants as they were.
 """
 
 from __future__ import annotations
