@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx_ocnna import distributed
 from onnx_ocnna.calibration import CalibrationSource, open_calibration
 from onnx_ocnna.allocate import DEFAULT_SPEED_FLOOR
-from onnx_ocnna.batch_axis import RelaxedBatch, relax_batch
+from onnx_ocnna.batch_axis import JOINED_ROWS, RelaxedBatch, for_passes, relax_batch
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
 from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
@@ -177,7 +177,12 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
         except TypeError:
             total = None
         if accumulators:
-            samples = collect(pruner.prepared_model(), analysis, crit, accumulators, source.batches(),
+            # Data opened for a batch-1 model comes one image per batch: joined for its relaxed copy.
+            prepared = pruner.prepared_model()
+            scoring_model, batches = for_passes(prepared, source.batches())
+            if total is not None and scoring_model is not prepared:
+                total = math.ceil(total * source.batch_size / JOINED_ROWS)
+            samples = collect(scoring_model, analysis, crit, accumulators, batches,
                               total=total, progress=progress and distributed.is_primary(),
                               threads=distributed.cpu_share())
             accumulators = distributed.gather_accumulators(accumulators, crit.options)
@@ -247,6 +252,18 @@ def _check_sample_count(crit, samples: int) -> None:
     if crit.min_samples > 1 and samples < MIN_SAMPLES_ADVISED:
         warnings.warn(f"only {samples} calibration samples: {crit.name} scores are noisy below "
                       f"{MIN_SAMPLES_ADVISED} (give more with --calib)", stacklevel=3)
+
+
+def _whole_batches(data: Any, options: dict | None) -> Any:
+    """``data`` for a batch-1 model's relaxed copy: a source already opened for the batch-1 model
+    (a sweep's, a search's: one sample per batch) as a copy that reads whole batches; any other
+    data as it is (paths and arrays are opened for the copy)."""
+    if isinstance(data, CalibrationSource) and data.batch_size == 1 and not data.one_shot:
+        import copy
+
+        data = copy.copy(data)
+        data.batch_size = (options or {}).get("batch_size") or JOINED_ROWS
+    return data
 
 
 def _deployed(model: onnx.ModelProto, relaxed: RelaxedBatch | None) -> onnx.ModelProto:
@@ -345,6 +362,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     relaxed = relax_batch(original)
     if relaxed is not None:
         model = relaxed.model
+        calibration = _whole_batches(calibration, calibration_options)
     held_out = _held_out(model, eval_data, eval_options or calibration_options)
     if reconstruct is None:
         reconstruct = calibration is not None
@@ -512,9 +530,10 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     stages = []
     if held_out is not None:
         eval_start = time.perf_counter()
-        stages.append(("pruned", held_out.measure(cut)))
+        # At batch 1, as written: a HeldOut opened for the user's model joins its batches for it.
+        stages.append(("pruned", held_out.measure(_deployed(cut, relaxed))))
         if reconstruction is not None:
-            stages.append(("reconstructed", held_out.measure(pruned)))
+            stages.append(("reconstructed", held_out.measure(_deployed(pruned, relaxed))))
         timings["evaluate_s"] = time.perf_counter() - eval_start
     timings["rewrite_s"] = (time.perf_counter() - start - timings["score_s"] - timings.get("drop_blocks_s", 0.0)
                             - timings.get("reconstruct_s", 0.0) - timings.get("allocate_s", 0.0)

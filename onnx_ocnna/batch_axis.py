@@ -14,18 +14,29 @@ the dynamo exporter writes them, gets ``allowzero=0``, which means the same for 
 other 0). The copy is kept only if it computes, on two images at once, what the original computes
 on each alone. :meth:`RelaxedBatch.restore` puts the fixed batch back into a model derived from
 the copy, so the file written is the user's graph, at batch 1, with its constants as they were.
+
+:func:`for_passes` applies the same copy to a pass over data that was opened for the batch-1
+model (one image per batch): the held-out measurements, the `score` command, the scoring of a
+sweep or a `--max-drop` search. Their batches are joined into batches of :data:`JOINED_ROWS`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_ocnna.calibration import Batch
+
 # What the copy must reproduce, per image, on random inputs.
 _RTOL, _ATOL = 1e-4, 1e-5
+
+#: Samples per batch when single-image batches are joined for a relaxed copy: the data's default
+#: batch size (``open_calibration``).
+JOINED_ROWS = 32
 
 
 @dataclass
@@ -71,11 +82,9 @@ def relax_batch(model: onnx.ModelProto) -> RelaxedBatch | None:
 
     from onnx_ocnna.model_io import ort_session, sample_feeds
 
-    graph = model.graph
-    constants = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in constants]
-    if not inputs or any(_batch(i) != 1 for i in inputs):
+    if not takes_batch_1_only(model):
         return None
+    constants = {i.name for i in model.graph.initializer}
     relaxed = onnx.ModelProto()
     relaxed.CopyFrom(model)
     rgraph = relaxed.graph
@@ -117,6 +126,64 @@ def relax_batch(model: onnx.ModelProto) -> RelaxedBatch | None:
         if value.shape != expected.shape or not np.allclose(value, expected, rtol=_RTOL, atol=_ATOL):
             return None
     return RelaxedBatch(relaxed, reshapes, allowzero)
+
+
+def for_passes(model: onnx.ModelProto, batches: Iterable[Batch]) -> tuple[onnx.ModelProto, Iterable[Batch]]:
+    """The model one pass over ``batches`` should run, and the batches shaped for it.
+
+    A model whose inputs fix batch 1 runs as its relaxed copy (:func:`relax_batch`) on the
+    batches joined into :data:`JOINED_ROWS` samples, or, when it has no such copy, on the
+    batches split into single samples. Any other model runs as it is, on the batches as they
+    are. Per sample the outputs are the original's (checked by :func:`relax_batch`).
+    """
+    if not takes_batch_1_only(model):
+        return model, batches
+    relaxed = relax_batch(model)
+    if relaxed is None:
+        return model, split_rows(batches)
+    return relaxed.model, joined(batches, JOINED_ROWS)
+
+
+def takes_batch_1_only(model: onnx.ModelProto) -> bool:
+    """Whether every data input of ``model`` fixes its batch axis at 1."""
+    constants = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in constants]
+    return bool(inputs) and all(_batch(i) == 1 for i in inputs)
+
+
+def joined(batches: Iterable[Batch], rows: int) -> Iterator[Batch]:
+    """Consecutive ``batches`` joined into batches of ``rows`` samples (the last may hold
+    fewer); labels are joined alike, and are None when any batch joined has none."""
+    pending: list[Batch] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += _rows(batch)
+        if count >= rows:
+            yield _join(pending)
+            pending, count = [], 0
+    if pending:
+        yield _join(pending)
+
+
+def split_rows(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """``batches`` as batches of one sample each."""
+    for batch in batches:
+        for row in range(_rows(batch)):
+            yield Batch({k: v[row : row + 1] for k, v in batch.feeds.items()},
+                        None if batch.labels is None else batch.labels[row : row + 1])
+
+
+def _rows(batch: Batch) -> int:
+    return len(next(iter(batch.feeds.values()))) if batch.feeds else 0
+
+
+def _join(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    feeds = {k: np.concatenate([b.feeds[k] for b in batches]) for k in batches[0].feeds}
+    labelled = all(b.labels is not None for b in batches)
+    return Batch(feeds, np.concatenate([np.asarray(b.labels) for b in batches]) if labelled else None)
 
 
 def _shape_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
+from onnx_ocnna.batch_axis import for_passes
 from onnx_ocnna.calibration import Batch
 from onnx_ocnna.model_io import ort_session, sample_feeds
 
@@ -29,7 +30,9 @@ class Accuracy:
 
 
 def predictions(model: onnx.ModelProto, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Arg-max class of the first output for every sample, [N], and labels [N] or None."""
+    """Arg-max class of the first output for every sample, [N], and labels [N] or None. A model
+    that takes batch 1 only runs on whole batches through its relaxed copy (:func:`for_passes`)."""
+    model, batches = for_passes(model, batches)
     session = ort_session(model)
     names = {i.name for i in session.get_inputs()}
     preds, labels = [], []
@@ -97,6 +100,7 @@ def near_chance_warning(model: onnx.ModelProto, batches: Iterable[Batch], where:
     wrong normalisation shows one or both (measured on the digits CNN: 10 % and 29 % top-1 with
     75-100 % of the predictions on one class, against 99.8 % spread evenly when right).
     """
+    model, batches = for_passes(model, batches)
     session = ort_session(model)
     names = {i.name for i in session.get_inputs()}
     predicted, expected = [], []

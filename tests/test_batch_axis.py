@@ -113,3 +113,91 @@ def test_compress_of_a_batch_1_model_writes_it_at_batch_1_within_the_budget():
     assert report.extra["plan"]["model_sha256"] == api.Pruner(model).sha256  # the user's model
     out = ort_session(pruned).run(None, {"x": x[:1]})[0]
     assert out.shape == (1, 4) and np.isfinite(out).all()
+
+
+class _RunCounter:
+    """Counts ONNX Runtime ``session.run`` calls and the samples each fed."""
+
+    def __init__(self, monkeypatch) -> None:
+        import onnxruntime as ort
+
+        self.rows: list[int] = []
+        run = ort.InferenceSession.run
+
+        def counted(session, output_names, input_feed, *args, **kwargs):
+            self.rows.append(len(next(iter(input_feed.values()))))
+            return run(session, output_names, input_feed, *args, **kwargs)
+
+        monkeypatch.setattr(ort.InferenceSession, "run", counted)
+
+
+def _images(count: int, seed: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 3, 8, 8)).astype(np.float32)
+
+
+def test_predictions_of_a_batch_1_model_run_on_whole_batches(monkeypatch):
+    """Data opened for a batch-1 model comes one image per batch; the held-out passes join them."""
+    from onnx_ocnna.evaluate import HeldOut, predictions
+
+    model = _batch1_model()
+    x = _images(70)
+    source = api.as_source(x, model)
+    assert source.batch_size == 1
+    one_by_one = np.array([ort_session(model).run(None, {"x": x[i : i + 1]})[0].argmax() for i in range(70)])
+    counter = _RunCounter(monkeypatch)
+    pred, _ = predictions(model, source.batches())
+    np.testing.assert_array_equal(pred, one_by_one)
+    assert [r for r in counter.rows if r > 2] == [32, 32, 6] and len(counter.rows) == 6  # and the copy's 3 probe runs
+    # Batches of 32 (opened for a relaxed copy) fed to the batch-1 model give the same answer.
+    wide = api.as_source(x, relax_batch(model).model)
+    assert wide.batch_size == 32
+    np.testing.assert_array_equal(predictions(model, wide.batches())[0], one_by_one)
+    assert HeldOut(model, source.batches).measure(model).agreement == 1.0
+
+
+def test_a_batch_1_model_without_a_relaxed_copy_runs_wide_batches_one_sample_at_a_time():
+    from onnx_ocnna.evaluate import predictions
+
+    model = _batch1_model()
+    model.graph.node.append(helper.make_node("Identity", ["flat_shape"], ["shape_copy"], name="other_reader"))
+    model.graph.output.append(helper.make_tensor_value_info("shape_copy", onnx.TensorProto.INT64, [2]))
+    assert relax_batch(model) is None
+    x = _images(40)
+    wide = api.as_source(x, relax_batch(_batch1_model()).model)
+    one_by_one = [ort_session(model).run(None, {"x": x[i : i + 1]})[0].argmax() for i in range(40)]
+    np.testing.assert_array_equal(predictions(model, wide.batches())[0], one_by_one)
+
+
+def test_scores_of_a_batch_1_model_are_computed_on_whole_batches(monkeypatch):
+    """`score` (and the scoring of a sweep or a search) given data opened for the batch-1 model."""
+    model = _batch1_model()
+    x = _images(64)
+    free = api.score(relax_batch(model).model, x, progress=False)
+    counter = _RunCounter(monkeypatch)
+    fixed = api.score(model, api.as_source(x, model), progress=False)
+    assert fixed.samples == 64 and max(counter.rows) == 32 and len(counter.rows) < 16
+    assert fixed.groups.keys() == free.groups.keys()
+    for group, values in free.groups.items():
+        np.testing.assert_allclose(fixed.groups[group], values, rtol=1e-4)
+
+
+def test_a_sweep_of_a_batch_1_model_reads_whole_batches_and_matches_its_free_batch_copy(monkeypatch):
+    """Every pass of a sweep (scoring, allocation, refit, held-out) over a batch-1 model runs
+    whole batches: as few ORT runs as for the same network with a free batch, the same rows."""
+    from onnx_ocnna.sweep import run_sweep
+
+    model = _batch1_model()
+    free = relax_batch(model).model
+    calibration, held_out = _images(96, seed=3), _images(64, seed=4)
+    runs = {}
+    rows = {}
+    for name, network in (("fixed", model), ("free", free)):
+        counter = _RunCounter(monkeypatch)
+        rows[name] = run_sweep(network, calibration, held_out, targets=("params", [0.7]), progress=False)
+        runs[name] = counter.rows
+        monkeypatch.undo()
+    assert [r["rpr"] for r in rows["fixed"]] == [r["rpr"] for r in rows["free"]]
+    assert rows["fixed"][0]["agreement"] == pytest.approx(rows["free"][0]["agreement"], abs=1 / 64)
+    # The copies' probes add a few two-image runs; one image per run would be hundreds more.
+    assert sum(r == 1 for r in runs["fixed"]) <= sum(r == 1 for r in runs["free"]) + 10
+    assert len(runs["fixed"]) < 2 * len(runs["free"])
