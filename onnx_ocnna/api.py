@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx_ocnna import distributed
 from onnx_ocnna.calibration import CalibrationSource, open_calibration
 from onnx_ocnna.allocate import DEFAULT_SPEED_FLOOR
-from onnx_ocnna.batch_axis import JOINED_ROWS, RelaxedBatch, for_passes, relax_batch
+from onnx_ocnna.batch_axis import JOINED_ROWS, RelaxedBatch, for_passes, relax_batch, takes_batch_1_only
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
 from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
@@ -987,12 +987,25 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
     from onnx_ocnna.distill import distill as run_distill
 
     student, teacher = as_model(student), as_model(teacher)
-    source = as_source(train, teacher, **(calibration_options or {}))
+    # Batch-1 exports train and teach through copies that take whole batches: data opened for
+    # batch 1 would make every optimiser step, and every training BatchNorm's statistics, one image's.
+    student_copy = relax_batch(student)
+    teacher_copy = relax_batch(teacher)
+    if not ((takes_batch_1_only(student) and student_copy is None)
+            or (takes_batch_1_only(teacher) and teacher_copy is None)):
+        student = student_copy.model if student_copy is not None else student
+        teacher = teacher_copy.model if teacher_copy is not None else teacher
+    else:  # one of them runs batch 1 only: both stay as given
+        student_copy = None
+    opened_for = student if takes_batch_1_only(student) else teacher
+    source = as_source(train, opened_for, **(calibration_options or {}))
     # A new sample order every epoch: image folders list their files class by class, and
     # single-class batches make the student collapse to one prediction.
     source.shuffle, source.seed = True, seed
-    held_out = as_source(eval_data, teacher, **(eval_options or calibration_options or {})) if eval_data is not None else None
-    return run_distill(student, teacher, source.batches, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
-                       augment=augment, hflip=hflip, eval_batches=held_out.batches if held_out else None,
-                       progress=progress, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
-                       optimizer=optimizer, bn=bn, threads=threads)
+    held_out = (as_source(eval_data, opened_for, **(eval_options or calibration_options or {}))
+                if eval_data is not None else None)
+    distilled, report = run_distill(
+        student, teacher, source.batches, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
+        augment=augment, hflip=hflip, eval_batches=held_out.batches if held_out else None, progress=progress,
+        seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, optimizer=optimizer, bn=bn, threads=threads)
+    return (distilled if student_copy is None else student_copy.restore(distilled)), report

@@ -201,3 +201,31 @@ def test_a_sweep_of_a_batch_1_model_reads_whole_batches_and_matches_its_free_bat
     # The copies' probes add a few two-image runs; one image per run would be hundreds more.
     assert sum(r == 1 for r in runs["fixed"]) <= sum(r == 1 for r in runs["free"]) + 10
     assert len(runs["fixed"]) < 2 * len(runs["free"])
+
+
+def test_a_batch_1_student_is_distilled_on_whole_batches_and_written_at_batch_1(monkeypatch):
+    """Data opened for batch 1 would make every optimiser step (and every training BatchNorm's
+    statistics) one image's."""
+    import onnx_ocnna.distill as kd
+
+    teacher = _batch1_model()
+    student, _ = api.compress(teacher, _images(64), percentile=50, progress=False)
+    assert [d.dim_value for d in student.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
+    first_batch_rows = []
+    train = kd.distill
+
+    def spy(student_model, teacher_model, batches, **options):
+        first_batch_rows.append(len(next(iter(batches())).feeds["x"]))
+        return train(student_model, teacher_model, batches, **options)
+
+    monkeypatch.setattr(kd, "distill", spy)
+    distilled, report = api.distill(student, teacher, _images(64, seed=5), epochs=1, alpha=0, progress=False,
+                                    threads=1)
+    assert first_batch_rows == [32]
+    onnx.checker.check_model(distilled, full_check=True)
+    assert [d.dim_value for d in distilled.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
+    view = next(n for n in distilled.graph.node if n.name == "view")
+    assert [(a.name, a.i) for a in view.attribute] == [("allowzero", 1)]
+    assert next(numpy_helper.to_array(i) for i in distilled.graph.initializer if i.name == "flat_shape").tolist() == [1, -1]
+    x = _images(1, seed=6)
+    assert not np.allclose(ort_session(distilled).run(None, {"x": x})[0], ort_session(student).run(None, {"x": x})[0])
