@@ -207,6 +207,11 @@ def bn_statistics_loss(model: onnx.ModelProto, arrays: dict[str, np.ndarray], ba
 
     from onnx_ocnna.distill.torch_graph import OnnxModule
 
+    from onnx_ocnna.batch_axis import relax_batch
+
+    # A batch-1 export's statistics are matched over whole batches too, on its copy that takes them.
+    relaxed = relax_batch(model)
+    model = relaxed.model if relaxed is not None else model
     targets = bn_targets(model)
     if not targets:
         raise NoBatchNormError("the model has no BatchNormalization statistics")
@@ -238,7 +243,8 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
         model: the ONNX model (a float input; BatchNormalization nodes with running statistics).
         samples: N, how many samples to make.
         batch_size: B, samples optimised together (their statistics are matched jointly); the
-            model's own batch size when it fixes one.
+            model's own batch size when it fixes one, except batch 1 where the copy that takes
+            any batch (:func:`onnx_ocnna.batch_axis.relax_batch`) computes the same.
         size: (H, W) for an image input whose spatial dims are symbolic.
         smoothness: weight of an image prior added to the loss (DeepInversion's): the mean squared
             difference of neighbouring pixels of every rank-4 input; 0 (the default) is ZeroQ's loss.
@@ -267,6 +273,11 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
         raise InputError(f"lr must be a positive number, got {lr!r}")
     if not (isinstance(class_weight, (int, float)) and math.isfinite(class_weight) and class_weight >= 0):
         raise InputError(f"class_weight must be a non-negative number, got {class_weight!r}")
+    from onnx_ocnna.batch_axis import relax_batch
+
+    # A batch-1 export's statistics are matched over whole batches too, on its copy that takes them.
+    relaxed = relax_batch(model)
+    model = relaxed.model if relaxed is not None else model
     targets = bn_targets(model)
     if not targets:
         raise NoBatchNormError("the model has no BatchNormalization statistics to synthesize calibration data from "
