@@ -238,10 +238,13 @@ class DamageMeter:
     """
 
     def __init__(self, original: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                 prepared: onnx.ModelProto | None = None, refit: bool = True) -> None:
+                 prepared: onnx.ModelProto | None = None, refit: bool = True, new_biases: bool = True) -> None:
+        """``new_biases``: whether a refit may give a bias-less Conv (no BatchNorm after it) a
+        bias for its intercept; off under a parameter budget, as in the final reconstruction."""
         self.feeds = feeds
         self.prepared = prepared if prepared is not None else original
         self.refit = refit
+        self.new_biases = new_biases
         self.sizes = dynamic_sizes(original, feeds)
         # Cuts of the prepared model run from its tensors before their first change.
         self.prefix = OriginalPrefix(self.prepared, feeds)
@@ -270,7 +273,7 @@ class DamageMeter:
             model, _ = reconstruct(self.prepared, model, kept, lambda: iter(_as_batches(self.feeds)),
                                    samples=self.samples, positions=16, progress=False, local=True,
                                    equations=self.equations, kept_inputs=kept_inputs,
-                                   activation_aware=False, prefix=self.prefix)
+                                   activation_aware=False, prefix=self.prefix, new_biases=self.new_biases)
         return self(model)
 
     def _log_probs(self, model: onnx.ModelProto) -> np.ndarray:
@@ -392,7 +395,7 @@ def measure_candidates(pruner, scores: dict[int, np.ndarray], groups: list, mete
     sizes) counts the savings without inferring the cut's shapes; without it, or where it
     cannot count, the cut is counted."""
     step = step or width_step(block)
-    key = (block, step, floor, meter.refit, meter.fingerprint)
+    key = (block, step, floor, meter.refit, meter.new_biases, meter.fingerprint)
     known = cache.setdefault(key, {}) if cache is not None else {}
     base, base_blocked = _costs(pruner.model, block, meter.sizes)
     order = {node.name: index for index, node in enumerate(pruner.prepared_model().graph.node)}
@@ -432,7 +435,7 @@ def measure_blocks(pruner, meter: DamageMeter, block: int, progress: bool = True
     caller has it already; ``counter`` as for :func:`measure_candidates`."""
     from tqdm.auto import tqdm
 
-    key = ("blocks", block, meter.refit, meter.fingerprint)
+    key = ("blocks", block, meter.refit, meter.new_biases, meter.fingerprint)
     if cache is not None and key in cache:
         return cache[key]
     blocks = removable_blocks(pruner) if found is None else found
@@ -639,7 +642,8 @@ def allocate(pruner, scores: dict[int, np.ndarray], options: SelectionOptions, c
         used = sample_count(feeds)
         if used < given:
             damage_limit = {"cuts": cuts, "macs_per_sample": base.macs, "calibration_samples": given, "used": used}
-    meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit)
+    # Under a parameter budget no refit may add a bias, which the budget would not count.
+    meter = DamageMeter(pruner.model, feeds, pruner.prepared_model(), refit=refit, new_biases=target_params is None)
     # The joint cost of a selection, counted from the analysis (CutCost) instead of rewriting
     # the model for each of the greedy's checks; checked against the rewrite of every
     # selection a solve returns, and given up for the rewrite if they ever differ.

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx_ocnna import distributed
 from onnx_ocnna.calibration import CalibrationSource, open_calibration
 from onnx_ocnna.allocate import DEFAULT_SPEED_FLOOR
-from onnx_ocnna.batch_axis import JOINED_ROWS, RelaxedBatch, for_passes, relax_batch, takes_batch_1_only
+from onnx_ocnna.batch_axis import JOINED_ROWS, RelaxedBatch, relax_batch, takes_batch_1_only
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
 from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
@@ -165,6 +165,10 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
         if calibration is None:
             raise InputError(f"the {criterion} criterion needs calibration data (--calib)")
         source = as_source(calibration, model, **(calibration_options or {}))
+        # A batch-1 model is scored through its relaxed copy, on whole batches (else one at a time).
+        scoring = relax_batch(pruner.prepared_model())
+        if scoring is not None:
+            source = _whole_batches(source, calibration_options)
         if crit.needs_labels and not source.has_labels:
             raise InputError(f"the {criterion} criterion needs labelled calibration data (class sub-folders or npz 'labels')")
         described = source.describe()
@@ -177,12 +181,8 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
         except TypeError:
             total = None
         if accumulators:
-            # Data opened for a batch-1 model comes one image per batch: joined for its relaxed copy.
-            prepared = pruner.prepared_model()
-            scoring_model, batches = for_passes(prepared, source.batches())
-            if total is not None and scoring_model is not prepared:
-                total = math.ceil(total * source.batch_size / JOINED_ROWS)
-            samples = collect(scoring_model, analysis, crit, accumulators, batches,
+            scoring_model = pruner.prepared_model() if scoring is None else scoring.model
+            samples = collect(scoring_model, analysis, crit, accumulators, source.batches(),
                               total=total, progress=progress and distributed.is_primary(),
                               threads=distributed.cpu_share())
             accumulators = distributed.gather_accumulators(accumulators, crit.options)
@@ -995,6 +995,9 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
             or (takes_batch_1_only(teacher) and teacher_copy is None)):
         student = student_copy.model if student_copy is not None else student
         teacher = teacher_copy.model if teacher_copy is not None else teacher
+        if student_copy is not None or teacher_copy is not None:  # sources opened for batch 1 (a sweep's)
+            train = _whole_batches(train, calibration_options)
+            eval_data = _whole_batches(eval_data, eval_options or calibration_options)
     else:  # one of them runs batch 1 only: both stay as given
         student_copy = None
     opened_for = student if takes_batch_1_only(student) else teacher

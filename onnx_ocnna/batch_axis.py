@@ -15,9 +15,11 @@ other 0). The copy is kept only if it computes, on two images at once, what the 
 on each alone. :meth:`RelaxedBatch.restore` puts the fixed batch back into a model derived from
 the copy, so the file written is the user's graph, at batch 1, with its constants as they were.
 
-:func:`for_passes` applies the same copy to a pass over data that was opened for the batch-1
-model (one image per batch): the held-out measurements, the `score` command, the scoring of a
-sweep or a `--max-drop` search. Their batches are joined into batches of :data:`JOINED_ROWS`.
+Data opened for the batch-1 model holds one image per batch. The callers read it for the copy:
+a source is re-read :data:`JOINED_ROWS` images at a time (``api._whole_batches``: compress,
+score, distill), and a held-out pass joins its batches (:func:`for_passes`). Distillation and
+the synthesis of calibration data also work on the copies, whose batches are more than a speed
+matter there: one image per optimiser step, or per matched BatchNorm statistic, is another method.
 """
 
 from __future__ import annotations

@@ -143,6 +143,30 @@ def test_a_parameter_budget_is_met_after_the_refit():
         assert any(f["error_after"] is not None for f in report.extra["reconstruction"]["layers"])
 
 
+@pytest.mark.parametrize("budget", ["target_params", "target_macs"])
+def test_the_allocations_damage_refits_add_no_bias_under_a_parameter_budget(budget, monkeypatch):
+    """The damage of each candidate cut is measured after a local refit: under a parameter
+    budget it fits as the final reconstruction does, without new biases."""
+    import onnx_ocnna.allocate as allocate_module
+
+    g = GraphBuilder(seed=5)
+    a = g.relu(g.conv("x", 3, 16, name="a"))
+    b = g.relu(g.conv(a, 16, 16, name="b", bias=False))
+    out = g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [b])[0]])[0], 16, 4, name="fc")
+    model = g.model(["N", 3, 8, 8], out)
+    x = np.random.default_rng(6).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    settings = []
+    refit = allocate_module.reconstruct
+
+    def spy(*args, **kwargs):
+        settings.append(kwargs["new_biases"])
+        return refit(*args, **kwargs)
+
+    monkeypatch.setattr(allocate_module, "reconstruct", spy)
+    api.compress(model, x, **{budget: 0.6}, reconstruct=False, progress=False)
+    assert settings and set(settings) == {budget != "target_params"}
+
+
 def test_bias_free_conv_before_batchnorm_shifts_the_mean_instead():
     g = GraphBuilder(seed=2)
     a = g.relu(g.conv("x", 3, 6, name="a"))
