@@ -221,8 +221,10 @@ def _nested_removal(nested: list[np.ndarray], scores: np.ndarray, fraction: floa
     return np.array(sorted(removed), dtype=np.int64)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(len(x), -1).astype(np.float64)
+def _log_softmax(x: np.ndarray, rows: int) -> np.ndarray:
+    """Log-softmax of ``x`` as [rows, K] (``rows`` samples fed: an output without a batch axis,
+    [K] for one image, is one sample, not K)."""
+    x = x.reshape(rows, -1).astype(np.float64)
     x = x - x.max(axis=1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
@@ -278,7 +280,9 @@ class DamageMeter:
 
     def _log_probs(self, model: onnx.ModelProto) -> np.ndarray:
         output = model.graph.output[0].name
-        return np.concatenate([_log_softmax(values[output]) for values in self.prefix.run(model, [output])])
+        outputs = self.prefix.run(model, [output])
+        return np.concatenate([_log_softmax(values[output], sample_count([feed]))
+                               for values, feed in zip(outputs, self.feeds)])
 
     def __call__(self, model: onnx.ModelProto) -> float:
         log_q = self._log_probs(model)

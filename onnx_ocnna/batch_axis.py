@@ -124,6 +124,10 @@ def relax_batch(model: onnx.ModelProto) -> RelaxedBatch | None:
     except Exception:  # ORT refuses the copy (a shape only batch 1 satisfies): keep the original
         return None
     for index, value in enumerate(both):
+        # Every output must lead with the batch axis: a [10] output would also join two images
+        # into [20], and 20 rows would then be taken for 20 images.
+        if any(np.ndim(outputs[index]) == 0 or np.shape(outputs[index])[0] != 1 for outputs in each):
+            return None
         expected = np.concatenate([outputs[index] for outputs in each])
         if value.shape != expected.shape or not np.allclose(value, expected, rtol=_RTOL, atol=_ATOL):
             return None

@@ -38,11 +38,19 @@ def predictions(model: onnx.ModelProto, batches: Iterable[Batch]) -> tuple[np.nd
     preds, labels = [], []
     for batch in batches:
         logits = session.run([session.get_outputs()[0].name], {k: v for k, v in batch.feeds.items() if k in names})[0]
-        preds.append(np.asarray(logits).reshape(len(logits), -1).argmax(axis=1))
+        preds.append(_per_sample(logits, batch).argmax(axis=1))
         if batch.labels is not None:
             labels.append(np.asarray(batch.labels))
     pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return pred, (np.concatenate(labels) if labels and len(labels) == len(preds) else None)
+
+
+def _per_sample(logits: np.ndarray, batch: Batch) -> np.ndarray:
+    """``logits`` as [samples of ``batch``, K]: also for a batch-1 model whose output has no
+    batch axis ([K] for one image, which would otherwise read as K samples)."""
+    logits = np.asarray(logits)
+    rows = len(next(iter(batch.feeds.values()))) if batch.feeds else len(logits)
+    return logits.reshape(rows, -1) if rows and logits.size % rows == 0 else logits.reshape(len(logits), -1)
 
 
 class HeldOut:
@@ -109,7 +117,7 @@ def near_chance_warning(model: onnx.ModelProto, batches: Iterable[Batch], where:
         if batch.labels is None:
             return None
         logits = session.run([session.get_outputs()[0].name], {k: v for k, v in batch.feeds.items() if k in names})[0]
-        logits = np.asarray(logits).reshape(len(logits), -1)
+        logits = _per_sample(logits, batch)
         classes = max(classes, logits.shape[1] if logits.shape[1] > 1 else 0)
         predicted.append(logits.argmax(axis=1))
         expected.append(np.asarray(batch.labels).reshape(-1))

@@ -232,3 +232,41 @@ def test_a_batch_1_student_is_distilled_on_whole_batches_and_written_at_batch_1(
     assert next(numpy_helper.to_array(i) for i in distilled.graph.initializer if i.name == "flat_shape").tolist() == [1, -1]
     x = _images(1, seed=6)
     assert not np.allclose(ort_session(distilled).run(None, {"x": x})[0], ort_session(student).run(None, {"x": x})[0])
+
+
+def _unbatched_output_model() -> onnx.ModelProto:
+    """The batch-1 model with its logits reshaped to [-1]: an output of [4], no batch axis."""
+    model = _batch1_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "flat_all"))
+    model.graph.node.append(helper.make_node("Reshape", ["logits", "flat_all"], ["scores"], name="unbatch"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [4]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_model_whose_output_has_no_batch_axis_keeps_batch_1():
+    """[4] for one image and [8] for two: the two images' outputs joined, but 8 rows are not 8
+    images; no copy is made, the model runs one image at a time, each giving one prediction."""
+    model = _unbatched_output_model()
+    assert relax_batch(model) is None
+    from onnx_ocnna.evaluate import predictions
+
+    x = _images(5)
+    pred, _ = predictions(model, api.as_source(x, model).batches())  # one prediction per image, not 4
+    np.testing.assert_array_equal(pred, [ort_session(model).run(None, {"x": x[i : i + 1]})[0].argmax() for i in range(5)])
+
+
+def test_the_damage_of_a_cut_is_measured_on_an_output_without_a_batch_axis():
+    """Each image's [4] output is one distribution over 4 classes, not 4 one-class ones (whose
+    KL is 0 for every cut, which left the allocation blind)."""
+    from onnx_ocnna.allocate import DamageMeter
+
+    model = _unbatched_output_model()
+    feeds = [{"x": x[None]} for x in _images(16)]
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    weight = next(i for i in cut.graph.initializer if i.name == "fc_w")
+    weight.CopyFrom(numpy_helper.from_array(np.zeros((8, 4), np.float32), "fc_w"))
+    meter = DamageMeter(model, feeds, refit=False)
+    assert meter(model) == pytest.approx(0.0, abs=1e-9) and meter(cut) > 1e-3
