@@ -152,6 +152,9 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
             CalibrationSource; required by data-driven criteria.
         criterion_options: e.g. ``{"pca_variance": 0.95, "invert": False, "seed": 0}``.
         calibration_options: passed to :func:`open_calibration` (preprocess, mean, std, ...).
+
+    A model that takes batch 1 only is scored through its copy that takes whole batches
+    (:mod:`onnx_ocnna.batch_axis`); the scores index the model's own groups.
     """
     model = as_model(model)
     pruner = pruner or pruner_for(model, calibration, calibration_options)
@@ -983,6 +986,9 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
             that, so only a fixed count makes a run repeatable bit for bit.
     Returns:
         (the student with trained initializers, same graph structure; a DistillReport).
+
+    Models that take batch 1 only (the dynamo exporter's default) train and teach through their
+    copies that take whole batches (:mod:`onnx_ocnna.batch_axis`); the student is returned at batch 1.
     """
     from onnx_ocnna.distill import distill as run_distill
 
