@@ -32,13 +32,13 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_ocnna.calibration import Batch
+from onnx_ocnna.calibration.opening import DEFAULT_BATCH_SIZE
 
 # What the copy must reproduce, per image, on random inputs.
 _RTOL, _ATOL = 1e-4, 1e-5
 
-#: Samples per batch when single-image batches are joined for a relaxed copy: the data's default
-#: batch size (``open_calibration``).
-JOINED_ROWS = 32
+#: Samples per batch when single-image batches are joined for a relaxed copy: the data's default.
+JOINED_ROWS = DEFAULT_BATCH_SIZE
 
 
 @dataclass

@@ -26,6 +26,10 @@ from onnx_ocnna.calibration.sources import ArraySource, CalibrationSource, Image
 from onnx_ocnna.errors import InputError
 
 
+#: Samples per batch unless the caller or the model's fixed batch axis says otherwise.
+DEFAULT_BATCH_SIZE = 32
+
+
 def open_calibration(
     source: str | os.PathLike | CalibrationDataReader | np.ndarray | Mapping[str, np.ndarray],
     model: onnx.ModelProto,
@@ -35,7 +39,7 @@ def open_calibration(
     std: float | Sequence[float] | None = None,
     size: int | Sequence[int] | None = None,
     max_samples: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
 ) -> CalibrationSource:
     """Open calibration data for ``model``.
