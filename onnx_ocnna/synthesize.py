@@ -200,6 +200,15 @@ class _StatsRecorder:
         return self.total
 
 
+def _taking_any_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A batch-1 export's copy that takes whole batches (:func:`onnx_ocnna.batch_axis.relax_batch`),
+    so that its statistics are matched over batches as for any other model; else ``model``."""
+    from onnx_ocnna.batch_axis import relax_batch
+
+    relaxed = relax_batch(model)
+    return relaxed.model if relaxed is not None else model
+
+
 def bn_statistics_loss(model: onnx.ModelProto, arrays: dict[str, np.ndarray], batch_size: int = 64) -> float:
     """ZeroQ's BN-statistics loss of ``arrays`` (input name -> [N, ...]), per batch of
     ``batch_size`` samples, averaged over the batches (the last, smaller batch weighted by its size)."""
@@ -207,11 +216,7 @@ def bn_statistics_loss(model: onnx.ModelProto, arrays: dict[str, np.ndarray], ba
 
     from onnx_ocnna.distill.torch_graph import OnnxModule
 
-    from onnx_ocnna.batch_axis import relax_batch
-
-    # A batch-1 export's statistics are matched over whole batches too, on its copy that takes them.
-    relaxed = relax_batch(model)
-    model = relaxed.model if relaxed is not None else model
+    model = _taking_any_batch(model)
     targets = bn_targets(model)
     if not targets:
         raise NoBatchNormError("the model has no BatchNormalization statistics")
@@ -273,11 +278,7 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
         raise InputError(f"lr must be a positive number, got {lr!r}")
     if not (isinstance(class_weight, (int, float)) and math.isfinite(class_weight) and class_weight >= 0):
         raise InputError(f"class_weight must be a non-negative number, got {class_weight!r}")
-    from onnx_ocnna.batch_axis import relax_batch
-
-    # A batch-1 export's statistics are matched over whole batches too, on its copy that takes them.
-    relaxed = relax_batch(model)
-    model = relaxed.model if relaxed is not None else model
+    model = _taking_any_batch(model)
     targets = bn_targets(model)
     if not targets:
         raise NoBatchNormError("the model has no BatchNormalization statistics to synthesize calibration data from "
