@@ -275,7 +275,9 @@ def _deployed(model: onnx.ModelProto, relaxed: RelaxedBatch | None) -> onnx.Mode
 
 
 def inspect(model: ModelLike) -> dict:
-    """Groups, prunability with reasons, and size figures of a model."""
+    """Groups, prunability with reasons, and size figures of a model; ``batch_1`` is None for a
+    model that takes any batch, else whether its passes can run on whole batches through a copy
+    (:mod:`onnx_ocnna.batch_axis`) or go one image at a time."""
     model = as_model(model)
     analysis = analyse(model)
     stats = model_stats(model)
@@ -284,6 +286,7 @@ def inspect(model: ModelLike) -> dict:
         "groups": group_rows(analysis, {}),
         "prunable_channels": int(sum(len(g.removable()) for g in analysis.groups)),
         "opset": analysis.opset,
+        "batch_1": ({"whole_batches": relax_batch(model) is not None} if takes_batch_1_only(model) else None),
     }
 
 

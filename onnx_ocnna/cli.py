@@ -952,6 +952,11 @@ def _run_inspect(args) -> int:
         print(f"{group['id']:>5}  {group['channels']:>8}  {len(group['members']):>7}  {status}  [{first}]")
     prunable = sum(g["prunable"] for g in info["groups"])
     print(f"{prunable} of {len(info['groups'])} groups prunable, {info['prunable_channels']} removable channels")
+    if info["batch_1"] is not None:
+        print("the model fixes its batch size at 1: "
+              + ("its passes run on whole batches through a copy checked to compute the same per image; "
+                 "the files written stay at batch 1" if info["batch_1"]["whole_batches"] else
+                 "no copy taking whole batches computes the same, so its passes run one image at a time"))
     return 0
 
 

@@ -270,3 +270,16 @@ def test_the_damage_of_a_cut_is_measured_on_an_output_without_a_batch_axis():
     weight.CopyFrom(numpy_helper.from_array(np.zeros((8, 4), np.float32), "fc_w"))
     meter = DamageMeter(model, feeds, refit=False)
     assert meter(model) == pytest.approx(0.0, abs=1e-9) and meter(cut) > 1e-3
+
+
+def test_inspect_says_how_a_batch_1_model_is_run(tmp_path, capsys):
+    from onnx_ocnna.cli import main
+
+    assert api.inspect(_batch1_model())["batch_1"] == {"whole_batches": True}
+    assert api.inspect(_unbatched_output_model())["batch_1"] == {"whole_batches": False}
+    free = relax_batch(_batch1_model()).model
+    assert api.inspect(free)["batch_1"] is None
+    path = tmp_path / "b1.onnx"
+    onnx.save(_batch1_model(), str(path))
+    assert main(["inspect", str(path)]) == 0
+    assert "fixes its batch size at 1: its passes run on whole batches" in capsys.readouterr().out
