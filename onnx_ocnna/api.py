@@ -536,10 +536,9 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     stages = []
     if held_out is not None:
         eval_start = time.perf_counter()
-        # At batch 1, as written: a HeldOut opened for the user's model joins its batches for it.
-        stages.append(("pruned", held_out.measure(_deployed(cut, relaxed))))
+        stages.append(("pruned", held_out.measure(cut)))
         if reconstruction is not None:
-            stages.append(("reconstructed", held_out.measure(_deployed(pruned, relaxed))))
+            stages.append(("reconstructed", held_out.measure(pruned)))
         timings["evaluate_s"] = time.perf_counter() - eval_start
     timings["rewrite_s"] = (time.perf_counter() - start - timings["score_s"] - timings.get("drop_blocks_s", 0.0)
                             - timings.get("reconstruct_s", 0.0) - timings.get("allocate_s", 0.0)

@@ -33,6 +33,7 @@ from onnx import numpy_helper
 
 from onnx_ocnna.calibration import Batch
 from onnx_ocnna.calibration.opening import DEFAULT_BATCH_SIZE
+from onnx_ocnna.segments import sample_count
 
 # What the copy must reproduce, per image, on random inputs.
 _RTOL, _ATOL = 1e-4, 1e-5
@@ -137,24 +138,37 @@ def relax_batch(model: onnx.ModelProto) -> RelaxedBatch | None:
 def for_passes(model: onnx.ModelProto, batches: Iterable[Batch]) -> tuple[onnx.ModelProto, Iterable[Batch]]:
     """The model one pass over ``batches`` should run, and the batches shaped for it.
 
-    A model whose inputs fix batch 1 runs as its relaxed copy (:func:`relax_batch`) on the
-    batches joined into :data:`JOINED_ROWS` samples, or, when it has no such copy, on the
-    batches split into single samples. Any other model runs as it is, on the batches as they
-    are. Per sample the outputs are the original's (checked by :func:`relax_batch`).
+    A model whose inputs fix batch 1 runs as its relaxed copy (:func:`relax_batch`), or, when it
+    has no such copy, on the batches split into single samples. A model (or copy) that takes
+    any batch runs on the batches joined into at least :data:`JOINED_ROWS` samples: data opened
+    for a batch-1 model holds one image per batch. A model with another fixed batch runs on
+    the batches as they are. Per sample the outputs are the original's (checked by
+    :func:`relax_batch`).
     """
-    if not takes_batch_1_only(model):
+    if takes_batch_1_only(model):
+        relaxed = relax_batch(model)
+        if relaxed is None:
+            return model, split_rows(batches)
+        model = relaxed.model
+    elif not _takes_any_batch(model):
         return model, batches
-    relaxed = relax_batch(model)
-    if relaxed is None:
-        return model, split_rows(batches)
-    return relaxed.model, joined(batches, JOINED_ROWS)
+    return model, joined(batches, JOINED_ROWS)
 
 
 def takes_batch_1_only(model: onnx.ModelProto) -> bool:
     """Whether every data input of ``model`` fixes its batch axis at 1."""
-    constants = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in constants]
+    inputs = _data_inputs(model)
     return bool(inputs) and all(_batch(i) == 1 for i in inputs)
+
+
+def _takes_any_batch(model: onnx.ModelProto) -> bool:
+    """Whether no data input of ``model`` fixes its batch axis (-1, as Paddle writes it, is free)."""
+    return all((_batch(i) or 0) <= 0 for i in _data_inputs(model))
+
+
+def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    constants = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in constants]
 
 
 def joined(batches: Iterable[Batch], rows: int) -> Iterator[Batch]:
@@ -164,7 +178,7 @@ def joined(batches: Iterable[Batch], rows: int) -> Iterator[Batch]:
     count = 0
     for batch in batches:
         pending.append(batch)
-        count += _rows(batch)
+        count += sample_count([batch.feeds])
         if count >= rows:
             yield _join(pending)
             pending, count = [], 0
@@ -175,13 +189,9 @@ def joined(batches: Iterable[Batch], rows: int) -> Iterator[Batch]:
 def split_rows(batches: Iterable[Batch]) -> Iterator[Batch]:
     """``batches`` as batches of one sample each."""
     for batch in batches:
-        for row in range(_rows(batch)):
+        for row in range(sample_count([batch.feeds])):
             yield Batch({k: v[row : row + 1] for k, v in batch.feeds.items()},
                         None if batch.labels is None else batch.labels[row : row + 1])
-
-
-def _rows(batch: Batch) -> int:
-    return len(next(iter(batch.feeds.values()))) if batch.feeds else 0
 
 
 def _join(batches: list[Batch]) -> Batch:

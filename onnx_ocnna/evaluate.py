@@ -13,6 +13,7 @@ import onnx
 from onnx_ocnna.batch_axis import for_passes
 from onnx_ocnna.calibration import Batch
 from onnx_ocnna.model_io import ort_session, sample_feeds
+from onnx_ocnna.segments import sample_count
 
 
 @dataclass
@@ -30,8 +31,8 @@ class Accuracy:
 
 
 def predictions(model: onnx.ModelProto, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Arg-max class of the first output for every sample, [N], and labels [N] or None. A model
-    that takes batch 1 only runs on whole batches through its relaxed copy (:func:`for_passes`)."""
+    """Arg-max class of the first output for every sample, [N], and labels [N] or None, run on
+    whole batches (a model that takes batch 1 only through its relaxed copy, :func:`for_passes`)."""
     model, batches = for_passes(model, batches)
     session = ort_session(model)
     names = {i.name for i in session.get_inputs()}
@@ -49,8 +50,8 @@ def _per_sample(logits: np.ndarray, batch: Batch) -> np.ndarray:
     """``logits`` as [samples of ``batch``, K]: also for a batch-1 model whose output has no
     batch axis ([K] for one image, which would otherwise read as K samples)."""
     logits = np.asarray(logits)
-    rows = len(next(iter(batch.feeds.values()))) if batch.feeds else len(logits)
-    return logits.reshape(rows, -1) if rows and logits.size % rows == 0 else logits.reshape(len(logits), -1)
+    rows = sample_count([batch.feeds])
+    return logits.reshape(rows, -1) if logits.size % rows == 0 else logits.reshape(len(logits), -1)
 
 
 class HeldOut:
