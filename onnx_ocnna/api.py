@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_ocnna import distributed
-from onnx_ocnna.calibration import CalibrationSource, open_calibration
+from onnx_ocnna.calibration import CalibrationSource, model_fixed_batch, open_calibration
 from onnx_ocnna.allocate import DEFAULT_SPEED_FLOOR
 from onnx_ocnna.batch_axis import JOINED_ROWS, RelaxedBatch, relax_batch, takes_batch_1_only
 from onnx_ocnna.channels.analysis import ChannelAnalysis, _restore_model_fields, analyse, prepare_graph
@@ -30,7 +30,6 @@ from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
 from onnx_ocnna.criteria import MemberInfo, get_criterion
 from onnx_ocnna.errors import InputError, ValidationError
-from onnx_ocnna.evaluate import fixed_batch
 from onnx_ocnna.metrics import model_stats
 from onnx_ocnna.model_io import load_model, model_sha256, sample_feeds, validate_model
 from onnx_ocnna.plan import build_plan, resolve_plan
@@ -92,7 +91,7 @@ class Pruner:
         self.analysis = analyse(model, gs.import_onnx(self._prepared))
         self.sha256 = model_sha256(model)
         # The batch size the written model takes (its inputs' fixed one, or None): latency is timed at it.
-        self.deployed_batch = fixed_batch(model)
+        self.deployed_batch = model_fixed_batch(model)
 
     def fresh_analysis(self) -> ChannelAnalysis:
         return analyse(self.model, gs.import_onnx(self._prepared))
@@ -967,6 +966,24 @@ def _search_target(model, pruner: Pruner, scores: Scores, options: SelectionOpti
     return best[1], best[2]
 
 
+def _distillation_pair(student: onnx.ModelProto, teacher: onnx.ModelProto
+                       ) -> tuple[onnx.ModelProto, onnx.ModelProto, RelaxedBatch | None, bool]:
+    """The student and teacher distillation trains and runs, the student's relaxed copy to
+    restore the result through (None when it trains as given), and whether either is a copy.
+
+    A batch-1 export trains and teaches through its copy that takes whole batches: data opened
+    for batch 1 would make every optimiser step, and every training BatchNorm's statistics, one
+    image's. When one of the two runs batch 1 only (it has no copy), both stay as given, because
+    they read the same batches.
+    """
+    copies = [relax_batch(student), relax_batch(teacher)]
+    if any(copy is None and takes_batch_1_only(model) for model, copy in zip((student, teacher), copies)):
+        return student, teacher, None, False
+    student_run, teacher_run = (copy.model if copy is not None else model
+                                for model, copy in zip((student, teacher), copies))
+    return student_run, teacher_run, copies[0], any(copy is not None for copy in copies)
+
+
 def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int = 1, lr: float = 0.01,
             temperature: float = 4.0, alpha: float = 0.5, augment: bool = True, hflip: bool = True,
             eval_data: Any = None, calibration_options: dict | None = None, eval_options: dict | None = None,
@@ -994,20 +1011,10 @@ def distill(student: ModelLike, teacher: ModelLike, train: Any, *, epochs: int =
     """
     from onnx_ocnna.distill import distill as run_distill
 
-    student, teacher = as_model(student), as_model(teacher)
-    # Batch-1 exports train and teach through copies that take whole batches: data opened for
-    # batch 1 would make every optimiser step, and every training BatchNorm's statistics, one image's.
-    student_copy = relax_batch(student)
-    teacher_copy = relax_batch(teacher)
-    if not ((takes_batch_1_only(student) and student_copy is None)
-            or (takes_batch_1_only(teacher) and teacher_copy is None)):
-        student = student_copy.model if student_copy is not None else student
-        teacher = teacher_copy.model if teacher_copy is not None else teacher
-        if student_copy is not None or teacher_copy is not None:  # sources opened for batch 1 (a sweep's)
-            train = _whole_batches(train, calibration_options)
-            eval_data = _whole_batches(eval_data, eval_options or calibration_options)
-    else:  # one of them runs batch 1 only: both stay as given
-        student_copy = None
+    student, teacher, student_copy, relaxed = _distillation_pair(as_model(student), as_model(teacher))
+    if relaxed:  # sources opened for batch 1 (a sweep's) are read again for the copies
+        train = _whole_batches(train, calibration_options)
+        eval_data = _whole_batches(eval_data, eval_options or calibration_options)
     opened_for = student if takes_batch_1_only(student) else teacher
     source = as_source(train, opened_for, **(calibration_options or {}))
     # A new sample order every epoch: image folders list their files class by class, and

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_ocnna.calibration import Batch
+from onnx_ocnna.calibration import Batch, model_fixed_batch
 from onnx_ocnna.calibration.opening import DEFAULT_BATCH_SIZE
 from onnx_ocnna.segments import sample_count
 
@@ -156,19 +156,13 @@ def for_passes(model: onnx.ModelProto, batches: Iterable[Batch]) -> tuple[onnx.M
 
 
 def takes_batch_1_only(model: onnx.ModelProto) -> bool:
-    """Whether every data input of ``model`` fixes its batch axis at 1."""
-    inputs = _data_inputs(model)
-    return bool(inputs) and all(_batch(i) == 1 for i in inputs)
+    """Whether ``model``'s data inputs fix its batch size at 1."""
+    return model_fixed_batch(model) == 1
 
 
 def _takes_any_batch(model: onnx.ModelProto) -> bool:
-    """Whether no data input of ``model`` fixes its batch axis (-1, as Paddle writes it, is free)."""
-    return all((_batch(i) or 0) <= 0 for i in _data_inputs(model))
-
-
-def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    constants = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in constants]
+    """Whether no data input of ``model`` fixes its batch size."""
+    return model_fixed_batch(model) is None
 
 
 def joined(batches: Iterable[Batch], rows: int) -> Iterator[Batch]:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_ocnna.batch_axis import for_passes
-from onnx_ocnna.calibration import Batch
+from onnx_ocnna.calibration import Batch, model_fixed_batch
 from onnx_ocnna.model_io import ort_session, sample_feeds
 from onnx_ocnna.segments import sample_count
 
@@ -144,13 +144,6 @@ def near_chance_warning(model: onnx.ModelProto, batches: Iterable[Batch], where:
             "or the labels are not the model's classes (class sub-folders sort to the model's class order)")
 
 
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The static batch size of the first input, or None if it is dynamic."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    # dim_value -1 (Paddle2ONNX) is a dynamic batch, not a size
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
-
-
 def interleaved_latency(before: onnx.ModelProto, after: onnx.ModelProto, batch: int, threads: int,
                         runs: int = 20, warmup: int = 3, sizes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """Median ``session.run`` time (ms) of both models on the same random input (SPEC section 9),
@@ -229,6 +222,6 @@ def compare_latency(before: onnx.ModelProto, after: onnx.ModelProto, batches=(1,
                     runs: int = 20, sizes: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
     """Before/after latency for each batch size and thread count (interleaved); rows with speed-up.
     ``sizes``: see :func:`interleaved_latency`."""
-    fixed = fixed_batch(before)
+    fixed = model_fixed_batch(before)
     return [interleaved_latency(before, after, batch, threads_n, runs, sizes=sizes)
             for threads_n in threads for batch in batches if fixed is None or batch == fixed]

@@ -45,7 +45,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from onnx_ocnna.calibration import CalibrationSource, OrtReaderAdapter, model_input_spec
+from onnx_ocnna.calibration import CalibrationSource, OrtReaderAdapter, model_fixed_batch
 from onnx_ocnna.errors import InputError, ValidationError
 from onnx_ocnna.model_io import atomic_output
 
@@ -98,7 +98,7 @@ def quantize_int8(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     proto = onnx.load(os.fspath(model)) if not isinstance(model, onnx.ModelProto) else model
-    fixed = _fixed_batch(proto)
+    fixed = model_fixed_batch(proto)
     if per_channel:
         proto, per_channel = _with_per_axis_opset(proto)
 
@@ -162,14 +162,6 @@ def _with_per_axis_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]
     warnings.warn(f"the model's opset {opset} has no per-channel QuantizeLinear; the INT8 model is converted to "
                   f"opset {_PER_AXIS_OPSET}", stacklevel=3)
     return converted, True
-
-
-def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the model's inputs fix, or None when it is symbolic."""
-    fixed = {spec.shape[0] for spec in model_input_spec(model) if spec.shape and spec.shape[0] is not None}
-    if len(fixed) > 1:
-        raise InputError(f"the model's inputs fix different batch sizes {sorted(fixed)}")
-    return fixed.pop() if fixed else None
 
 
 def _check_runs(path: str, feeds: dict[str, np.ndarray]) -> None:

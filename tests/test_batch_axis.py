@@ -283,3 +283,58 @@ def test_inspect_says_how_a_batch_1_model_is_run(tmp_path, capsys):
     onnx.save(_batch1_model(), str(path))
     assert main(["inspect", str(path)]) == 0
     assert "fixes its batch size at 1: its passes run on whole batches" in capsys.readouterr().out
+
+
+def _batch1_model_with_a_free_gain() -> onnx.ModelProto:
+    """:func:`_batch1_model` whose logits are scaled by a second input ``gain`` [N, 1] that
+    leaves its batch free, listed before ``x``: only the second input fixes batch 1."""
+    model = _batch1_model()
+    graph = model.graph
+    graph.node.append(helper.make_node("Mul", ["logits", "gain"], ["scaled"], name="gain_mul"))
+    graph.input.insert(0, helper.make_tensor_value_info("gain", onnx.TensorProto.FLOAT, ["N", 1]))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("scaled", onnx.TensorProto.FLOAT, [1, 4]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_one_input_fixing_batch_1_makes_the_model_batch_1():
+    """Any data input that fixes batch 1 limits every feed to one sample, whichever input it is;
+    the passes then run the relaxed copy on joined batches, with the original's outputs."""
+    from onnx_ocnna.batch_axis import for_passes, takes_batch_1_only
+    from onnx_ocnna.calibration import Batch
+
+    model = _batch1_model_with_a_free_gain()
+    assert takes_batch_1_only(model)
+    x, gain = _images(40), np.linspace(0.5, 2.0, 40, dtype=np.float32)[:, None]
+    singles = [Batch({"gain": gain[i : i + 1], "x": x[i : i + 1]}, None) for i in range(40)]
+    copy, batches = for_passes(model, singles)
+    assert copy is not model and not copy.graph.input[1].type.tensor_type.shape.dim[0].HasField("dim_value")
+    batches = list(batches)
+    assert [b.feeds["x"].shape[0] for b in batches] == [32, 8]
+    together = np.concatenate([ort_session(copy).run(None, b.feeds)[0] for b in batches])
+    one_by_one = np.concatenate([ort_session(model).run(None, b.feeds)[0] for b in singles])
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_latency_is_timed_at_the_batch_any_input_fixes():
+    from onnx_ocnna.evaluate import compare_latency
+
+    model = _batch1_model_with_a_free_gain()  # the first input, gain, is free
+    rows = compare_latency(model, model, batches=(1, 32), runs=2)
+    assert [row["batch"] for row in rows] == [1]
+
+
+def test_inputs_that_fix_different_batches_are_refused():
+    from onnx_ocnna.calibration import model_fixed_batch
+    from onnx_ocnna.errors import InputError
+
+    model = _batch1_model_with_a_free_gain()
+    assert model_fixed_batch(model) == 1
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # Paddle's free batch
+    assert model_fixed_batch(model) == 1
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    with pytest.raises(InputError, match=r"different batch sizes \[1, 2\]"):
+        model_fixed_batch(model)
+    with pytest.raises(InputError, match="different batch sizes"):
+        api.as_source({"gain": np.ones((4, 1), np.float32), "x": np.zeros((4, 3, 8, 8), np.float32)}, model)

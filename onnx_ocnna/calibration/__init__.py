@@ -46,7 +46,7 @@ Choices (documented here because callers rely on them):
 from __future__ import annotations
 
 from onnx_ocnna.calibration.images import IMAGE_EXTENSIONS
-from onnx_ocnna.calibration.inputs import InputSpec, model_input_spec
+from onnx_ocnna.calibration.inputs import InputSpec, fixed_batch, model_fixed_batch, model_input_spec
 from onnx_ocnna.calibration.opening import open_calibration
 from onnx_ocnna.calibration.ort_reader import OrtReaderAdapter
 from onnx_ocnna.calibration.presets import list_presets, load_preset
@@ -60,6 +60,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "list_presets",
     "load_preset",
+    "fixed_batch",
+    "model_fixed_batch",
     "model_input_spec",
     "open_calibration",
 ]

@@ -47,6 +47,25 @@ def model_input_spec(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size the inputs ``specs`` fix on their first axis, or None when none fixes one
+    (a symbolic or non-positive dim is free). InputError when they fix different sizes: no feed
+    could satisfy them all.
+
+    The one reading of a model's batch size: the data opened for it, the relaxed copy of a
+    batch-1 model, the latency timings, the synthesis and the INT8 calibration all go by it.
+    """
+    fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
+    if len(fixed) > 1:
+        raise InputError(f"the model's inputs fix different batch sizes {sorted(fixed)}.")
+    return fixed.pop() if fixed else None
+
+
+def model_fixed_batch(model: onnx.ModelProto) -> int | None:
+    """:func:`fixed_batch` of ``model``'s data inputs (graph inputs that are not initializers)."""
+    return fixed_batch(model_input_spec(model))
+
+
 def _guess_layout(shape: tuple[int | None, ...]) -> str | None:
     if len(shape) != 4:
         return None

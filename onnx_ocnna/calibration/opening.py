@@ -19,6 +19,7 @@ from onnx_ocnna.calibration.inputs import (
     check_dtype,
     check_labels,
     check_shape,
+    fixed_batch,
     model_input_spec,
 )
 from onnx_ocnna.calibration.presets import BASE_PRESET, list_presets, load_preset, validate_preset
@@ -156,17 +157,10 @@ def _open_arrays(arrays: dict[str, Any], labels: Any, specs: list[InputSpec], ma
         raise InputError(f"{origin} holds no samples.")
     if labels is not None:
         labels = check_labels(np.asarray(labels), count, origin)
-    batch = _effective_batch(specs, batch_size)
+    batch = fixed_batch(specs) or batch_size
     indices = _select(count, labels, max_samples, seed)
     indices = _fit_fixed_batch(indices, specs, batch, origin)
     return ArraySource(arrays, labels, specs, indices, batch, origin)
-
-
-def _effective_batch(specs: list[InputSpec], batch_size: int) -> int:
-    fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
-    if len(fixed) > 1:
-        raise InputError(f"the model's inputs fix different batch sizes {sorted(fixed)}.")
-    return fixed.pop() if fixed else batch_size
 
 
 def _fit_fixed_batch(indices: np.ndarray, specs: list[InputSpec], batch: int, origin: str) -> np.ndarray:
@@ -223,7 +217,7 @@ def _open_folder(root: Path, specs: list[InputSpec], preprocess: Any, mean: Any,
               else load_preset(preprocess if preprocess is not None else BASE_PRESET))
     plan = image_plan(spec, preset, mean, std, size)
     files, labels, class_names = scan_folder(root)
-    batch = _effective_batch(specs, batch_size)
+    batch = fixed_batch(specs) or batch_size
     indices = _select(len(files), labels, max_samples, seed, None if class_names is None else len(class_names))
     indices = _fit_fixed_batch(indices, specs, batch, str(root))
     return ImageFolderSource(
