@@ -383,7 +383,8 @@ def _fit_conv(model, node, target, targets, runner, fit, ridge, given=None, boun
         _set(model, mean, (old.astype(np.float64) - new_b).astype(old.dtype))
     else:
         name = _unique_name(model, f"{node.name or node.output[0]}.bias")
-        model.graph.initializer.append(numpy_helper.from_array(new_b, name))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[node.input[1]].data_type)  # the weight's
+        model.graph.initializer.append(numpy_helper.from_array(new_b.astype(dtype), name))
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = name
@@ -1030,9 +1031,12 @@ def _inputs(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    """Initializer ``name`` := ``value``, in the initializer's own element type (the fits are
+    computed in float64; a float16 model stays float16)."""
     for init in model.graph.initializer:
         if init.name == name:
-            init.CopyFrom(numpy_helper.from_array(value, name))
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            init.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(dtype), name))
             return
 
 

@@ -30,6 +30,8 @@ Parameters and constants:
   distiller uses this to re-estimate them after pruning or to train with them, and
   :func:`~onnx_ocnna.distill.writeback.write_back` copies them into the ONNX graph.
 * Dropout is active in ``train()`` mode and the identity in ``eval()`` mode.
+* A float16 or bfloat16 model runs in float32 (its initializers, constants, inputs and Casts);
+  write-back stores every value in its initializer's own type again.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ _FROZEN_SLOTS: set[tuple[str, int]] = {
 }
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+# Computed in float32 (see ``to_torch_dtype``): initializers, constants, inputs and Casts to them.
+_HALF_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 # The one table of operator knowledge: ONNX op type -> handler. An op type missing here is refused
 # with a reason when the module is built (the distiller never guesses).
@@ -161,6 +165,8 @@ def _sanitise(name: str, taken: set[str]) -> str:
 
 def _tensor_from_proto(tensor: onnx.TensorProto) -> Tensor:
     array = numpy_helper.to_array(tensor)
+    if tensor.data_type in _HALF_TYPES:
+        return torch.from_numpy(array.astype(np.float32))
     return torch.from_numpy(np.array(array, copy=True))
 
 
@@ -320,6 +326,7 @@ class OnnxModule(torch.nn.Module):
             raise InputError(f"the model takes {len(self.input_names)} inputs, got {len(args)}")
         env: dict[str, Tensor] = dict(zip(self.input_names, args))
         env.update(kwargs)
+        env = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in env.items()}
         missing = [n for n in self.input_names if n not in env]
         if missing:
             raise InputError(f"missing model input(s): {', '.join(missing)}")

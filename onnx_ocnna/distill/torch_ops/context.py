@@ -17,11 +17,14 @@ from onnx_ocnna.errors import InputError
 
 Tensor = torch.Tensor
 
+# float16 and bfloat16 are computed in float32: SGD steps in half precision lose the small
+# updates, and PyTorch's CPU kernels for them are slow; write-back stores each initializer in
+# its own type again.
 _TORCH_DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.FLOAT: torch.float32,
     onnx.TensorProto.DOUBLE: torch.float64,
-    onnx.TensorProto.FLOAT16: torch.float16,
-    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.FLOAT16: torch.float32,
+    onnx.TensorProto.BFLOAT16: torch.float32,
     onnx.TensorProto.INT64: torch.int64,
     onnx.TensorProto.INT32: torch.int32,
     onnx.TensorProto.INT16: torch.int16,
@@ -46,7 +49,8 @@ Handler = Callable[[NodeContext, list, dict], "Tensor | tuple[Tensor, ...]"]
 
 
 def to_torch_dtype(onnx_type: int) -> torch.dtype:
-    """The torch dtype of an ONNX ``TensorProto`` data type; InputError for one the distiller cannot run."""
+    """The torch dtype the distiller computes an ONNX ``TensorProto`` data type in (float32 for
+    float16 and bfloat16); InputError for one the distiller cannot run."""
     if onnx_type not in _TORCH_DTYPES:
         name = onnx.TensorProto.DataType.Name(onnx_type)
         raise InputError(f"ONNX tensor type {name} is not supported by the distiller")
