@@ -160,6 +160,8 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
     analysis = pruner.analysis
     crit = get_criterion(criterion, **(criterion_options or {}))
     members = [m for g in analysis.groups if g.prunable for m in g.members]
+    if not members:
+        _refuse_quantized(model)
     start = time.perf_counter()
     samples = 0
     described = None
@@ -189,7 +191,7 @@ def score(model: ModelLike, calibration: Any = None, *, criterion: str = "ocnna"
                               threads=distributed.cpu_share())
             accumulators = distributed.gather_accumulators(accumulators, crit.options)
             samples = distributed.all_sum(samples)
-        _check_sample_count(crit, samples)
+            _check_sample_count(crit, samples)  # nothing read when no group is prunable
         member_scores = {m: acc.scores() for m, acc in accumulators.items()}
     elif crit.coupled:
         groups = crit.group_scores(analysis)
@@ -276,7 +278,8 @@ def _deployed(model: onnx.ModelProto, relaxed: RelaxedBatch | None) -> onnx.Mode
 def inspect(model: ModelLike) -> dict:
     """Groups, prunability with reasons, and size figures of a model; ``batch_1`` is None for a
     model that takes any batch, else whether its passes can run on whole batches through a copy
-    (:mod:`onnx_ocnna.batch_axis`) or go one image at a time."""
+    (:mod:`onnx_ocnna.batch_axis`) or go one image at a time; ``quantized`` lists the
+    quantization operators present (filters read through them cannot be cut)."""
     model = as_model(model)
     analysis = analyse(model)
     stats = model_stats(model)
@@ -286,6 +289,7 @@ def inspect(model: ModelLike) -> dict:
         "prunable_channels": int(sum(len(g.removable()) for g in analysis.groups)),
         "opset": analysis.opset,
         "batch_1": ({"whole_batches": relax_batch(model) is not None} if takes_batch_1_only(model) else None),
+        "quantized": quantized_ops(model),
     }
 
 
@@ -411,7 +415,14 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     pruner = pruner_for(model, calibration, calibration_options)
     if relaxed is not None:  # plans name the user's model, which latency is timed as
         pruner.sha256, pruner.deployed_batch = model_sha256(original), 1
-    if scores is None:
+    excluded = pruner.analysis.excluded(exclude or [])
+    nothing_prunable = not any(g.prunable and g.id not in excluded for g in pruner.analysis.groups)
+    if nothing_prunable:
+        _refuse_quantized(model)
+    if scores is None and nothing_prunable:  # nothing to rank: the data is not read
+        scores = Scores(pruner.analysis, {}, criterion)
+        timings["score_s"] = 0.0
+    elif scores is None:
         scores = score(model, calibration, criterion=criterion, criterion_options=criterion_options,
                        calibration_options=calibration_options, progress=progress, pruner=pruner)
         timings["score_s"] = scores.seconds
@@ -420,7 +431,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
     calibration_record = _calibration_record(calibration_data, model, calibration_options, scores)
     block_rows = [b.as_dict() for b in blocks]
     options = SelectionOptions(percentile=percentile, scope=scope, min_channels=min_channels, round_to=round_to,
-                               exclude=pruner.analysis.excluded(exclude or []))
+                               exclude=excluded)
     options.validate()
     settings = {"criterion": criterion, "percentile": percentile, "scope": scope, "min_channels": min_channels,
                 "drop_blocks": drop_blocks, "si_epsilon": si_epsilon, "reconstruct": reconstruct,
@@ -428,7 +439,7 @@ def compress(model: ModelLike, calibration: Any = None, *, percentile: float = 4
                 "round_to": options.round_to, "exclude": exclude or [], "criterion_options": criterion_options or {},
                 "calibration_samples": scores.samples}
     notes: list[str] = [preprocessing_warning] if preprocessing_warning else []
-    if not any(g.prunable and g.id not in options.exclude for g in pruner.analysis.groups):
+    if nothing_prunable:
         reasons = sorted({g.frozen_reason for g in pruner.analysis.groups if g.frozen_reason})
         why = "; ".join(reasons[:5]) if reasons else "the model has no Conv filters whose channels can be removed"
         if blocks and any(b.dropped for b in blocks):
@@ -607,6 +618,27 @@ def _sample_shapes(data: Any, model: onnx.ModelProto | None = None,
     if not isinstance(data, CalibrationSource):
         data = as_source(data, model, **(options or {}))
     return data.sample_shapes()
+
+
+# Operators of a quantized graph: their integer weights are behind nodes no channel cut follows.
+_QUANTIZED_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DequantizeLinear",
+                  "QuantizeLinear", "DynamicQuantizeLinear")
+
+
+def quantized_ops(model: onnx.ModelProto) -> list[str]:
+    """The quantization operator types in ``model`` (sorted; empty for a float model)."""
+    return sorted({n.op_type for n in model.graph.node} & set(_QUANTIZED_OPS))
+
+
+def _refuse_quantized(model: onnx.ModelProto) -> None:
+    """InputError for a quantized model (QDQ or QOperator) with nothing prunable: its filters
+    reach the layers through DequantizeLinear or QLinear* nodes, so no group exists, and the
+    float model is what can be pruned (then quantized with ``--quantize``)."""
+    present = quantized_ops(model)
+    if present:
+        raise InputError(f"the model is quantized ({', '.join(present)} nodes): its filters reach the layers "
+                         "through those nodes, which no channel cut follows, so nothing can be removed; prune "
+                         "the float model and quantize the result (--quantize int8)")
 
 
 def _calibration_record(data: Any, model: onnx.ModelProto, options: dict | None, scores: Scores) -> dict | None:

@@ -957,6 +957,9 @@ def _run_inspect(args) -> int:
               + ("its passes run on whole batches through a copy checked to compute the same per image; "
                  "the files written stay at batch 1" if info["batch_1"]["whole_batches"] else
                  "no copy taking whole batches computes the same, so its passes run one image at a time"))
+    if info["quantized"]:
+        print(f"the model is quantized ({', '.join(info['quantized'])} nodes): filters read through them "
+              "cannot be cut; prune the float model and quantize the result (--quantize int8)")
     return 0
 
 

@@ -210,3 +210,26 @@ def test_shared_dynamo_resnet20_fixed_batch(tmp_path: Path) -> None:
     quant = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     agree = [ref.run(None, b.feeds)[0].argmax(1) == quant.run(None, b.feeds)[0].argmax(1) for b in test.batches()]
     assert np.mean(np.concatenate(agree)) >= 0.9
+
+
+def test_a_quantized_model_is_refused_with_the_reason(digits: dict, tmp_path: Path, capsys) -> None:
+    """Its filters reach the Convs through DequantizeLinear, so no group exists. Before, the
+    default command stopped with 'needs at least 2 calibration samples; got 0', and a weight-only
+    criterion wrote the model back unchanged under a budget."""
+    from onnx_ocnna import api
+    from onnx_ocnna.cli import main
+
+    x = digits["x"][:256]
+    quantized = quantize_int8(digits["dynamic"], open_calibration(x, onnx.load(str(digits["dynamic"]))),
+                              tmp_path / "digits_int8.onnx")
+    for call in (lambda: api.compress(quantized, x, progress=False),
+                 lambda: api.compress(quantized, x, criterion="l1", target_macs=0.5, progress=False),
+                 lambda: api.score(quantized, x, progress=False)):
+        with pytest.raises(InputError, match=r"quantized \(DequantizeLinear, QuantizeLinear nodes\).*float model"):
+            call()
+    assert api.inspect(quantized)["quantized"] == ["DequantizeLinear", "QuantizeLinear"]
+    assert api.inspect(digits["dynamic"])["quantized"] == []
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out.onnx"
+    assert main([str(quantized), str(out), "--calib", str(tmp_path / "x.npy"), "--quiet"]) == 2
+    assert "prune the float model" in capsys.readouterr().err and not out.exists()
