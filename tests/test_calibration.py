@@ -160,6 +160,24 @@ def test_grayscale_model_and_float16_input(tmp_path):
     np.testing.assert_allclose(batch.feeds["x"][0, 0], gray.astype(np.float16), atol=1e-3)
 
 
+def test_a_uint8_input_takes_the_pixels_as_they_are(tmp_path):
+    """tf2onnx exports of models that normalise inside the graph take uint8 pixels [N, H, W, 3]."""
+    rng = np.random.default_rng(7)
+    rgb = write_image(tmp_path / "a.png", random_pixels(rng, 12, 12))
+    model = make_model(("image", ["N", 8, 8, 3], TensorProto.UINT8))
+    (batch,) = all_batches(open_calibration(tmp_path, model, preprocess="raw"))
+    resized = np.asarray(Image.fromarray(rgb).resize((8, 8), Image.Resampling.BILINEAR))
+    assert batch.feeds["image"].dtype == np.uint8
+    np.testing.assert_array_equal(batch.feeds["image"][0], resized)
+    nchw_u8 = make_model(("image", ["N", 3, 8, 8], TensorProto.UINT8))
+    with pytest.warns(UserWarning, match="fed as pixels 0-255, without the preset's mean and std"):
+        source = open_calibration(tmp_path, nchw_u8, preprocess="imagenet-32", size=8)
+    np.testing.assert_array_equal(all_batches(source)[0].feeds["image"][0], resized.transpose(2, 0, 1))
+    assert source.describe()["preprocessing"]["formula"] == "pixel (uint8)"
+    with pytest.raises(InputError, match="is uint8: it takes the pixels as they are"):
+        open_calibration(tmp_path, model, preprocess="raw", mean=0.5, std=0.25)
+
+
 def test_symbolic_spatial_dims_need_a_size(tmp_path):
     rng = np.random.default_rng(6)
     write_image(tmp_path / "a.png", random_pixels(rng, 12, 12))
@@ -458,8 +476,8 @@ def test_unsupported_image_inputs(tmp_path):
     write_image(tmp_path / "a.png", random_pixels(np.random.default_rng(16)))
     with pytest.raises(InputError, match="cannot tell whether model input 'x'"):
         open_calibration(tmp_path, make_model(("x", ["N", 8, 8, 8], TensorProto.FLOAT)), preprocess="raw")
-    with pytest.raises(InputError, match="images need a float input"):
-        open_calibration(tmp_path, make_model(("x", ["N", 3, 8, 8], TensorProto.UINT8)), preprocess="raw")
+    with pytest.raises(InputError, match="images need a float or uint8 input"):
+        open_calibration(tmp_path, make_model(("x", ["N", 3, 8, 8], TensorProto.INT32)), preprocess="raw")
     two = make_model(("a", ["N", 3, 8, 8], TensorProto.FLOAT), ("b", ["N", 3, 8, 8], TensorProto.FLOAT))
     with pytest.raises(InputError, match="single-input model only"):
         open_calibration(tmp_path, two, preprocess="raw")

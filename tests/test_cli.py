@@ -426,3 +426,42 @@ def test_cli_budget_defaults_are_the_library_defaults():
     assert "default 0.8" in build_parser()["main"].format_help().replace("\n", " ").replace("  ", " ")
     given = build_parser()["main"].parse_args(["in.onnx", "out.onnx", "--speed-floor", "0"])
     assert _compress_options(given)["speed_floor"] == 0.0
+
+
+def _uint8_nhwc_model() -> onnx.ModelProto:
+    """:func:`_small_model` behind what tf2onnx writes for a model that normalises inside its
+    graph: uint8 pixels [N, 8, 8, 3] -> Transpose -> Cast -> / 255."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = _small_model()
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array([255.0], np.float32), "k255"))
+    graph.node.insert(0, helper.make_node("Transpose", ["pixels"], ["pixels_nchw"], perm=[0, 3, 1, 2], name="to_nchw"))
+    graph.node.insert(1, helper.make_node("Cast", ["pixels_nchw"], ["pixels_float"], to=TensorProto.FLOAT, name="cast"))
+    graph.node.insert(2, helper.make_node("Div", ["pixels_float", "k255"], ["x"], name="scale"))
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 8, 8, 3]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_uint8_image_model_is_compressed_from_an_image_folder(tmp_path, capsys):
+    """Before: 'model input has dtype uint8; images need a float input'."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    source = tmp_path / "u8.onnx"
+    save_model(_uint8_nhwc_model(), source)
+    out = tmp_path / "out.onnx"
+    code, stdout, err = _run([source, out, "--calib", tmp_path, "--preprocess", "raw", "--target-macs", "0.6",
+                              "--quiet"], capsys)
+    assert code == 0, err
+    written = load_model(out)
+    assert written.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert ort_session(written).run(None, sample_feeds(written, batch=2))[0].shape == (2, 4)
+    from onnx_ocnna.metrics import model_stats
+
+    assert model_stats(written).macs <= 0.6 * model_stats(load_model(source)).macs
+    assert "wrote" in stdout

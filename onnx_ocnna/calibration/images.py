@@ -30,6 +30,8 @@ class ImagePlan:
     mean: np.ndarray  # [1 or C] float32
     std: np.ndarray
     resize_shorter: int | None  # None: resize straight to height x width
+    # A uint8 input takes the pixels themselves, 0-255 (the model normalises inside its graph).
+    pixel_values: bool = False
 
     def pixels(self, path: str) -> np.ndarray:
         """The decoded, resized image, shape [H, W, C] uint8."""
@@ -45,9 +47,10 @@ class ImagePlan:
         return array[:, :, None] if array.ndim == 2 else array
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
-        """[B, H, W, C] uint8 -> [B, C, H, W] or [B, H, W, C] float32, ``(x / 255 - mean) / std``."""
+        """[B, H, W, C] uint8 -> [B, C, H, W] or [B, H, W, C] float32, ``(x / 255 - mean) / std``
+        (uint8 and unchanged for a model that takes :attr:`pixel_values`)."""
         # The same float32 operations as torchvision's ToTensor + Normalize, so bit-identical.
-        x = (pixels.astype(np.float32) / 255 - self.mean) / self.std
+        x = pixels if self.pixel_values else (pixels.astype(np.float32) / 255 - self.mean) / self.std
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if self.layout == "NCHW" else x
 
     def _resize(self, image: Image.Image) -> Image.Image:
@@ -72,8 +75,13 @@ def image_plan(spec: InputSpec, preset: dict, mean: Any, std: Any, size: Any) ->
     if len(spec.shape) != 4:
         raise InputError(f"model input {name!r} has rank {len(spec.shape)}, but images need a rank-4 input; "
                          "give the data as a .npy array or a .npz keyed by input name instead.")
-    if spec.dtype.kind != "f":
-        raise InputError(f"model input {name!r} has dtype {spec.dtype}; images need a float input (give a .npy).")
+    pixel_values = spec.dtype == np.uint8
+    if spec.dtype.kind != "f" and not pixel_values:
+        raise InputError(f"model input {name!r} has dtype {spec.dtype}; images need a float or uint8 input "
+                         "(give a .npy).")
+    if pixel_values and (mean is not None or std is not None):
+        raise InputError(f"model input {name!r} is uint8: it takes the pixels as they are (0-255), so --mean and "
+                         "--std cannot apply; leave them out (the preset then only sizes the images).")
     layout = preset.get("layout") or spec.layout
     if layout is None:
         raise InputError(
@@ -95,6 +103,11 @@ def image_plan(spec: InputSpec, preset: dict, mean: Any, std: Any, size: Any) ->
                              "(the normalisation the model was trained with).")
     if any(v == 0 for v in std_v):
         raise InputError("std must not contain zero.")
+    if pixel_values:
+        if any(v != 0 for v in mean_v) or any(v != 1 for v in std_v):
+            warnings.warn(f"model input {name!r} is uint8: the images are fed as pixels 0-255, without the "
+                          "preset's mean and std (the model normalises them itself).", stacklevel=4)
+        mean_v, std_v = [0.0], [1.0]
 
     wanted = size_pair(size, "size") if size is not None else preset.get("size") or preset.get("crop")
     model_hw = (spec.shape[h_axis], spec.shape[w_axis])
@@ -117,7 +130,7 @@ def image_plan(spec: InputSpec, preset: dict, mean: Any, std: Any, size: Any) ->
         scale = max(height / crop[0], width / crop[1])
         resize_shorter = max(round(preset["resize"] * scale), height, width)
     return ImagePlan(height, width, channels, layout, np.asarray(mean_v, np.float32),
-                      np.asarray(std_v, np.float32), resize_shorter)
+                     np.asarray(std_v, np.float32), resize_shorter, pixel_values)
 
 
 def _is_image(name: str) -> bool:

@@ -136,7 +136,7 @@ class ImageFolderSource(CalibrationSource):
                 "preprocessing": {"layout": plan.layout, "size": [plan.height, plan.width], "channels": plan.channels,
                                   "mean": plan.mean.tolist(), "std": plan.std.tolist(),
                                   "resize_shorter": plan.resize_shorter,
-                                  "formula": "(pixel / 255 - mean) / std"}}
+                                  "formula": "pixel (uint8)" if plan.pixel_values else "(pixel / 255 - mean) / std"}}
 
     def _decode(self, positions: np.ndarray) -> Batch:
         files = [self.files[i] for i in positions]
