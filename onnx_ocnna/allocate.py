@@ -44,6 +44,7 @@ import onnx
 from onnx_ocnna.calibration import Batch, model_input_spec
 from onnx_ocnna.cut_cost import CutCost
 from onnx_ocnna.errors import InputError
+from onnx_ocnna.logits import logits_name
 from onnx_ocnna.metrics import count_macs, model_stats, static_shapes
 from onnx_ocnna.reconstruct import LayerEquations, kept_input_masks, kept_outputs, reconstruct
 from onnx_ocnna.segments import OriginalPrefix, sample_count, take_feeds
@@ -230,7 +231,8 @@ def _log_softmax(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 class DamageMeter:
-    """Mean KL(original || model) of the first output on fixed calibration feeds, after the
+    """Mean KL(original || model) of the first output's class scores (a final Softmax's input,
+    :mod:`onnx_ocnna.logits`) on fixed calibration feeds, after the
     layers that read the cut channels are refitted by least squares (``refit``).
 
     Without the refit the KL saturates once a cut destroys the model (a CIFAR ResNet's spine cut
@@ -279,7 +281,7 @@ class DamageMeter:
         return self(model)
 
     def _log_probs(self, model: onnx.ModelProto) -> np.ndarray:
-        output = model.graph.output[0].name
+        output = logits_name(model)  # a final Softmax's input: its output's softmax is near uniform
         outputs = self.prefix.run(model, [output])
         return np.concatenate([_log_softmax(values[output], sample_count([feed]))
                                for values, feed in zip(outputs, self.feeds)])

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from onnx_ocnna.calibration import fixed_batch, model_input_spec
 from onnx_ocnna.errors import InputError
+from onnx_ocnna.logits import logits_view
 
 #: How the data is made, as the report records it.
 METHOD = "BatchNorm statistics matching (ZeroQ distilled data)"
@@ -287,7 +288,8 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        module = OnnxModule(model).eval()
+        # The class term's cross-entropy needs logits: a final Softmax's probabilities are near flat.
+        module = OnnxModule(logits_view(model) if class_weight else model).eval()
         for p in module.parameters():
             p.requires_grad_(False)
         recorder = _StatsRecorder(module, targets, module.input_names)

@@ -72,6 +72,7 @@ from onnx_ocnna.distill.torch_graph import OnnxModule, as_tensor
 from onnx_ocnna.distill.writeback import check_agreement, write_back
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.evaluate import labels_outside
+from onnx_ocnna.logits import logits_view, with_values_of
 
 __all__ = ["BN_MODES", "CHECKPOINT_NAME", "BatchLike", "DistillReport", "DistillSettings", "EpochRecord",
            "available_cpus", "distill"]
@@ -120,7 +121,10 @@ def distill(
         augment, hflip: random crop (and horizontal flip) of 4D image inputs.
         eval_batches: held-out data, evaluated before training and after every epoch.
         steps_per_epoch: batches per epoch, if ``len()`` of the data cannot tell.
-        output: name of the logits output [N, K] (or [N, K, ...]); default the first output.
+        output: name of the logits output [N, K] (or [N, K, ...]); default the first output, or
+            the input of the Softmax that computes it (:mod:`onnx_ocnna.logits`: the student and
+            teacher train and teach through views without it, and the values trained are
+            written into ``student``).
         threads: CPU threads for torch and the teacher; None = choose (see :mod:`~onnx_ocnna.distill.runtime`).
         progress: show a tqdm bar with the running loss and teacher agreement (rank 0 only).
         seed: seeds augmentation and dropout (the global torch RNG state is restored).
@@ -147,13 +151,20 @@ def distill(
         checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir), resume=resume,
     )
     settings.validate()
+    # A Keras-style final Softmax: probabilities at T = 4 are near uniform and teach next to nothing.
+    student_view, teacher_view = (student, teacher) if output else (logits_view(student), logits_view(teacher))
     saved_threads = torch.get_num_threads()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return _Distiller(student, teacher, settings).run(train_batches, eval_batches, epoch_callback)
+            distilled, report = _Distiller(student_view, teacher_view, settings).run(
+                train_batches, eval_batches, epoch_callback)
     finally:
         torch.set_num_threads(saved_threads)
+    if student_view is not student:
+        report.settings["logits"] = student_view.graph.output[0].name
+        distilled = with_values_of(student, distilled)
+    return distilled, report
 
 
 class _Distiller:
