@@ -5,13 +5,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 
 from onnx_ocnna.batch_axis import for_passes
 from onnx_ocnna.calibration import Batch, model_fixed_batch
+from onnx_ocnna.logits import scores_output
 from onnx_ocnna.model_io import ort_session, sample_feeds
 from onnx_ocnna.segments import sample_count
 
@@ -31,19 +32,28 @@ class Accuracy:
 
 
 def predictions(model: onnx.ModelProto, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Arg-max class of the first output for every sample, [N], and labels [N] or None, run on
-    whole batches (a model that takes batch 1 only through its relaxed copy, :func:`for_passes`)."""
-    model, batches = for_passes(model, batches)
-    session = ort_session(model)
-    names = {i.name for i in session.get_inputs()}
+    """Arg-max class of every sample, [N], and labels [N] or None (see :func:`class_scores`)."""
     preds, labels = [], []
-    for batch in batches:
-        logits = session.run([session.get_outputs()[0].name], {k: v for k, v in batch.feeds.items() if k in names})[0]
-        preds.append(_per_sample(logits, batch).argmax(axis=1))
+    for scores, batch in class_scores(model, batches):
+        preds.append(scores.argmax(axis=1))
         if batch.labels is not None:
             labels.append(np.asarray(batch.labels))
     pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return pred, (np.concatenate(labels) if labels and len(labels) == len(preds) else None)
+
+
+def class_scores(model: onnx.ModelProto, batches: Iterable[Batch]) -> Iterator[tuple[np.ndarray, Batch]]:
+    """(scores [samples, K], the batch) for every batch: the scores output
+    (:func:`onnx_ocnna.logits.scores_output`, the first output unless that is not float scores
+    [N, K]), run on whole batches (a model that takes batch 1 only through its relaxed copy,
+    :func:`for_passes`)."""
+    scores = scores_output(model)
+    model, batches = for_passes(model, batches)
+    session = ort_session(model)
+    names = {i.name for i in session.get_inputs()}
+    for batch in batches:
+        values = session.run([scores], {k: v for k, v in batch.feeds.items() if k in names})[0]
+        yield _per_sample(values, batch), batch
 
 
 def _per_sample(logits: np.ndarray, batch: Batch) -> np.ndarray:
@@ -109,16 +119,11 @@ def near_chance_warning(model: onnx.ModelProto, batches: Iterable[Batch], where:
     wrong normalisation shows one or both (measured on the digits CNN: 10 % and 29 % top-1 with
     75-100 % of the predictions on one class, against 99.8 % spread evenly when right).
     """
-    model, batches = for_passes(model, batches)
-    session = ort_session(model)
-    names = {i.name for i in session.get_inputs()}
     predicted, expected = [], []
     classes = 0
-    for batch in batches:
+    for logits, batch in class_scores(model, batches):
         if batch.labels is None:
             return None
-        logits = session.run([session.get_outputs()[0].name], {k: v for k, v in batch.feeds.items() if k in names})[0]
-        logits = _per_sample(logits, batch)
         classes = max(classes, logits.shape[1] if logits.shape[1] > 1 else 0)
         predicted.append(logits.argmax(axis=1))
         expected.append(np.asarray(batch.labels).reshape(-1))

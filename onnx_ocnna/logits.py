@@ -1,6 +1,7 @@
 """The model's class scores before a final Softmax.
 
 Keras models end in a Softmax, and tf2onnx keeps it: their first output holds probabilities.
+Some exports also return the predicted class (an ArgMax, int64 [N]) as their first output.
 Everything that compares two models' outputs as distributions needs the logits: a softmax of
 probabilities (which lie in [0, 1]) is nearly uniform, so the KL divergence the allocation
 measures shrank 20-50 times and lost its ranking, and distillation at T = 4 had almost no
@@ -9,10 +10,11 @@ signal to learn from. Measured on the CIFAR-10 ResNet-20 (BN kept) with a Softma
 images, 1,000 test images): distillation took it from 62.0 % to 58.4 %, where the same network
 without the Softmax goes from 58.2 % to 69.6 %.
 
-:func:`logits_name` is the tensor to read instead, :func:`logits_view` a copy of the model whose
-first output is that tensor (the Softmax left out); both leave a model without a final Softmax
-as it is. The view has the model's initializers, so values trained on it are written back into
-the model by name.
+:func:`scores_output` is the graph output with the class scores (what top-1 is read from),
+:func:`logits_name` the tensor to compare distributions on, and :func:`logits_view` a copy of
+the model whose only output is that tensor (a model whose first output already is its logits is
+left as it is). The view has the model's initializers, so values trained on it are written
+back into the model by name.
 """
 
 from __future__ import annotations
@@ -20,13 +22,27 @@ from __future__ import annotations
 import onnx
 
 
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def scores_output(model: onnx.ModelProto) -> str:
+    """The graph output that holds the class scores: the first float output shaped [N, K] (or
+    of unknown shape), else the first float output, else the first output. A model that also
+    returns its predicted class (an ArgMax, int64 [N]) first is read by its scores."""
+    outputs = list(model.graph.output)
+    floats = [o for o in outputs if o.type.tensor_type.elem_type in _FLOATS]
+    shaped = [o for o in floats if not o.type.tensor_type.HasField("shape") or len(o.type.tensor_type.shape.dim) == 2]
+    return (shaped or floats or outputs)[0].name
+
+
 def final_softmax(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The Softmax node that computes the first output [N, K] over its class axis, else None."""
-    output = model.graph.output[0]
+    """The Softmax node that computes the scores output [N, K] over its class axis, else None."""
+    name = scores_output(model)
+    output = next(o for o in model.graph.output if o.name == name)
     dims = output.type.tensor_type.shape.dim
     if len(dims) != 2:  # a class axis only where the output is [N, K]
         return None
-    node = next((n for n in model.graph.node if output.name in n.output), None)
+    node = next((n for n in model.graph.node if name in n.output), None)
     if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
         return None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -35,31 +51,35 @@ def final_softmax(model: onnx.ModelProto) -> onnx.NodeProto | None:
 
 
 def logits_name(model: onnx.ModelProto) -> str:
-    """The tensor of class scores: the first output, or the input of its final Softmax."""
+    """The tensor of class scores: :func:`scores_output`, or the input of its final Softmax."""
     softmax = final_softmax(model)
-    return softmax.input[0] if softmax is not None else model.graph.output[0].name
+    return softmax.input[0] if softmax is not None else scores_output(model)
 
 
 def logits_view(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` itself when its first output is not a final Softmax's, else a copy whose first
-    output is the Softmax's input (same shape) and without that node when nothing else reads it."""
-    softmax = final_softmax(model)
-    if softmax is None:
+    """``model`` itself when its first output already is :func:`logits_name`, else a copy whose
+    only output is that tensor (same shape as the scores output), with the nodes it needs."""
+    name = logits_name(model)
+    if model.graph.output[0].name == name:
         return model
+    scores = next(o for o in model.graph.output if o.name == scores_output(model))
     view = onnx.ModelProto()
     view.CopyFrom(model)
     graph = view.graph
-    old = graph.output[0]
     logits = onnx.ValueInfoProto()
-    logits.CopyFrom(old)
-    logits.name = softmax.input[0]
-    graph.output.remove(old)
-    graph.output.insert(0, logits)
-    for info in [v for v in graph.value_info if v.name == logits.name]:
+    logits.CopyFrom(scores)
+    logits.name = name
+    del graph.output[:]
+    graph.output.append(logits)
+    for info in [v for v in graph.value_info if v.name == name]:
         graph.value_info.remove(info)  # now a graph output
-    still_read = any(old.name in n.input for n in graph.node) or any(o.name == old.name for o in graph.output)
-    if not still_read:
-        graph.node.remove(next(n for n in graph.node if old.name in n.output))
+    needed, kept = {name}, []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
     return view
 
 

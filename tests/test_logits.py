@@ -15,8 +15,9 @@ from onnx_ocnna.logits import final_softmax, logits_name, logits_view
 from onnx_ocnna.model_io import ort_session
 
 
-def _net(softmax_axis: int | None = None) -> onnx.ModelProto:
-    """conv-BN-relu x 2, GAP, Gemm -> logits [N, 6]; with ``softmax_axis`` a final Softmax."""
+def _net(softmax_axis: int | None = None, label: bool = False) -> onnx.ModelProto:
+    """conv-BN-relu x 2, GAP, Gemm -> logits [N, 6]; with ``softmax_axis`` a final Softmax, and
+    with ``label`` its ArgMax (int64 [N]) as the first output."""
     g = GraphBuilder(seed=2)
     a = g.relu(g.bn(g.conv("x", 3, 16, name="conv_a"), 16, name="bn_a"))
     b = g.relu(g.bn(g.conv(a, 16, 16, name="conv_b"), 16, name="bn_b"))
@@ -26,17 +27,26 @@ def _net(softmax_axis: int | None = None) -> onnx.ModelProto:
         graph = model.graph
         graph.node.append(helper.make_node("Softmax", [logits], ["probs"], axis=softmax_axis, name="softmax"))
         graph.output[0].name = "probs"
-        onnx.checker.check_model(model, full_check=True)
+    if label:
+        graph.node.append(helper.make_node("ArgMax", ["probs"], ["label"], axis=1, keepdims=0, name="argmax"))
+        graph.output.insert(0, helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["N"]))
+    onnx.checker.check_model(model, full_check=True)
     return model
+
+
+_WITH_SOFTMAX = [pytest.param({"softmax_axis": 1}, id="probabilities"),
+                 pytest.param({"softmax_axis": 1, "label": True}, id="label-then-probabilities")]
 
 
 def _images(count: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, 3, 8, 8)).astype(np.float32)
 
 
-def test_the_view_of_a_softmax_model_outputs_its_logits():
-    probs, plain = _net(softmax_axis=1), _net()
+@pytest.mark.parametrize("variant", _WITH_SOFTMAX)
+def test_the_view_of_a_softmax_model_outputs_its_logits(variant):
+    probs, plain = _net(**variant), _net()
     view = logits_view(probs)
+    assert [o.name for o in view.graph.output] == [plain.graph.output[0].name]
     onnx.checker.check_model(view, full_check=True)
     assert [n.op_type for n in view.graph.node] == [n.op_type for n in plain.graph.node]
     assert logits_name(probs) == view.graph.output[0].name == plain.graph.output[0].name
@@ -48,10 +58,12 @@ def test_the_view_of_a_softmax_model_outputs_its_logits():
     assert final_softmax(_net(softmax_axis=-1)) is not None
 
 
-def test_the_damage_of_a_cut_is_the_kl_of_the_logits():
-    """Before, the softmax of the probabilities was compared: near uniform, 20-50 times smaller."""
+@pytest.mark.parametrize("variant", _WITH_SOFTMAX)
+def test_the_damage_of_a_cut_is_the_kl_of_the_logits(variant):
+    """Before, the softmax of the probabilities was compared (near uniform, 20-50 times
+    smaller), or the labels' (0 for every cut)."""
     x = [{"x": _images(32, seed)} for seed in (1, 2)]
-    probs, plain = _net(softmax_axis=1), _net()
+    probs, plain = _net(**variant), _net()
     cut = {}
     for name, model in (("probs", probs), ("plain", plain)):
         damaged = onnx.ModelProto()
@@ -66,15 +78,16 @@ def test_the_damage_of_a_cut_is_the_kl_of_the_logits():
     assert cut["probs"] == pytest.approx(cut["plain"], rel=1e-6)
 
 
-def test_a_softmax_student_is_distilled_on_its_logits_and_keeps_its_softmax():
+@pytest.mark.parametrize("variant", _WITH_SOFTMAX)
+def test_a_softmax_student_is_distilled_on_its_logits_and_keeps_its_softmax(variant):
     """Before, KD at T = 4 compared softmaxes of probabilities, which taught almost nothing."""
     x = _images(96)
     trained = {}
-    for name, model in (("probs", _net(softmax_axis=1)), ("plain", _net())):
+    for name, model in (("probs", _net(**variant)), ("plain", _net())):
         student, _ = api.compress(model, x, target_macs=0.6, progress=False)
         distilled, report = api.distill(student, model, x, epochs=1, progress=False, threads=1, alpha=0.0)
         assert [o.name for o in distilled.graph.output] == [o.name for o in model.graph.output]
-        assert distilled.graph.node[-1].op_type == ("Softmax" if name == "probs" else "Gemm")
+        assert [n.op_type for n in distilled.graph.node] == [n.op_type for n in student.graph.node]
         trained[name] = {i.name: numpy_helper.to_array(i) for i in distilled.graph.initializer}
         if name == "probs":
             assert report.settings["logits"] == logits_name(model)
@@ -89,3 +102,17 @@ def test_the_synthesis_class_term_reads_the_logits():
     made = [synthesize(model, samples=8, batch_size=8, iterations=3, class_weight=1.0, progress=False, threads=1)
             for model in (_net(softmax_axis=1), _net())]
     np.testing.assert_array_equal(made[0].arrays["x"], made[1].arrays["x"])
+
+
+def test_top_1_is_read_from_the_scores_not_from_a_label_output():
+    """Before, the label output [N] was read as one score per sample: every prediction was
+    class 0, and the preprocessing check warned that the model was broken."""
+    from onnx_ocnna.calibration import Batch
+    from onnx_ocnna.evaluate import near_chance_warning, predictions
+
+    x = _images(64)
+    plain, labelled = _net(), _net(softmax_axis=1, label=True)
+    expected = ort_session(plain).run(None, {"x": x})[0].argmax(axis=1)
+    batches = [Batch({"x": x[i : i + 16]}, expected[i : i + 16]) for i in range(0, 64, 16)]
+    np.testing.assert_array_equal(predictions(labelled, batches)[0], expected)
+    assert near_chance_warning(labelled, batches, "the data") is None
