@@ -798,7 +798,8 @@ def _best_of_recipes(model, pruner, scores, round_to, options, source, allocated
             row["removed"], row["why"] = False, f"kept: the {chosen} cut was written"
     notes.append("after reconstruction the closest to the original (output KL) is the "
                  f"{'allocated' if chosen == 'measured' else chosen} cut: "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in damage.items()) + "; it is the one written")
+                 # KL >= 0: a value rounding made slightly negative prints as 0
+                 + ", ".join(f"{k} {max(v, 0.0):.4f}" for k, v in damage.items()) + "; it is the one written")
     return finished[chosen]
 
 

@@ -126,7 +126,7 @@ class Report:
                 if g["kept"] < g["channels"]:
                     saved = g["saved_params"] if unit == "params" else g["saved_macs"]
                     lines.append(f"  {g['members'][0]}{' +%d' % (len(g['members']) - 1) if len(g['members']) > 1 else ''}:"
-                                 f" {g['kept']}/{g['channels']}, damage {g['damage']:.4f}, {saved:,} {unit}")
+                                 f" {g['kept']}/{g['channels']}, damage {max(g['damage'], 0.0):.4f}, {saved:,} {unit}")
         for row in self.extra.get("fc_width") or []:
             # The CSI curve at 1, 2, 4, ... neurons and the whole layer: where it saturates.
             steps = sorted({min(2 ** i, row["channels"]) for i in range(row["channels"].bit_length() + 1)})

@@ -175,3 +175,15 @@ def test_table_says_when_other_load_disturbed_the_latency_medians():
     assert b1.endswith("1.48x speed-up")
     assert "4.09x speed-up (disturbed by other load; fastest runs 1.46x)" in b32
     assert "4.09x speed-up (disturbed by other load; CPU time 1.46x)" in cpu
+
+
+def test_a_damage_rounding_made_negative_prints_as_zero():
+    """A KL is never negative; float rounding of two equal distributions gave '-0.0000'."""
+    from onnx_ocnna.metrics import ModelStats
+    from onnx_ocnna.report import Report
+
+    stats = ModelStats(parameters=100, macs=1000, nodes=5, file_bytes=4000)
+    allocation = {"objective": "macs", "groups": [
+        {"members": ["conv_a"], "kept": 8, "channels": 16, "damage": -3e-9, "saved_params": 0, "saved_macs": 500}]}
+    table = Report(before=stats, after=stats, extra={"allocation": allocation}).table()
+    assert "conv_a: 8/16, damage 0.0000, 500 MACs" in table and "-0.0000" not in table
