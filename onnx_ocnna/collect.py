@@ -92,27 +92,55 @@ def with_reductions(model: onnx.ModelProto, reductions: dict[str, Reduction]) ->
     return extended, located
 
 
-def _reductions(analysis: ChannelAnalysis, tensors: dict, accumulators: dict[str, Accumulator],
+def _reductions(shapes: dict[str, tuple], accumulators: dict[str, Accumulator],
                 measured: dict[str, str]) -> dict[str, Reduction]:
     """Measured tensor -> the reduction every accumulator reading it asked for, for float32
     tensors of known shape (the reductions' rounding is stated for float32).
 
-    ``tensors``: the analysis graph's tensors by name."""
+    ``shapes``: measured tensor -> (dtype, shape or None), as :func:`channels_first` gives."""
     readers: dict[str, list[Accumulator]] = {}
     for member, accumulator in accumulators.items():
         readers.setdefault(measured[member], []).append(accumulator)
     chosen = {}
     for name, accs in readers.items():
-        tensor = tensors.get(name)
-        if tensor is None or tensor.dtype != np.float32:
-            continue
-        shape = analysis.context.shape(tensor)
-        if shape is None:
+        dtype, shape = shapes.get(name, (None, None))
+        if dtype != np.float32 or shape is None:
             continue
         wanted = {acc.reduction(list(shape)) for acc in accs}
         if len(wanted) == 1 and None not in wanted:
             chosen[name] = wanted.pop()
     return chosen
+
+
+def channels_first(model: onnx.ModelProto, analysis: ChannelAnalysis, names: set[str]
+                   ) -> tuple[onnx.ModelProto, dict[str, str], dict[str, tuple]]:
+    """``model`` (the one the analysis names tensors in) with a Transpose that moves the channel
+    axis to 1 for each tensor of ``names`` whose channels lie elsewhere (a channels-last
+    [N, H, W, C] map, as ConvNeXt's pointwise MatMuls make), so every criterion reads maps
+    [N, C, ...]; tensor -> the tensor to measure, and measured tensor -> (dtype, shape or None)."""
+    tensors = analysis.graph.tensors()
+    renamed: dict[str, str] = {}
+    shapes: dict[str, tuple] = {}
+    moved: list[onnx.NodeProto] = []
+    for name in sorted(names):
+        tensor = tensors.get(name)
+        shape = analysis.context.shape(tensor) if tensor is not None else None
+        dtype = tensor.dtype if tensor is not None else None
+        layout = analysis.context.layout(tensor) if tensor is not None else None
+        if layout is None or layout.axis in (0, 1):
+            renamed[name], shapes[name] = name, (dtype, shape)
+            continue
+        perm = [0, layout.axis] + [a for a in range(1, layout.rank) if a != layout.axis]
+        first = f"{name}__channels_first"
+        moved.append(onnx.helper.make_node("Transpose", [name], [first], name=first, perm=perm))
+        renamed[name] = first
+        shapes[first] = (dtype, None if shape is None else [shape[a] for a in perm])
+    if not moved:
+        return model, renamed, shapes
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    extended.graph.node.extend(moved)
+    return extended, renamed, shapes
 
 
 def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criterion,
@@ -128,9 +156,9 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     from tqdm.auto import tqdm
 
     groups = {m: analysis.group_of(m) for m in accumulators}
-    measured = {m: groups[m].measured[m] for m in accumulators}
-    tensors = analysis.graph.tensors()
-    reductions = _reductions(analysis, tensors, accumulators, measured)
+    model, renamed, shapes = channels_first(model, analysis, {groups[m].measured[m] for m in accumulators})
+    measured = {m: renamed[groups[m].measured[m]] for m in accumulators}
+    reductions = _reductions(shapes, accumulators, measured)
     names = sorted(set(measured.values()) - set(reductions))
     scoring_model, reduced_outputs = with_reductions(with_outputs(model, names), reductions)
     # Statistics of returned maps run while ONNX Runtime works: its idle workers must not spin on
@@ -143,7 +171,7 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, criterion: Criter
     # maps) are gathered into groups of GLUE_ROWS rows; maps go to the statistics run by run,
     # so no more than a few runs of them are ever held.
     dynamic_batch = all(isinstance(i.shape[0], str) or i.shape[0] is None for i in session.get_inputs() if i.shape)
-    sizes = {n: _elements_per_sample(analysis.context.shape(tensors.get(n))) for n in set(measured.values())}
+    sizes = {n: _elements_per_sample(shapes[n][1]) for n in set(measured.values())}
     measured_bytes = 4 * sum(sizes.values())
     step = run_rows(measured_bytes) if dynamic_batch and np.isfinite(measured_bytes) else None
     glue = all(sizes[n] <= _SMALL_ELEMENTS for n in names)

@@ -247,18 +247,37 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
     original_inits = {i.name: i for i in original.graph.initializer}
     inits = {i.name: i for i in model.graph.initializer}
     uses = _initializer_uses(model)
+    ranks = _ranks(model)
     changed: set[str] = set()  # tensors whose kept values may differ from the original's
     plan = []
     for node in model.graph.node:
         changed.update(_rewired_inputs(node, originals, inits))
         if node.op_type in _FITTERS:
-            reason = _skip_reason(node, originals.get(node.name), uses, inits, original_inits, changed)
+            reason = (_skip_reason(node, originals.get(node.name), uses, inits, original_inits, changed)
+                      or (_CHANNELS_LAST if node.op_type == "MatMul" and ranks.get(node.input[0], 2) > 2 else ""))
             plan.append((node, reason))
             if propagate and (not reason or any(i in changed for i in node.input)):
                 changed.update(node.output)
         elif propagate and any(i in changed for i in node.input):
             changed.update(node.output)
     return plan
+
+
+# A MatMul over the last axis of an image [N, H, W, K] (ConvNeXt's pointwise layers) is a 1 x 1
+# convolution in channels-last layout; the refit samples rows and targets as [N, C, H, W] maps
+# and does not fit it.
+_CHANNELS_LAST = "MatMul on a channels-last image [N, H, W, K] is not refitted"
+
+
+class _NotRefitted(Exception):
+    """A layer found at run time to be one the refit does not fit (the reason is the message)."""
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> rank, where the model's value infos and graph inputs/outputs say."""
+    values = [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in values
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
 
 def _rewired_inputs(node, originals: dict, inits: dict) -> list[str]:
@@ -355,6 +374,8 @@ def _conv_rows(node, kernel: tuple[int, int]) -> Callable[[np.ndarray, tuple], n
 
 
 def _gemm_rows(x: np.ndarray, where) -> np.ndarray:
+    if x.ndim > 2:  # a rank the model's shapes did not tell (see _CHANNELS_LAST)
+        raise _NotRefitted(_CHANNELS_LAST)
     return x.reshape(len(x), -1)
 
 
@@ -435,8 +456,12 @@ def _fit_matmul(model, node, target, targets, runner, fit, ridge, given=None, bo
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [K, N]
     bias = _bias_add(model, node, inits)
     start = np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0)  # the intercept is a change of the bias
-    solution = _solve(model, node, target, targets, runner, fit, ridge, _gemm_rows, start,
-                      intercept=bias is not None, given=given, bounds=bounds)
+    try:
+        solution = _solve(model, node, target, targets, runner, fit, ridge, _gemm_rows, start,
+                          intercept=bias is not None, given=given, bounds=bounds)
+    except _NotRefitted as reason:
+        fit.skipped = str(reason)
+        return
     if solution is not None:
         _set(model, node.input[1], (solution[:-1] if bias is not None else solution).astype(np.float32))
         if bias is not None:

@@ -270,6 +270,7 @@ def _build_groups(ctx: AnalysisContext) -> tuple[list[ChannelGroup], dict[str, i
 def measured_tensor(ctx: AnalysisContext, producer: gs.Node) -> gs.Tensor:
     """The end of the channel-preserving chain after ``producer``: the tensor its consumers read."""
     tensor = producer.outputs[0]
+    axis = ctx.layout(tensor).axis if ctx.layout(tensor) is not None else 1  # 3 for channels-last
     graph_outputs = {t.name for t in ctx.graph.outputs}
     while tensor.name not in graph_outputs:
         consumers = list(tensor.outputs)
@@ -281,7 +282,7 @@ def measured_tensor(ctx: AnalysisContext, producer: gs.Node) -> gs.Tensor:
             nxt = _self_gate(tensor, consumers)
         else:
             break
-        if ctx.layout(nxt) is None or ctx.layout(nxt).axis != 1:
+        if ctx.layout(nxt) is None or ctx.layout(nxt).axis != axis:
             break
         tensor = nxt
     return tensor

@@ -92,8 +92,10 @@ def matmul(ctx: AnalysisContext, node: gs.Node) -> None:
         ctx.add_edit(SliceInput(node, 1, 0, layout.ids, learned=True))
     elif ctx.layout(node.inputs[1]) is not None:
         return
-    # Only a batch of rows ([M, K]) makes neurons; a [B, T, K] input (attention, sequences)
-    # would put them on an axis the criteria do not read as channels.
-    if weight is None or weight.ndim != 2 or ctx.rank(node.inputs[0]) != 2:
+    # A batch of rows ([M, K]) or a channels-last image ([N, H, W, K]: ConvNeXt's pointwise
+    # layers, a 1 x 1 convolution) makes neurons; a [B, T, K] input (attention, sequences)
+    # is left alone.
+    rank = ctx.rank(node.inputs[0])
+    if weight is None or weight.ndim != 2 or rank not in (2, 4):
         return
-    _produce(ctx, node, int(weight.shape[1]), 1, None, 2)
+    _produce(ctx, node, int(weight.shape[1]), 1, None, rank)
