@@ -179,6 +179,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
     from_cut = prefix.cut(model) if same_samples and to_fit else None
     targets = _Targets(original, [(twin.output[0], kept.get(node.name)) for node, twin in to_fit], feeds,
                        positions, seed, budget=_TARGET_BUDGET,
+                       channels_last={twin.output[0] for _, twin in to_fit if twin.op_type == "MatMul"},
                        addends={twin.output[0]: bounds[node.name].addend for node, twin in to_fit
                                 if bounds.get(node.name) is not None and bounds[node.name].addend},
                        start=from_cut[1] if from_cut is not None else None)
@@ -254,7 +255,7 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
         changed.update(_rewired_inputs(node, originals, inits))
         if node.op_type in _FITTERS:
             reason = (_skip_reason(node, originals.get(node.name), uses, inits, original_inits, changed)
-                      or (_CHANNELS_LAST if node.op_type == "MatMul" and ranks.get(node.input[0], 2) > 2 else ""))
+                      or (_SEQUENCE if node.op_type == "MatMul" and ranks.get(node.input[0], 2) not in (2, 4) else ""))
             plan.append((node, reason))
             if propagate and (not reason or any(i in changed for i in node.input)):
                 changed.update(node.output)
@@ -264,9 +265,9 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
 
 
 # A MatMul over the last axis of an image [N, H, W, K] (ConvNeXt's pointwise layers) is a 1 x 1
-# convolution in channels-last layout; the refit samples rows and targets as [N, C, H, W] maps
-# and does not fit it.
-_CHANNELS_LAST = "MatMul on a channels-last image [N, H, W, K] is not refitted"
+# convolution in channels-last layout, refitted as one (:func:`_matmul_rows`); over a sequence
+# [B, T, K] it is not refitted.
+_SEQUENCE = "MatMul over a sequence [B, T, K] is not refitted"
 
 
 class _NotRefitted(Exception):
@@ -374,9 +375,18 @@ def _conv_rows(node, kernel: tuple[int, int]) -> Callable[[np.ndarray, tuple], n
 
 
 def _gemm_rows(x: np.ndarray, where) -> np.ndarray:
-    if x.ndim > 2:  # a rank the model's shapes did not tell (see _CHANNELS_LAST)
-        raise _NotRefitted(_CHANNELS_LAST)
     return x.reshape(len(x), -1)
+
+
+def _matmul_rows(x: np.ndarray, where) -> np.ndarray:
+    """Rows of a MatMul's input: [M, K] as it is; a channels-last image [N, H, W, K] at the
+    sampled output positions (oy, ox) [N, P] each, [N * P, K] (a 1 x 1 convolution)."""
+    if x.ndim == 2:
+        return x
+    if x.ndim != 4 or where is None:  # a rank the model's shapes did not tell (see _SEQUENCE)
+        raise _NotRefitted(_SEQUENCE)
+    oy, ox = where
+    return x[np.arange(len(x))[:, None], oy, ox, :].reshape(-1, x.shape[-1])
 
 
 def _fit_conv(model, node, target, targets, runner, fit, ridge, given=None, bounds=None, new_biases=True) -> None:
@@ -457,7 +467,7 @@ def _fit_matmul(model, node, target, targets, runner, fit, ridge, given=None, bo
     bias = _bias_add(model, node, inits)
     start = np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0)  # the intercept is a change of the bias
     try:
-        solution = _solve(model, node, target, targets, runner, fit, ridge, _gemm_rows, start,
+        solution = _solve(model, node, target, targets, runner, fit, ridge, _matmul_rows, start,
                           intercept=bias is not None, given=given, bounds=bounds)
     except _NotRefitted as reason:
         fit.skipped = str(reason)
@@ -822,12 +832,14 @@ class LayerEquations:
         """(equations over every input channel and output, per-output target energy [C_out])."""
         if twin.name not in self._full:
             weight = self._inits[twin.input[1]]
-            rows = (_conv_rows(twin, tuple(weight.dims[2:4])) if twin.op_type == "Conv" else _gemm_rows)
+            rows = {"Conv": lambda: _conv_rows(twin, tuple(weight.dims[2:4])), "MatMul": lambda: _matmul_rows,
+                    }.get(twin.op_type, lambda: _gemm_rows)()
             sums = _NormalSums()
             passes = self._runner.run(self.original, [twin.input[0], twin.output[0]], self.order.get(twin.name))
             for index, values in enumerate(passes):
                 t, where = _sample_outputs(values[twin.output[0]], None, self.positions,
-                                           (self.seed, self.order[twin.name], index))
+                                           (self.seed, self.order[twin.name], index),
+                                           channels_last=twin.op_type == "MatMul")
                 sums.add(rows(values[twin.input[0]], where), t)
             self._full[twin.name] = (sums.equations(), sums.energy)
         return self._full[twin.name]
@@ -864,8 +876,10 @@ class _Targets:
     def __init__(self, original: onnx.ModelProto, layers: list[tuple[str, np.ndarray | None]],
                  feeds: list[dict[str, np.ndarray]], positions: int, seed: int,
                  budget: int = 1 << 30, transient: int = 256 << 20, addends: dict[str, str] | None = None,
-                 start: list[dict[str, np.ndarray]] | None = None) -> None:
+                 start: list[dict[str, np.ndarray]] | None = None, channels_last: set[str] | None = None) -> None:
         self.original, self.feeds, self.positions, self.seed = original, feeds, positions, seed
+        # MatMul outputs: an image one [N, H, W, C] has its channels last
+        self.channels_last = set(channels_last or ())
         self.start = start  # the original's tensors at a cut, per feed: the chunk passes run from there
         self.kept = dict(layers)
         self.order = {name: i for i, (name, _) in enumerate(layers)}
@@ -987,12 +1001,14 @@ class _Targets:
 
     def _sample(self, name: str, batch: int, y: np.ndarray,
                 part: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple | None]:
-        return _sample_outputs(y, self.kept[name], self.positions, (self.seed, self.order[name], batch), part)
+        return _sample_outputs(y, self.kept[name], self.positions, (self.seed, self.order[name], batch), part,
+                               channels_last=name in self.channels_last)
 
     def sample_like(self, name: str, batch: int, y: np.ndarray) -> np.ndarray:
         """All channels of ``y`` (a tensor of the pruned model, already cut) at the positions
         sampled for layer ``name``, [rows, C]."""
-        return _sample_outputs(y, None, self.positions, (self.seed, self.order[name], batch))[0]
+        return _sample_outputs(y, None, self.positions, (self.seed, self.order[name], batch),
+                               channels_last=name in self.channels_last)[0]
 
     def _sample_addend(self, name: str, batch: int, y: np.ndarray, added: np.ndarray,
                        part: tuple[int, int] | None = None) -> np.ndarray | None:
@@ -1014,12 +1030,15 @@ def _joined(pieces: list[tuple[np.ndarray, tuple | None]]) -> tuple[np.ndarray, 
 
 
 def _sample_outputs(y: np.ndarray, kept: np.ndarray | None, positions: int, key: tuple[int, int, int],
-                    part: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple | None]:
+                    part: tuple[int, int] | None = None, channels_last: bool = False) -> tuple[np.ndarray, tuple | None]:
     """(the kept channels of ``y`` at ``positions`` output positions per image drawn from
     ``key`` = (seed, layer, batch), [N * P, C_kept]; (oy, ox) [N, P] each, None for 2-D).
 
     ``part`` = (first, size): ``y`` holds images first ... first + N - 1 of a batch of ``size``;
-    they get the positions the whole batch would give them."""
+    they get the positions the whole batch would give them. ``channels_last``: a 4-D ``y`` is
+    [N, H, W, C] (a MatMul's output), sampled as its [N, C, H, W] view."""
+    if channels_last and y.ndim == 4:
+        y = np.moveaxis(y, -1, 1)
     if kept is not None:
         y = y[:, kept]
     if y.ndim != 4:

@@ -104,8 +104,9 @@ def test_the_mlp_is_pruned_into_a_valid_model_that_keeps_its_accuracy(trained, o
     validate_model(pruned)
     hidden = next(g for g in report.groups if g["channels"] == 64)
     assert hidden["kept"] < 64
-    layers = report.extra["reconstruction"]["layers"]
-    assert any(layer["skipped"] == "MatMul on a channels-last image [N, H, W, K] is not refitted" for layer in layers)
+    layers = {layer["node"]: layer for layer in report.extra["reconstruction"]["layers"]}
+    matmuls = [n.name for n in pruned.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(layers[name]["error_after"] < layers[name]["error_before"] for name in matmuls)
     held_out = slice(1200, None)
 
     def top1(m: onnx.ModelProto) -> float:
@@ -113,3 +114,18 @@ def test_the_mlp_is_pruned_into_a_valid_model_that_keeps_its_accuracy(trained, o
 
     assert top1(model) > 0.85
     assert top1(pruned) >= top1(model) - 0.03
+
+
+def test_the_refit_recovers_a_deep_cut_of_the_mlp(trained):
+    """At k = 70 (MLP 64 -> 20, stem 16 -> 5) the refit of the channels-last MatMuls keeps the
+    top-1 (89.9 % against 89.6 %), where the cut alone falls to 79.6 %."""
+    model, x, y = trained["model"], trained["x"], trained["y"]
+    held_out = slice(1200, None)
+
+    def top1(m: onnx.ModelProto) -> float:
+        return float(np.mean(ort_session(m).run(None, {"x": x[held_out]})[0].argmax(1) == y[held_out]))
+
+    refitted, _ = api.compress(model, x[:512], percentile=70, progress=False)
+    cut, _ = api.compress(model, x[:512], percentile=70, reconstruct=False, progress=False)
+    assert top1(refitted) >= top1(model) - 0.03
+    assert top1(refitted) > top1(cut) + 0.05
