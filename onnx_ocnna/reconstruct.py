@@ -190,10 +190,13 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept: dict[s
             report.layers.append(fit)
             if not reason:
                 twin = originals[node.name]
-                given = (equations.restricted(twin, kept_inputs[node.name], kept.get(node.name))
-                         if node.name in from_equations else None)
-                _FITTERS[node.op_type](model, node, twin.output[0], targets, runner, fit, ridge, given,
-                                       bounds.get(node.name), new_biases=new_biases)
+                try:
+                    given = (equations.restricted(twin, kept_inputs[node.name], kept.get(node.name))
+                             if node.name in from_equations else None)
+                    _FITTERS[node.op_type](model, node, twin.output[0], targets, runner, fit, ridge, given,
+                                           bounds.get(node.name), new_biases=new_biases)
+                except _NotRefitted as why:  # a rank the model's shapes did not tell
+                    fit.skipped = str(why)
             bar.update(1)
             if fit.error_after is not None:
                 bar.set_postfix_str(f"{node.name}: {fit.error_before:.3f} -> {fit.error_after:.3f}")
@@ -389,6 +392,14 @@ def _matmul_rows(x: np.ndarray, where) -> np.ndarray:
     return x[np.arange(len(x))[:, None], oy, ox, :].reshape(-1, x.shape[-1])
 
 
+def _layer_rows(node, weight: onnx.TensorProto) -> Callable[[np.ndarray, tuple], np.ndarray]:
+    """The rows function of layer ``node``: input patches (Conv), the input (Gemm), or a
+    MatMul's rows (:func:`_matmul_rows`)."""
+    if node.op_type == "Conv":
+        return _conv_rows(node, tuple(weight.dims[2:4]))
+    return _matmul_rows if node.op_type == "MatMul" else _gemm_rows
+
+
 def _fit_conv(model, node, target, targets, runner, fit, ridge, given=None, bounds=None, new_biases=True) -> None:
     inits = {i.name: i for i in model.graph.initializer}
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [Cout, Cin, kh, kw]
@@ -466,12 +477,8 @@ def _fit_matmul(model, node, target, targets, runner, fit, ridge, given=None, bo
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)  # [K, N]
     bias = _bias_add(model, node, inits)
     start = np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0)  # the intercept is a change of the bias
-    try:
-        solution = _solve(model, node, target, targets, runner, fit, ridge, _matmul_rows, start,
-                          intercept=bias is not None, given=given, bounds=bounds)
-    except _NotRefitted as reason:
-        fit.skipped = str(reason)
-        return
+    solution = _solve(model, node, target, targets, runner, fit, ridge, _matmul_rows, start,
+                      intercept=bias is not None, given=given, bounds=bounds)
     if solution is not None:
         _set(model, node.input[1], (solution[:-1] if bias is not None else solution).astype(np.float32))
         if bias is not None:
@@ -832,8 +839,7 @@ class LayerEquations:
         """(equations over every input channel and output, per-output target energy [C_out])."""
         if twin.name not in self._full:
             weight = self._inits[twin.input[1]]
-            rows = {"Conv": lambda: _conv_rows(twin, tuple(weight.dims[2:4])), "MatMul": lambda: _matmul_rows,
-                    }.get(twin.op_type, lambda: _gemm_rows)()
+            rows = _layer_rows(twin, weight)
             sums = _NormalSums()
             passes = self._runner.run(self.original, [twin.input[0], twin.output[0]], self.order.get(twin.name))
             for index, values in enumerate(passes):

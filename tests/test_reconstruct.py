@@ -411,3 +411,22 @@ def test_auto_samples_reads_more_images_only_where_the_work_is_small():
     assert auto_samples(4_089_184_256, 3 * 224 * 224 * 4, 50_000) == MIN_AUTO_SAMPLES == 512  # ResNet-50
     assert auto_samples(60_000_000, 3 * 224 * 224 * 4, None) == 891  # small but 224 x 224: the inputs kept limit it
     assert 512 < auto_samples(300_000_000, cifar, None) < 2048
+
+
+def test_a_matmul_over_a_sequence_is_not_refitted_and_says_why():
+    """conv -> Reshape [N, 8, 16] -> Transpose [N, 16, 8] -> MatMul: the cut channels reach a
+    MatMul over tokens, which the refit does not fit (its rows are neither [M, K] nor an image)."""
+    from onnx_ocnna import api
+
+    g = GraphBuilder(seed=1)
+    a = g.relu(g.conv("x", 3, 8, name="conv_a"))
+    tokens = g.node("Transpose", [g.node("Reshape", [a, g.const(np.array([0, 8, 16], np.int64))], name="to_seq")[0]],
+                    name="tokens", perm=[0, 2, 1])[0]
+    projected = g.node("MatMul", [tokens, g.const(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))],
+                       name="proj")[0]
+    model = g.model(["N", 3, 4, 4], g.node("ReduceMean", [projected], name="pool", axes=[1], keepdims=0)[0])
+    x = np.random.default_rng(0).standard_normal((64, 3, 4, 4)).astype(np.float32)
+    pruned, report = api.compress(model, x, percentile=50, progress=False)
+    layers = {layer["node"]: layer for layer in report.extra["reconstruction"]["layers"]}
+    assert layers["proj"]["skipped"] == "MatMul over a sequence [B, T, K] is not refitted"
+    assert report.groups[0]["kept"] == 4
