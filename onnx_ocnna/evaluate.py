@@ -12,7 +12,7 @@ import onnx
 
 from onnx_ocnna.batch_axis import for_passes
 from onnx_ocnna.calibration import Batch, model_fixed_batch
-from onnx_ocnna.logits import scores_output
+from onnx_ocnna.logits import has_scores, scores_output
 from onnx_ocnna.model_io import ort_session, sample_feeds
 from onnx_ocnna.segments import sample_count
 
@@ -119,6 +119,8 @@ def near_chance_warning(model: onnx.ModelProto, batches: Iterable[Batch], where:
     wrong normalisation shows one or both (measured on the digits CNN: 10 % and 29 % top-1 with
     75-100 % of the predictions on one class, against 99.8 % spread evenly when right).
     """
+    if not has_scores(model):  # labels only: nothing to judge the preprocessing by
+        return None
     predicted, expected = [], []
     classes = 0
     for logits, batch in class_scores(model, batches):

@@ -21,18 +21,31 @@ from __future__ import annotations
 
 import onnx
 
+from onnx_ocnna.errors import InputError
+
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def scores_output(model: onnx.ModelProto) -> str:
     """The graph output that holds the class scores: the first float output shaped [N, K] (or
-    of unknown shape), else the first float output, else the first output. A model that also
-    returns its predicted class (an ArgMax, int64 [N]) first is read by its scores."""
+    of unknown shape), else the first float output. A model that also returns its predicted
+    class (an ArgMax, int64 [N]) first is read by its scores. InputError when no output is float:
+    labels alone tell neither how far a cut moved the model nor what to distil."""
     outputs = list(model.graph.output)
     floats = [o for o in outputs if o.type.tensor_type.elem_type in _FLOATS]
     shaped = [o for o in floats if not o.type.tensor_type.HasField("shape") or len(o.type.tensor_type.shape.dim) == 2]
-    return (shaped or floats or outputs)[0].name
+    if not floats:  # not has_scores(model)
+        names = ", ".join(o.name for o in outputs)
+        raise InputError(f"the model's outputs ({names}) hold no class scores, only integers: measuring a cut, "
+                         "evaluating and distilling compare scores; export the model with its logits or "
+                         "probabilities as an output")
+    return (shaped or floats)[0].name
+
+
+def has_scores(model: onnx.ModelProto) -> bool:
+    """Whether some graph output is float (class scores can be read, see :func:`scores_output`)."""
+    return any(o.type.tensor_type.elem_type in _FLOATS for o in model.graph.output)
 
 
 def final_softmax(model: onnx.ModelProto) -> onnx.NodeProto | None:

@@ -116,3 +116,18 @@ def test_top_1_is_read_from_the_scores_not_from_a_label_output():
     batches = [Batch({"x": x[i : i + 16]}, expected[i : i + 16]) for i in range(0, 64, 16)]
     np.testing.assert_array_equal(predictions(labelled, batches)[0], expected)
     assert near_chance_warning(labelled, batches, "the data") is None
+
+
+def test_a_model_that_returns_labels_only_is_refused_where_scores_are_needed():
+    """Before, a budget measured every cut of a label-only model as free (KL 0)."""
+    from onnx_ocnna.errors import InputError
+
+    model = _net(softmax_axis=1, label=True)
+    del model.graph.output[1:]  # the label alone
+    x = _images(64)
+    with pytest.raises(InputError, match=r"outputs \(label\) hold no class scores"):
+        api.compress(model, x, target_macs=0.6, progress=False)
+    labels = np.arange(64) % 6
+    for calibration in (x, {"x": x, "labels": labels}):  # labelled: the preprocessing check is skipped
+        pruned, _ = api.compress(model, calibration, percentile=30, progress=False)  # no scores needed
+        assert pruned.graph.output[0].name == "label"
