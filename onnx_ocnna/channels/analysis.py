@@ -88,13 +88,12 @@ class ChannelAnalysis:
 
     def keep_fn(self, removed: dict[int, np.ndarray]) -> KeepFn:
         """The keep mask for element ids once ``removed`` (group id -> channel indices) is applied."""
-        dropped = set()
-        for gid, channels in removed.items():
-            dropped.update(int(r) for r in self.groups[gid].roots[np.asarray(channels, dtype=np.int64)])
+        dropped = np.concatenate([self.groups[gid].roots[np.asarray(channels, dtype=np.int64)]
+                                  for gid, channels in removed.items()] or [np.zeros(0, np.int64)])
         space = self.context.space
 
         def keep(ids: np.ndarray) -> np.ndarray:
-            return np.array([space.find(int(i)) not in dropped for i in np.ravel(ids)], dtype=bool)
+            return ~np.isin(space.roots(np.ravel(ids)), dropped)
 
         return keep
 

@@ -61,6 +61,9 @@ class ChannelSpace:
         self._parent: list[int] = []
         self.owners: list[Owner] = []
         self._frozen: dict[int, str] = {}
+        # The root of every element, computed once the classes stop changing (the analysis asks
+        # for roots only after its handlers ran, the surgery once per edit); reset by new/union.
+        self._root_cache: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -68,6 +71,7 @@ class ChannelSpace:
     def new(self, count: int, kind: str, node: str) -> np.ndarray:
         """Create ``count`` fresh elements; returns their ids, shape [count]."""
         start = len(self._parent)
+        self._root_cache = None
         self._parent.extend(range(start, start + count))
         self.owners.extend(Owner(kind, node, i) for i in range(count))
         return np.arange(start, start + count, dtype=np.int64)
@@ -83,11 +87,14 @@ class ChannelSpace:
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
         """Class representative of each id, same shape as ``ids``."""
-        return np.fromiter((self.find(int(i)) for i in ids.ravel()), dtype=np.int64,
-                           count=ids.size).reshape(ids.shape)
+        if self._root_cache is None:
+            self._root_cache = np.fromiter((self.find(i) for i in range(len(self._parent))), dtype=np.int64,
+                                           count=len(self._parent))
+        return self._root_cache[np.asarray(ids, dtype=np.int64)]
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Tie a[i] to b[i] for every i; both shape [n]."""
+        self._root_cache = None
         for x, y in zip(a.tolist(), b.tolist()):
             rx, ry = self.find(x), self.find(y)
             if rx == ry:
