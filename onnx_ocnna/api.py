@@ -30,7 +30,7 @@ from onnx_ocnna.channels.context import SHAPE_HINT
 from onnx_ocnna.collect import collect, member_scores_to_group
 from onnx_ocnna.criteria import MemberInfo, get_criterion
 from onnx_ocnna.errors import InputError, ValidationError
-from onnx_ocnna.logits import scores_output
+from onnx_ocnna.logits import scores_value
 from onnx_ocnna.metrics import model_stats
 from onnx_ocnna.model_io import load_model, model_sha256, sample_feeds, validate_model
 from onnx_ocnna.plan import build_plan, resolve_plan
@@ -236,8 +236,7 @@ def check_training_labels(model: onnx.ModelProto, data: Any, options: dict | Non
     batch, after the pruning and reconstruction). Unlabelled data and outputs of unknown width pass."""
     from onnx_ocnna.evaluate import labels_outside
 
-    scores = scores_output(model)
-    dims = next(o for o in model.graph.output if o.name == scores).type.tensor_type.shape.dim
+    dims = scores_value(model).type.tensor_type.shape.dim
     classes = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else 0
     labels = getattr(as_source(data, model, **(options or {})), "labels", None)
     if classes and labels is not None:

@@ -10,7 +10,7 @@ signal to learn from. Measured on the CIFAR-10 ResNet-20 (BN kept) with a Softma
 images, 1,000 test images): distillation took it from 62.0 % to 58.4 %, where the same network
 without the Softmax goes from 58.2 % to 69.6 %.
 
-:func:`scores_output` is the graph output with the class scores (what top-1 is read from),
+:func:`scores_value` is the graph output with the class scores (what top-1 is read from),
 :func:`logits_name` the tensor to compare distributions on, and :func:`logits_view` a copy of
 the model whose only output is that tensor (a model whose first output already is its logits is
 left as it is). The view has the model's initializers, so values trained on it are written
@@ -23,39 +23,50 @@ import onnx
 
 from onnx_ocnna.errors import InputError
 
-
+# The types class scores are read from: bfloat16 too, which numpy's float kind (metrics.is_float)
+# leaves out.
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
-def scores_output(model: onnx.ModelProto) -> str:
+def _float_outputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph outputs of a floating-point type, in order."""
+    return [o for o in model.graph.output if o.type.tensor_type.elem_type in _FLOATS]
+
+
+def scores_value(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     """The graph output that holds the class scores: the first float output shaped [N, K] (or
     of unknown shape), else the first float output. A model that also returns its predicted
     class (an ArgMax, int64 [N]) first is read by its scores. InputError when no output is float:
     labels alone tell neither how far a cut moved the model nor what to distil."""
-    outputs = list(model.graph.output)
-    floats = [o for o in outputs if o.type.tensor_type.elem_type in _FLOATS]
-    shaped = [o for o in floats if not o.type.tensor_type.HasField("shape") or len(o.type.tensor_type.shape.dim) == 2]
-    if not floats:  # not has_scores(model)
-        names = ", ".join(o.name for o in outputs)
+    floats = _float_outputs(model)
+    if not floats:
+        names = ", ".join(o.name for o in model.graph.output)
         raise InputError(f"the model's outputs ({names}) hold no class scores, only integers: measuring a cut, "
                          "evaluating and distilling compare scores; export the model with its logits or "
                          "probabilities as an output")
-    return (shaped or floats)[0].name
+    shaped = [o for o in floats if not o.type.tensor_type.HasField("shape") or len(o.type.tensor_type.shape.dim) == 2]
+    return (shaped or floats)[0]
+
+
+def scores_output(model: onnx.ModelProto) -> str:
+    """The name of :func:`scores_value`."""
+    return scores_value(model).name
 
 
 def has_scores(model: onnx.ModelProto) -> bool:
-    """Whether some graph output is float (class scores can be read, see :func:`scores_output`)."""
-    return any(o.type.tensor_type.elem_type in _FLOATS for o in model.graph.output)
+    """Whether some graph output is float (class scores can be read, see :func:`scores_value`)."""
+    return bool(_float_outputs(model))
 
 
 def final_softmax(model: onnx.ModelProto) -> onnx.NodeProto | None:
     """The Softmax node that computes the scores output [N, K] over its class axis, else None."""
-    name = scores_output(model)
-    output = next(o for o in model.graph.output if o.name == name)
-    dims = output.type.tensor_type.shape.dim
-    if len(dims) != 2:  # a class axis only where the output is [N, K]
+    return _final_softmax(model, scores_value(model))
+
+
+def _final_softmax(model: onnx.ModelProto, scores: onnx.ValueInfoProto) -> onnx.NodeProto | None:
+    if len(scores.type.tensor_type.shape.dim) != 2:  # a class axis only where the output is [N, K]
         return None
-    node = next((n for n in model.graph.node if name in n.output), None)
+    node = next((n for n in model.graph.node if scores.name in n.output), None)
     if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
         return None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -65,17 +76,19 @@ def final_softmax(model: onnx.ModelProto) -> onnx.NodeProto | None:
 
 def logits_name(model: onnx.ModelProto) -> str:
     """The tensor of class scores: :func:`scores_output`, or the input of its final Softmax."""
-    softmax = final_softmax(model)
-    return softmax.input[0] if softmax is not None else scores_output(model)
+    scores = scores_value(model)
+    softmax = _final_softmax(model, scores)
+    return softmax.input[0] if softmax is not None else scores.name
 
 
 def logits_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` itself when its first output already is :func:`logits_name`, else a copy whose
     only output is that tensor (same shape as the scores output), with the nodes it needs."""
-    name = logits_name(model)
+    scores = scores_value(model)
+    softmax = _final_softmax(model, scores)
+    name = softmax.input[0] if softmax is not None else scores.name
     if model.graph.output[0].name == name:
         return model
-    scores = next(o for o in model.graph.output if o.name == scores_output(model))
     view = onnx.ModelProto()
     view.CopyFrom(model)
     graph = view.graph

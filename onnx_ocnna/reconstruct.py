@@ -45,6 +45,7 @@ from onnx_ocnna.collect import with_outputs
 from onnx_ocnna.errors import InputError
 from onnx_ocnna.model_io import ort_session
 from onnx_ocnna.segments import OriginalPrefix, SegmentRunner, extract, sample_count, take_feeds
+from onnx_ocnna.shapes import declared_shapes
 
 
 # A layer whose relative output error is below this already matches the original (float32
@@ -251,7 +252,7 @@ def _plan_layers(model: onnx.ModelProto, originals: dict, original: onnx.ModelPr
     original_inits = {i.name: i for i in original.graph.initializer}
     inits = {i.name: i for i in model.graph.initializer}
     uses = _initializer_uses(model)
-    ranks = _ranks(model)
+    ranks = {name: len(dims) for name, (_, dims) in declared_shapes(model).items()}
     changed: set[str] = set()  # tensors whose kept values may differ from the original's
     plan = []
     for node in model.graph.node:
@@ -275,13 +276,6 @@ _SEQUENCE = "MatMul over a sequence [B, T, K] is not refitted"
 
 class _NotRefitted(Exception):
     """A layer found at run time to be one the refit does not fit (the reason is the message)."""
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> rank, where the model's value infos and graph inputs/outputs say."""
-    values = [*model.graph.value_info, *model.graph.input, *model.graph.output]
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in values
-            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
 
 def _rewired_inputs(node, originals: dict, inits: dict) -> list[str]:

@@ -267,6 +267,12 @@ def _dims_of(value: onnx.ValueInfoProto) -> tuple[int, Dims] | None:
     return tensor_type.elem_type, dims
 
 
+def declared_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, Dims]]:
+    """Tensor name -> (elem_type, dims) where ``model``'s value infos and graph inputs and
+    outputs give a rank."""
+    return _value_infos(model.graph.value_info, model.graph.input, model.graph.output)
+
+
 def _value_infos(*groups: Iterable[onnx.ValueInfoProto]) -> dict[str, tuple[int, Dims]]:
     found = {}
     for group in groups:

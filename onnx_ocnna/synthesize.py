@@ -281,7 +281,8 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
                                "(the exporter folded them into the Convs)")
     shapes = input_shapes(model, size)
     specs = model_input_spec(model)
-    batch_size = fixed_batch(specs) or min(batch_size, samples)
+    fixed = fixed_batch(specs)
+    batch_size = fixed or min(batch_size, samples)
     dtypes = {s.name: s.dtype for s in specs}
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -296,7 +297,7 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
         generator = torch.Generator().manual_seed(seed)
         out = {name: np.empty((samples, *shape), dtype=dtypes[name]) for name, shape in shapes.items()}
         batches = math.ceil(samples / batch_size)
-        classes = _class_count(module, recorder, shapes, fixed_batch(specs) or 2) if class_weight else 0
+        classes = _class_count(module, recorder, shapes, fixed or 2) if class_weight else 0
         labels = _cycled_labels(samples, classes, generator) if classes else None
         bn_loss = noise_loss = 0.0
         bar = tqdm(total=batches * iterations, desc=f"synthesizing {samples} calibration samples", unit="step",
@@ -305,7 +306,7 @@ def synthesize(model: onnx.ModelProto, samples: int = 256, *, batch_size: int = 
             for b in range(batches):
                 rows = min(batch_size, samples - b * batch_size)
                 # A fixed model batch still needs full batches: the spare rows are dropped at the end.
-                run_rows = batch_size if fixed_batch(specs) else rows
+                run_rows = batch_size if fixed else rows
                 x = {name: torch.randn((run_rows, *shape), generator=generator).requires_grad_(True)
                      for name, shape in shapes.items()}
                 with torch.no_grad():
