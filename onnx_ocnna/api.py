@@ -94,15 +94,14 @@ class Pruner:
         # The batch size the written model takes (its inputs' fixed one, or None): latency is timed at it.
         self.deployed_batch = model_fixed_batch(model)
 
-    def fresh_analysis(self) -> ChannelAnalysis:
-        return analyse(self.model, gs.import_onnx(self._prepared))
-
     def prepared_model(self) -> onnx.ModelProto:
         """The constant-folded model whose tensor names the analysis uses."""
         return self._prepared
 
     def rewrite(self, removed: dict[int, np.ndarray]) -> onnx.ModelProto:
-        return apply_removal(self.model, self.fresh_analysis(), removed)
+        # On a copy of the analysed graph: analysing the graph again for every rewrite was half
+        # of a rewrite's time (Inception v3: 0.17 of 0.33 s per candidate cut of the allocation).
+        return apply_removal(self.model, self.analysis, removed, in_place=False)
 
 
 def pruner_for(model: onnx.ModelProto, calibration: Any = None, calibration_options: dict | None = None) -> Pruner:

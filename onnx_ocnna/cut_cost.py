@@ -40,7 +40,7 @@ class CutCost:
         # An empty cut is the user's model itself, not the prepared one: its counts are given
         # (folding may have turned a float Constant into an integer initializer).
         self.uncut = uncut
-        analysis = pruner.fresh_analysis()
+        analysis = pruner.analysis  # read only
         self.block = block
         self.keep_fn = analysis.keep_fn
         self.nodes = list(model.graph.node)

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper
 
 from onnx_ocnna.collect import with_outputs
-from onnx_ocnna.model_io import ort_session
+from onnx_ocnna.model_io import SharedWeights, ort_session
 
 # Tensors kept at a cut, over all feeds, up to this many bytes.
 FRONTIER_BUDGET = 1 << 30
@@ -162,10 +162,12 @@ def _crossing(nodes: list, before: int, initializers: set[str]) -> list[str]:
 
 
 def extract(model: onnx.ModelProto, nodes: list, available: dict[str, np.ndarray],
-             outputs: list[str]) -> onnx.ModelProto:
+            outputs: list[str], shared: SharedWeights | None = None) -> onnx.ModelProto:
     """The nodes of ``model`` that compute ``outputs`` from the tensors ``available`` (name ->
     one feed's value, [B, ...]), as a model whose inputs are those tensors, typed as the values
-    are with any size of their first axis. Raises KeyError when an output cannot be reached."""
+    are with any size of their first axis. Raises KeyError when an output cannot be reached.
+    ``shared``: initializers equal to these are left as stubs (run it with ``ort_session(...,
+    shared=shared)``)."""
     initializers = {i.name: i for i in model.graph.initializer}
     made_by = {out: index for index, node in enumerate(nodes) for out in node.output}
     have = set(available)
@@ -189,7 +191,8 @@ def extract(model: onnx.ModelProto, nodes: list, available: dict[str, np.ndarray
     graph = helper.make_graph(
         [nodes[i] for i in sorted(needed_nodes)], f"{model.graph.name}_segment", inputs,
         [onnx.ValueInfoProto(name=name) for name in outputs],
-        [initializers[name] for name in sorted(read & set(initializers))])
+        [shared.stub(initializers[name]) if shared is not None else initializers[name]
+         for name in sorted(read & set(initializers))])
     segment = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     segment.functions.extend(model.functions)
     return segment
@@ -220,6 +223,7 @@ class OriginalPrefix:
         self._initializers = {i.name: i for i in original.graph.initializer}
         self._inputs = {i.name for i in original.graph.input} - set(self._initializers)
         self.passes_from_inputs = 0
+        self.shared = SharedWeights(original)
 
     def unchanged(self, model: onnx.ModelProto) -> set[str]:
         """Tensors of ``model`` whose values are the original's."""
@@ -261,13 +265,13 @@ class OriginalPrefix:
         """Yield, feed by feed, the values of ``wanted`` as ``model`` computes them."""
         found = self.cut(model)
         try:
-            segment = extract(model, list(model.graph.node), found[1][0], wanted) if found else None
+            segment = extract(model, list(model.graph.node), found[1][0], wanted, self.shared) if found else None
         except KeyError:  # an output not reachable from the cut
             segment = None
         if segment is None:
             yield from self._from_inputs(model, wanted)
             return
-        session = ort_session(segment, spinning=False)
+        session = ort_session(segment, spinning=False, shared=self.shared)
         inputs = {i.name for i in session.get_inputs()}
         for values in found[1]:
             yield dict(zip(wanted, session.run(wanted, {k: v for k, v in values.items() if k in inputs})))

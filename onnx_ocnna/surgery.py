@@ -30,17 +30,27 @@ def check_removal(analysis: ChannelAnalysis, removed: dict[int, np.ndarray]) -> 
             raise PlanError(f"the plan removes every channel of {what}")
 
 
-def apply_removal(model: onnx.ModelProto, analysis: ChannelAnalysis, removed: dict[int, np.ndarray]) -> onnx.ModelProto:
+def apply_removal(model: onnx.ModelProto, analysis: ChannelAnalysis, removed: dict[int, np.ndarray],
+                  in_place: bool = True) -> onnx.ModelProto:
     """Rewrite ``analysis.graph`` so the channels in ``removed`` (group id -> group channel
     indices) are gone, and return the new model with re-inferred shapes.
 
-    The graph is modified in place: analyse a fresh graph for each rewrite.
+    ``in_place``: edit ``analysis.graph`` itself, which is then spent (analyse a fresh graph
+    for the next rewrite); False edits a copy of it and leaves the analysis reusable. The copy
+    shares the weights' arrays: an edit gives a node a new array, never writes into one.
     """
     check_removal(analysis, removed)
     keep = analysis.keep_fn(removed)
-    for edit in analysis.context.edits:
-        _apply(edit, keep)
     graph = analysis.graph
+    nodes = {}
+    if not in_place:
+        # Graph.copy() copies the nodes in order and their attribute dicts; the edits name the
+        # analysed graph's nodes, so each is applied to its copy.
+        copied = graph.copy()
+        nodes = {id(old): new for old, new in zip(graph.nodes, copied.nodes)}
+        graph = copied
+    for edit in analysis.context.edits:
+        _apply(edit, keep, nodes.get(id(edit.node), edit.node))
     boundary = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in boundary:
@@ -51,39 +61,40 @@ def apply_removal(model: onnx.ModelProto, analysis: ChannelAnalysis, removed: di
     return onnx_inference(result)
 
 
-def _apply(edit, keep: KeepFn) -> None:
+def _apply(edit, keep: KeepFn, node: gs.Node) -> None:
+    """Apply ``edit`` to ``node`` (the edit's node, or its copy)."""
     if isinstance(edit, SliceInput):
         mask = keep(edit.ids)
         if mask.all():
             return
-        values = _constant_values(edit.node.inputs[edit.index])
-        _set_constant(edit.node, edit.index, np.compress(mask, values, axis=edit.axis))
+        values = _constant_values(node.inputs[edit.index])
+        _set_constant(node, edit.index, np.compress(mask, values, axis=edit.axis))
     elif isinstance(edit, RewriteInput):
-        if edit.index < len(edit.node.inputs) and edit.node.inputs[edit.index].name:
-            old = _constant_values(edit.node.inputs[edit.index])
+        if edit.index < len(node.inputs) and node.inputs[edit.index].name:
+            old = _constant_values(node.inputs[edit.index])
             new = np.asarray(edit.value(keep)).astype(old.dtype).reshape(old.shape)
             if not np.array_equal(old, new):
-                _set_constant(edit.node, edit.index, new)
+                _set_constant(node, edit.index, new)
         else:
             value = np.asarray(edit.value(keep), dtype=np.int64)
-            while len(edit.node.inputs) < edit.index:
-                edit.node.inputs.append(gs.Variable.empty())
-            edit.node.inputs.append(gs.Constant(f"{edit.node.name}_input{edit.index}", value))
+            while len(node.inputs) < edit.index:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(gs.Constant(f"{node.name}_input{edit.index}", value))
     elif isinstance(edit, ConstantInput):
         if keep(edit.ids).all():
             return  # the computed value is still right; leave the exporter's graph alone
         value = np.asarray(edit.value(keep), dtype=np.int64)
         # Named after the computed tensor it replaces (unique; node names may be empty); the
         # subgraph that computed it is left without readers and removed by cleanup.
-        old = edit.node.inputs[edit.index]
-        edit.node.inputs[edit.index] = gs.Constant(f"{old.name}__kept", value)
-        edit.node.attrs.update(edit.attrs)
+        old = node.inputs[edit.index]
+        node.inputs[edit.index] = gs.Constant(f"{old.name}__kept", value)
+        node.attrs.update(edit.attrs)
     elif isinstance(edit, RewriteAttr):
         value = edit.value(keep)
         if value is None:
-            edit.node.attrs.pop(edit.name, None)
+            node.attrs.pop(edit.name, None)
         else:
-            edit.node.attrs[edit.name] = value
+            node.attrs[edit.name] = value
     else:  # pragma: no cover - the edit types are closed
         raise TypeError(f"unknown edit {edit!r}")
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ocnna import segments
 from onnx_ocnna.collect import with_outputs
-from onnx_ocnna.model_io import ort_session
+from onnx_ocnna.model_io import SharedWeights, ort_session
 from onnx_ocnna.segments import SegmentRunner
 
 LAYERS = ["stem", "b0_c1", "b0_c2", "b1_c1", "b1_c2", "b2_c1", "b2_c2"]
@@ -235,3 +235,31 @@ def test_a_local_refit_from_the_original_prefix_equals_the_one_from_the_inputs(m
     assert any(not np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
                for a, b in zip(sorted(fitted[0].graph.initializer, key=lambda i: i.name),
                                sorted(cut.graph.initializer, key=lambda i: i.name)) if a.name == b.name)
+
+
+def test_weights_a_cut_kept_reach_onnx_runtime_as_arrays_and_changed_ones_as_values():
+    original, cuts = _cuts_in_graph_order(residual_net(set()))
+    feeds = _feeds()
+    prefix = segments.OriginalPrefix(original, feeds)
+    prefix.shared = SharedWeights(original, min_bytes=0)  # the test net's weights are small
+    output = original.graph.output[0].name
+    for cut in cuts:
+        got = list(prefix.run(cut, [output]))
+        for mine, theirs in zip(got, _full_run(cut, [output], feeds)):
+            np.testing.assert_allclose(mine[output], theirs[output], rtol=1e-5, atol=1e-6)
+    # A cut of the second block: its sliced weights travel with their values, the last block's
+    # weights (the original's) as stubs without data.
+    cut = cuts[2]
+    first, crossing = prefix.cut(cut)
+    segment = segments.extract(cut, list(cut.graph.node), crossing[0], [output], prefix.shared)
+    theirs = {i.name: i for i in original.graph.initializer}
+    stubs = {t.name for t in segment.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    assert {"b2_c1.w", "b2_c2.w"} <= stubs
+    mine = {i.name: i for i in cut.graph.initializer}
+    for tensor in segment.graph.initializer:
+        assert (tensor.name in stubs) == (mine[tensor.name] == theirs.get(tensor.name)), tensor.name
+        if tensor.name in stubs:
+            assert not tensor.raw_data
+    assert set(prefix.shared.external(segment)) == stubs
+    changed = {t.name for t in segment.graph.initializer if t.name not in stubs}
+    assert {"b1_c1.w", "b1_c2.w"} <= changed
