@@ -22,15 +22,13 @@ from __future__ import annotations
 import onnx
 
 from onnx_ocnna.errors import InputError
+from onnx_ocnna.metrics import is_float
 
-# The types class scores are read from: bfloat16 too, which numpy's float kind (metrics.is_float)
-# leaves out.
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def _float_outputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The graph outputs of a floating-point type, in order."""
-    return [o for o in model.graph.output if o.type.tensor_type.elem_type in _FLOATS]
+    return [o for o in model.graph.output if is_float(o.type.tensor_type.elem_type)]
 
 
 def scores_value(model: onnx.ModelProto) -> onnx.ValueInfoProto:

@@ -32,9 +32,15 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return total + sum(constant_parameters(node) for node in model.graph.node if node.op_type == "Constant")
 
 
+# The floating-point element types of weights and class scores. A set, not numpy's float kind:
+# numpy knows bfloat16 only through ml_dtypes, as a kind "V" type.
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.BFLOAT16})
+
+
 def is_float(data_type: int) -> bool:
     """Whether an ONNX tensor element type is a floating-point one (what parameters are)."""
-    return onnx.helper.tensor_dtype_to_np_dtype(data_type).kind == "f"
+    return data_type in FLOAT_TYPES
 
 
 def constant_parameters(node: onnx.NodeProto) -> int:

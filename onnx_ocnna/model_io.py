@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from onnx_ocnna.errors import InputError, ValidationError
+from onnx_ocnna.metrics import is_float
 
 # Above this size a model must be saved with external data (protobuf's 2 GiB limit).
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -116,7 +117,7 @@ class SharedWeights:
 
     def __init__(self, model: onnx.ModelProto, min_bytes: int = 4096) -> None:
         self._protos = {i.name: i for i in model.graph.initializer
-                        if i.data_type in _SHAREABLE and i.HasField("raw_data") and len(i.raw_data) >= min_bytes}
+                        if is_float(i.data_type) and i.HasField("raw_data") and len(i.raw_data) >= min_bytes}
         self._values: dict[str, object] = {}  # name -> OrtValue, made on first use
 
     def stub(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
@@ -145,9 +146,6 @@ class SharedWeights:
                 self._values[tensor.name] = ort.OrtValue.ortvalue_from_numpy(array)
             found[tensor.name] = self._values[tensor.name]
         return found
-
-
-_SHAREABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
 def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None, optimize: bool = True,

@@ -63,3 +63,19 @@ def test_near_chance_warning_names_the_likely_cause(digits):
     assert message is not None and "preprocessing is probably wrong" in message and "chance is 10.0 %" in message
     unlabelled = open_calibration(images[test], model, batch_size=64)
     assert near_chance_warning(model, unlabelled.batches(), "the data") is None
+
+
+def test_half_and_bfloat16_weights_are_parameters_and_integers_are_not():
+    from onnx import TensorProto, helper
+
+    def tensor(name, data_type, dims):
+        size = int(np.prod(dims)) * {TensorProto.BFLOAT16: 2, TensorProto.FLOAT16: 2, TensorProto.INT64: 8}[data_type]
+        return helper.make_tensor(name, data_type, dims, np.zeros(size, np.uint8).tobytes(), raw=True)
+
+    nodes = [helper.make_node("Conv", ["x", "w16"], ["a"]), helper.make_node("Conv", ["a", "wb16"], ["b"]),
+             helper.make_node("Reshape", ["b", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)],
+                              [tensor("w16", TensorProto.FLOAT16, [8, 3, 1, 1]),
+                               tensor("wb16", TensorProto.BFLOAT16, [5, 8, 1, 1]), tensor("shape", TensorProto.INT64, [2])])
+    assert count_parameters(helper.make_model(graph)) == 8 * 3 + 5 * 8

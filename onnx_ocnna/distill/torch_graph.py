@@ -48,6 +48,7 @@ from onnx import helper, numpy_helper
 from onnx_ocnna.distill.torch_ops import ops_conv, ops_elementwise, ops_linear, ops_pool, ops_shape
 from onnx_ocnna.distill.torch_ops.context import Handler, NodeContext, to_torch_dtype
 from onnx_ocnna.errors import InputError
+from onnx_ocnna.metrics import is_float
 
 __all__ = ["OPS", "Handler", "NodeContext", "OnnxModule", "as_tensor", "to_torch_dtype"]
 
@@ -72,7 +73,6 @@ _FROZEN_SLOTS: set[tuple[str, int]] = {
     ("ConstantOfShape", 0),
 }
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 # Computed in float32 (see ``to_torch_dtype``): initializers, constants, inputs and Casts to them.
 _HALF_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
@@ -295,7 +295,7 @@ class OnnxModule(torch.nn.Module):
 
     @staticmethod
     def _trainable_initializers(graph: onnx.GraphProto) -> set[str]:
-        floats = {t.name for t in graph.initializer if t.data_type in _FLOAT_TYPES}
+        floats = {t.name for t in graph.initializer if is_float(t.data_type)}
         trainable: set[str] = set()
         for node in graph.node:
             for slot, name in enumerate(node.input):
