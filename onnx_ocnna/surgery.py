@@ -50,7 +50,8 @@ def apply_removal(model: onnx.ModelProto, analysis: ChannelAnalysis, removed: di
         nodes = {id(old): new for old, new in zip(graph.nodes, copied.nodes)}
         graph = copied
     for edit in analysis.context.edits:
-        _apply(edit, keep, nodes.get(id(edit.node), edit.node))
+        # Every edit names a node of the graph: in a copy, none may reach the analysed graph.
+        _apply(edit, keep, nodes[id(edit.node)] if nodes else edit.node)
     boundary = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in boundary:
