@@ -25,7 +25,6 @@ from onnx_ocnna.errors import InputError
 from onnx_ocnna.metrics import is_float
 
 
-
 def _float_outputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The graph outputs of a floating-point type, in order."""
     return [o for o in model.graph.output if is_float(o.type.tensor_type.elem_type)]
@@ -74,17 +73,20 @@ def _final_softmax(model: onnx.ModelProto, scores: onnx.ValueInfoProto) -> onnx.
 
 def logits_name(model: onnx.ModelProto) -> str:
     """The tensor of class scores: :func:`scores_output`, or the input of its final Softmax."""
+    return _scores_and_logits(model)[1]
+
+
+def _scores_and_logits(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]:
+    """(:func:`scores_value`, :func:`logits_name`), the scores output found once."""
     scores = scores_value(model)
     softmax = _final_softmax(model, scores)
-    return softmax.input[0] if softmax is not None else scores.name
+    return scores, (softmax.input[0] if softmax is not None else scores.name)
 
 
 def logits_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` itself when its first output already is :func:`logits_name`, else a copy whose
     only output is that tensor (same shape as the scores output), with the nodes it needs."""
-    scores = scores_value(model)
-    softmax = _final_softmax(model, scores)
-    name = softmax.input[0] if softmax is not None else scores.name
+    scores, name = _scores_and_logits(model)
     if model.graph.output[0].name == name:
         return model
     view = onnx.ModelProto()
